@@ -1,0 +1,224 @@
+"""The chain runner: execute the numbered notebooks in order with papermill (DESIGN "The chain").
+
+`bmj reproduce --profile NAME` runs notebooks/NN_*.ipynb into a run folder (never over the sources),
+passing each notebook the profile values it declares in its `parameters` cell. A failing cell stops the
+chain with the notebook's name, the cell index and the exception. `chain.json` in the run folder records
+every completed step with the fingerprint of its notebook source and parameters, so `--from N` can reuse
+earlier outputs and a rerun with unchanged inputs skips steps that are already done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .io import atomic_write_json, fingerprint, sha256_file
+
+STEP_RE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
+PROFILE_DIR = Path(__file__).parent / "profiles"
+# Profile keys whose values are paths; relative ones are resolved against the working directory.
+PATH_SUFFIXES = ("_dir", "_root", "_path", "_file")
+# Parameter names that look like credentials are refused: papermill writes parameters into the notebook.
+SECRET_RE = re.compile(r"(api_?key|secret|token|password|passwd|credential)", re.I)
+
+
+class ChainError(RuntimeError):
+    """A step of the chain failed; the message names the notebook, the cell and the exception."""
+
+
+@dataclass
+class Step:
+    number: int
+    name: str
+    path: Path
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+
+def repo_root() -> Path:
+    """The checkout that holds `notebooks/` (bmjlib's parent for an editable install), else the cwd."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "notebooks").is_dir() else Path.cwd()
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Resolve a path from a notebook parameter: absolute stays, relative is taken from the repo root.
+
+    Notebooks run with their own folder as cwd under JupyterLab and nbval but inside the run folder
+    under papermill, so every path a notebook uses goes through here.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else (repo_root() / p).resolve()
+
+
+def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
+    """The output folder of one step inside a run, e.g. step_dir(run, '02_registration'); created."""
+    d = resolve(run_dir) / step
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def discover_steps(notebook_dir: Path | None = None) -> list[Step]:
+    notebook_dir = notebook_dir or repo_root() / "notebooks"
+    steps = []
+    for p in sorted(notebook_dir.iterdir()):
+        m = STEP_RE.match(p.name)
+        if m:
+            steps.append(Step(int(m.group(1)), m.group(2), p))
+    return steps
+
+
+def load_profile(name_or_file: str) -> dict[str, Any]:
+    """Load a profile: a packaged name (smoke, demo, paper) or a YAML file of flat values.
+
+    A profile file may say `base: demo` to start from a packaged profile and override a few values.
+    """
+    p = Path(name_or_file)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise FileNotFoundError(f"profile file {p} does not exist")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"profile {p}: expected a mapping of name: value, got {type(values).__name__}")
+        base = values.pop("base", None)
+        merged = load_profile(base) if base else {}
+        merged.update(values)
+        merged["profile"] = values.get("profile", p.stem)
+        return merged
+    packaged = PROFILE_DIR / f"{name_or_file}.yaml"
+    if not packaged.exists():
+        names = ", ".join(sorted(q.stem for q in PROFILE_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"no profile named {name_or_file!r} (packaged: {names}; or give a .yaml file)")
+    values = yaml.safe_load(packaged.read_text()) or {}
+    base = values.pop("base", None)
+    merged = load_profile(base) if base else {}
+    merged.update(values)
+    merged["profile"] = name_or_file
+    return merged
+
+
+def check_no_secrets(params: dict[str, Any]) -> None:
+    bad = [k for k in params if SECRET_RE.search(k)]
+    if bad:
+        raise ValueError(
+            f"profile keys {bad} look like credentials; secrets never pass as notebook parameters "
+            "(papermill writes parameters into the executed notebook). Set them as environment "
+            "variables instead (e.g. OPENAI_API_KEY, AZURE_OPENAI_API_KEY).")
+
+
+def _absolutise(params: dict[str, Any]) -> dict[str, Any]:
+    out = dict(params)
+    for k, v in params.items():
+        if k.endswith(PATH_SUFFIXES) and isinstance(v, str) and v:
+            out[k] = str(Path(os.path.expanduser(v)).resolve())
+    return out
+
+
+def _declared_parameters(path: Path) -> set[str]:
+    import papermill as pm
+
+    return set(pm.inspect_notebook(str(path)).keys())
+
+
+def run_chain(profile: str | dict[str, Any], out: str | os.PathLike | None = None, start: int | None = None,
+              stop: int | None = None, force: bool = False, notebook_dir: Path | None = None,
+              log=print) -> Path:
+    """Execute steps `start`..`stop` (inclusive) of the chain into the run folder; return that folder."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    values = load_profile(profile) if isinstance(profile, str) else dict(profile)
+    check_no_secrets(values)
+    name = values.get("profile", "custom")
+    run_dir = Path(out or values.get("run_dir") or f"runs/{name}").expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    values = _absolutise(values)
+    values["run_dir"] = str(run_dir)
+    values["figures_dir"] = str(Path(values.get("figures_dir") or run_dir / "figures").resolve())
+    values["profile"] = name
+
+    steps = discover_steps(notebook_dir)
+    if not steps:
+        raise ChainError(f"no numbered notebooks (NN_name.ipynb) in {notebook_dir or repo_root() / 'notebooks'}")
+    lo = start if start is not None else steps[0].number
+    hi = stop if stop is not None else steps[-1].number
+    state_path = run_dir / "chain.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+
+    # Earlier steps are reused, so they must have completed in this run folder.
+    for s in steps:
+        if s.number < lo and s.stem not in state:
+            raise ChainError(f"--from {lo:02d}: step {s.stem} has not completed in {run_dir}; "
+                             f"run it first (e.g. --from {s.number:02d})")
+
+    (run_dir / "notebooks").mkdir(exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    selected = [s for s in steps if lo <= s.number <= hi]
+    # An explicit --from asks for those steps to run; a plain rerun skips steps whose inputs are unchanged.
+    upstream_changed = start is not None
+    t_chain = time.time()
+    for i, s in enumerate(selected, 1):
+        declared = _declared_parameters(s.path)
+        params = {k: v for k, v in values.items() if k in declared}
+        key = fingerprint(sha256_file(s.path), params)
+        done = state.get(s.stem)
+        if not force and not upstream_changed and done and done.get("key") == key:
+            log(f"[{i}/{len(selected)}] {s.stem}: up to date (done {done['finished']}), skipped")
+            continue
+        upstream_changed = True
+        out_nb = run_dir / "notebooks" / s.path.name
+        log(f"[{i}/{len(selected)}] {s.stem}: running")
+        t0 = time.time()
+        logger = _step_logger(run_dir / "logs" / f"{s.stem}.log")
+        try:
+            pm.execute_notebook(str(s.path), str(out_nb), parameters=params, cwd=str(run_dir),
+                                progress_bar=sys.stderr.isatty(), log_output=True, kernel_name="python3",
+                                stdout_file=None, stderr_file=None, report_mode=False)
+        except PapermillExecutionError as e:
+            state.pop(s.stem, None)
+            atomic_write_json(state_path, state)
+            raise ChainError(f"{s.path.name} failed in cell {_source_cell_index(out_nb, e.cell_index)} "
+                             f"(0-based, as in the source notebook): {e.ename}: {e.evalue}\n"
+                             f"  executed notebook: {out_nb}") from None
+        finally:
+            for h in list(logger.handlers):
+                h.close()
+                logger.removeHandler(h)
+        dt = time.time() - t0
+        state[s.stem] = {"key": key, "seconds": round(dt, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_json(state_path, state)
+        log(f"[{i}/{len(selected)}] {s.stem}: done in {dt:.1f} s")
+    log(f"chain {name}: steps {lo:02d}-{hi:02d} finished in {time.time() - t_chain:.1f} s; run folder {run_dir}")
+    return run_dir
+
+
+def _source_cell_index(executed: Path, index: int) -> int:
+    """Map a cell index of the executed copy back to the source notebook (papermill inserts a cell)."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(str(executed), as_version=4).cells
+    except Exception:
+        return index
+    injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells[:index])
+    return index - injected
+
+
+def _step_logger(path: Path) -> logging.Logger:
+    """Route papermill's cell output log (log_output=True) to one file per step."""
+    logger = logging.getLogger("papermill")
+    logger.setLevel(logging.INFO)
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    return logger

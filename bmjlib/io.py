@@ -1,0 +1,202 @@
+"""Files: atomic writes, sha256 manifests, and image reading that fails loudly (DESIGN "Working rules").
+
+Every artifact of the chain is written to a temporary file in the same folder and renamed into place,
+so an interrupted run never leaves a half-written file under the final name. A `Manifest` records each
+output's sha256 together with a fingerprint of the inputs that produced it, which is how a step knows
+that a rerun with the same inputs has nothing to do.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_csv(path: str | os.PathLike, df) -> Path:
+    """Write a pandas DataFrame as CSV (no index) atomically."""
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+def atomic_write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write a 2-D uint8 (or uint16) array as a grayscale PNG, atomically and deterministically."""
+    from PIL import Image
+
+    arr = np.asarray(image)
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"{path}: expected uint8/uint16 image, got {arr.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- hashing and manifests
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of a JSON rendering of `parts` (parameters, input hashes): the identity of a piece of work."""
+    return sha256_bytes(json.dumps(parts, sort_keys=True, default=str).encode("utf-8"))
+
+
+class Manifest:
+    """A JSON file mapping each output (path relative to `root`) to its sha256 and the inputs' fingerprint.
+
+    `is_current(rel, key)` is true when the output exists, still has the recorded sha256 and was made
+    from inputs with fingerprint `key`: the step can skip it. `record(rel, key)` stores the new state.
+    Call `save()` (atomic) after a batch of records; a crash loses at most the unsaved entries, and
+    those outputs are simply redone.
+    """
+
+    def __init__(self, path: str | os.PathLike, root: str | os.PathLike | None = None):
+        self.path = Path(path)
+        self.root = Path(root) if root is not None else self.path.parent
+        self.entries: dict[str, dict[str, str]] = {}
+        if self.path.exists():
+            self.entries = json.loads(self.path.read_text())
+
+    def is_current(self, rel: str, key: str) -> bool:
+        e = self.entries.get(rel)
+        f = self.root / rel
+        return bool(e) and e.get("inputs") == key and f.exists() and sha256_file(f) == e.get("sha256")
+
+    def record(self, rel: str, key: str) -> str:
+        digest = sha256_file(self.root / rel)
+        self.entries[rel] = {"sha256": digest, "inputs": key}
+        return digest
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.entries)
+
+
+# --------------------------------------------------------------------------- reading images
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a radiograph as a 2-D float32 array in [0, 1].
+
+    PNG/JPEG of any bit depth (8- or 16-bit; 16-bit is scaled by its own range, not clamped), RGB or
+    RGBA (converted to luminance), and DICOM (.dcm; rescale slope/intercept and MONOCHROME1 inversion
+    applied). Raises `ImageError` naming the file for a missing, truncated or undecodable file, and for
+    a blank (constant) image, which is never silently turned into zeros.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise ImageError(path, "file is empty")
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        arr = _read_dicom(path)
+    else:
+        arr = _read_raster(path)
+    arr = arr.astype(np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise ImageError(path, "image contains NaN or infinite values")
+    if hi - lo < 1e-6:
+        raise ImageError(path, f"image is blank (every pixel = {lo:g})")
+    return (arr - lo) / (hi - lo)
+
+
+def _read_raster(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces a full decode, so a truncated file fails here
+            mode = im.mode
+            if mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
+                arr = np.asarray(im.convert("L"), dtype=np.float32)
+            elif mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float32)
+            elif mode == "F":
+                arr = np.asarray(im, dtype=np.float32)
+            else:
+                arr = np.asarray(im.convert("L"), dtype=np.float32)
+    except UnidentifiedImageError:
+        raise ImageError(path, "not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError) as e:  # PIL raises OSError("image file is truncated ...")
+        raise ImageError(path, f"corrupt or truncated image ({e})") from None
+    if arr.ndim != 2:
+        raise ImageError(path, f"expected a 2-D grayscale image, got shape {arr.shape}")
+    return arr
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = ds.pixel_array.astype(np.float32)
+    except Exception as e:  # pydicom raises many types for bad files
+        raise ImageError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    if arr.ndim == 3:  # multi-frame or colour: take the first frame / luminance
+        arr = arr[0] if arr.shape[-1] not in (3, 4) else arr[..., :3].mean(-1)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        arr = arr.max() - arr
+    return arr
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 with rounding and clipping."""
+    return np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)

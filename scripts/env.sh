@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create the project environment if it is missing, reuse it if present, then run a command in it.
+#   scripts/env.sh bmj reproduce --profile demo
+#   scripts/env.sh test
+# The environment lives in $BMJ_VENV (default: .venv in the repository root). It is rebuilt only when
+# pyproject.toml changes (its sha256 is stamped into the venv).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${BMJ_VENV:-$root/.venv}"
+python="${BMJ_PYTHON:-python3}"
+stamp="$venv/.bmj-pyproject.sha256"
+want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[env] creating environment in $venv (first run: several minutes, torch is large)" >&2
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e "$root[test]"
+  echo "$want" > "$stamp"
+else
+  # Same dependencies: only (re)point the editable install at this checkout, without touching deps.
+  if ! "$venv/bin/python" -c "import bmjlib, os, sys; sys.exit(os.path.dirname(os.path.dirname(bmjlib.__file__)) != sys.argv[1])" "$root" 2>/dev/null; then
+    "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root"
+  fi
+fi
+
+export PATH="$venv/bin:$PATH"
+export MPLBACKEND="${MPLBACKEND:-Agg}"
+cd "$root"
+if [ "${1:-}" = "test" ]; then
+  shift
+  # Chromium for the explorer's browser test comes from Debian's packages; skip quietly if apt is unusable.
+  if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "[env] chromium not installed; browser test will be skipped" >&2
+  fi
+  # tests/ plus every notebook under nbval (lax), which runs the chain on the smoke profile.
+  exec python -m pytest --nbval-lax -p no:cacheprovider tests notebooks "$@"
+fi
+exec "$@"
