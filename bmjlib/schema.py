@@ -50,3 +50,11 @@ PAIR_COLUMNS = [
 def label_col(prefix: str, label: str) -> str:
     """Column name of one CheXpert label in a pair table, e.g. ('followup', 'Edema') -> 'followup_Edema'."""
     return f"{prefix}_{label}"
+
+# Short keys for the five findings in ground-truth tables and code (severity columns etc.).
+FINDING_KEYS = {"Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "Edema": "edema",
+                "Pleural Effusion": "effusion", "Pneumothorax": "pneumothorax"}
+# Severity grades used everywhere (phantom truth, report extractor, interpretation): 0 = absent.
+SEVERITY_WORDS = {1: "small", 2: "moderate", 3: "large"}  # per finding, reports vary the wording
+# Organ masks of the paper's Fig. 5 (phantom truth and the anatomy-segmentation judge), in this order.
+ORGANS = ["left_lung", "right_lung", "heart", "mediastinum", "diaphragm", "spine"]
