@@ -1,0 +1,128 @@
+"""Known-answer tests of the evaluation metrics (bmjlib.metrics)."""
+import math
+
+import numpy as np
+import pytest
+
+from bmjlib import metrics as M
+
+NAMES = ["a", "b"]
+
+
+def test_cmig_known_values():
+    # sqrt(0.8 * sqrt(0.9 * 0.4)) = sqrt(0.8 * 0.6)
+    assert M.cmig([0.8], [0.9, 0.4]) == pytest.approx(math.sqrt(0.48))
+    # general over lists: two accuracies, three retentions
+    a, f = [0.5, 0.8], [1.0, 0.25, 0.5]
+    expect = math.sqrt(math.sqrt(0.4) * (0.125 ** (1 / 3)))
+    assert M.cmig(a, f) == pytest.approx(expect)
+    # scale-equivariant: percentages give 100x
+    assert M.cmig([80.0], [90.0, 40.0]) == pytest.approx(100 * math.sqrt(0.48))
+
+
+def test_cmig_negative_correlation_is_clipped_to_zero():
+    assert M.cmig([0.9], [0.95, -0.2]) == 0.0
+
+
+def test_geomean_rejects_nan_and_negative():
+    with pytest.raises(ValueError, match="NaN"):
+        M.geomean([0.5, float("nan")])
+    with pytest.raises(ValueError, match="negative"):
+        M.geomean([0.5, -1])
+    with pytest.raises(ValueError, match="empty"):
+        M.geomean([])
+
+
+def test_auroc_perfect_inverted_and_undefined():
+    y = np.array([0, 0, 1, 1])
+    assert M.auroc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert M.auroc(y, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
+    assert math.isnan(M.auroc(np.ones(4), np.arange(4.0)))
+
+
+def test_binarize_labels_chexpert_policy():
+    out = M.binarize_labels(np.array([1, 0, -1, np.nan]))
+    assert out[0] == 1 and out[1] == 0 and np.isnan(out[2]) and out[3] == 0
+
+
+def test_pathology_auroc_per_finding_and_mean():
+    labels = np.array([[0, 1], [1, 0], [0, 1], [1, 0]], float)
+    scores = np.array([[0.1, 0.2], [0.9, 0.8], [0.2, 0.9], [0.8, 0.3]])
+    out = M.pathology_auroc(scores, labels, NAMES)
+    assert out["a"] == 1.0 and out["b"] == 0.5 and out["mean"] == 0.75
+    with pytest.raises(ValueError, match="disagree"):
+        M.pathology_auroc(scores[:, :1], labels, NAMES)
+
+
+def test_changed_auroc_copy_prior_cannot_score():
+    rng = np.random.default_rng(0)
+    prior = rng.integers(0, 2, (200, 2)).astype(float)
+    follow = prior.copy()
+    flip = rng.random((200, 2)) < 0.3
+    follow[flip] = 1 - follow[flip]
+    perfect_on_copy = prior * 0.8 + 0.1      # a perfect judge looking at the copied prior
+    perfect_on_truth = follow * 0.8 + 0.1    # a perfect judge looking at a perfect counterfactual
+    # the paper's metric rewards copying for stable findings ...
+    assert M.pathology_auroc(perfect_on_copy, follow, NAMES)["mean"] > 0.6
+    # ... the changed-only metric does not
+    assert M.changed_auroc(perfect_on_copy, follow, prior, NAMES)["mean"] == 0.0
+    assert M.changed_auroc(perfect_on_truth, follow, prior, NAMES)["mean"] == 1.0
+
+
+def test_retention_auroc_binary_and_multiclass():
+    assert M.retention_auroc(np.array([0.2, 0.7]), np.array([0, 1])) == 1.0
+    probs = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.9 + 0.03
+    assert M.retention_auroc(probs, np.array([0, 1, 2, 0, 1, 2])) == 1.0
+    assert M.retention_auroc(probs, np.array([1, 2, 0, 1, 2, 0])) < 0.5
+
+
+def test_pearson_r_known():
+    x = np.arange(10.0)
+    assert M.pearson_r(2 * x + 3, x) == pytest.approx(1.0)
+    assert M.pearson_r(-x, x) == pytest.approx(-1.0)
+    assert math.isnan(M.pearson_r(np.ones(10), x))
+
+
+def test_kl_identical_is_zero_and_known_value():
+    p = np.array([[0.2, 0.5, 0.1], [0.9, 0.05, 0.3]])
+    assert np.allclose(M.kl_divergence(p, p), 0.0)
+    assert np.allclose(M.bernoulli_kl(p, p), 0.0, atol=1e-12)
+    kl = M.kl_divergence(np.array([[0.5, 0.5]]), np.array([[0.25, 0.75]]))[0]
+    assert kl == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    assert (M.kl_divergence(p, p[::-1]) > 0).all()
+
+
+def test_dice_identical_disjoint_half():
+    a = np.zeros((2, 4, 4), bool)
+    a[0, :2, :2] = True
+    a[1, 0, :4] = True
+    assert np.allclose(M.dice(a, a), 1.0)
+    b = np.zeros_like(a)
+    b[0, 2:, 2:] = True
+    b[1, 0, 2:] = True
+    b[1, 1, :2] = True
+    assert M.dice(a, b)[0] == 0.0 and M.dice(a, b)[1] == 0.5
+    assert M.dice(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0
+    assert M.mean_dice(a[None], b[None])[0] == 0.25
+
+
+def test_fidelity_metrics_known_answers():
+    rng = np.random.default_rng(1)
+    true = rng.random((2, 64, 64)) * 0.8
+    assert M.psnr(true + 0.1, true) == pytest.approx([20.0, 20.0])
+    assert np.allclose(M.ssim(true, true), 1.0)
+    assert np.allclose(M.ms_ssim(true, true), 1.0, atol=1e-5)
+    noisy = np.clip(true + rng.normal(0, 0.2, true.shape), 0, 1)
+    assert (M.ms_ssim(noisy, true) < 0.95).all() and (M.ssim(noisy, true) < 0.9).all()
+    assert np.isnan(M.ms_ssim(true[:, :32, :32], true[:, :32, :32])).all()  # too small: undefined
+    big = rng.random((1, 192, 192))
+    assert M.ms_ssim(big, big)[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bootstrap_interval_covers_and_is_degenerate_for_constant():
+    x = np.random.default_rng(2).normal(5, 1, 400)
+    lo, hi = M.bootstrap_ci(lambda i: x[i].mean(), len(x), 300, seed=0)
+    assert lo < x.mean() < hi and hi - lo < 0.4
+    c = np.full(50, 3.0)
+    assert M.bootstrap_ci(lambda i: c[i].mean(), 50, 20) == (3.0, 3.0)
+    assert all(math.isnan(v) for v in M.bootstrap_ci(lambda i: 1.0, 10, 0))
