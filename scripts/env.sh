@@ -14,13 +14,17 @@ want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[env] creating environment in $venv (first run: several minutes, torch is large)" >&2
   "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$root[test]"
+  log="$venv/install.log"
+  # pip's own output goes to a log (this machine's pip config is chatty); it is shown if pip fails.
+  if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$root[test]"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2; echo "[env] pip install failed; full log: $log" >&2; exit 1
+  fi
   echo "$want" > "$stamp"
+  echo "[env] environment ready" >&2
 else
   # Same dependencies: only (re)point the editable install at this checkout, without touching deps.
   if ! "$venv/bin/python" -c "import bmjlib, os, sys; sys.exit(os.path.dirname(os.path.dirname(bmjlib.__file__)) != sys.argv[1])" "$root" 2>/dev/null; then
-    "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root"
+    "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root" >/dev/null 2>&1
   fi
 fi
 
