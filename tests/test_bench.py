@@ -1,0 +1,82 @@
+"""`bmj bench` (issue 9): the measurement machinery, the table, and a tiny end-to-end run."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bmjlib import bench
+from bmjlib.bench import BenchConfig, NotAvailable, PeakMemory, Result, chain_rows, measure
+
+
+def test_peak_memory_sees_a_known_allocation():
+    with PeakMemory() as base:
+        pass
+    with PeakMemory() as mem:
+        a = np.ones(200 * 2**20 // 8)  # 200 MB, touched
+        a.sum()
+        del a
+    assert mem.rss_mb - base.rss_mb > 150, (base.rss_mb, mem.rss_mb)
+    with PeakMemory() as after:  # the counter is reset: the freed array no longer counts
+        pass
+    assert after.rss_mb < mem.rss_mb - 150
+
+
+def test_chain_rows_read_the_recorded_seconds(tmp_path):
+    state = {"00_phantom": {"key": "a", "seconds": 12.5, "finished": "x"},
+             "01_cohort": {"key": "b", "seconds": 3.0, "finished": "y"}}
+    p = tmp_path / "chain.json"
+    p.write_text(json.dumps(state))
+    rows = chain_rows(str(p))
+    assert [r.name for r in rows] == ["notebook 00_phantom", "notebook 01_cohort", "demo chain total"]
+    assert [r.value for r in rows] == [12.5, 3.0, 15.5]
+    with pytest.raises(NotAvailable, match="does not exist"):
+        chain_rows(str(tmp_path / "missing.json"))
+
+
+def test_a_measurement_that_cannot_run_is_a_row_that_says_why():
+    def missing():
+        raise NotAvailable("bmjlib.thing has not landed")
+
+    def broken():
+        raise ZeroDivisionError("division by zero")
+
+    (r1,), (r2,) = measure("Throughput", "x", missing, log=lambda m: None), \
+        measure("Throughput", "y", broken, log=lambda m: None)
+    assert r1.value is None and r1.note == "not available: bmjlib.thing has not landed"
+    assert r2.value is None and r2.note.startswith("failed: ZeroDivisionError: division by zero")
+    (ok,) = measure("Throughput", "z", lambda: Result("Throughput", "z", 4.0, "items/s"), log=lambda m: None)
+    assert ok.available and ok.peak_mb > 10  # a python process holds more than 10 MB
+
+
+def test_markdown_table_has_one_line_per_row_and_the_machine():
+    rows = [Result("Throughput", "a", 1234.5, "images/s", peak_mb=300.0),
+            Result("GPU", "b", note="not available: no GPU | none")]
+    md = bench.render_markdown(rows, {"cpu": "test cpu", "packages": "torch 0"}, "bmj bench --quick", 1.0)
+    assert "`bmj bench --quick`" in md and "- cpu: test cpu" in md
+    assert "| Throughput | a | 1,234 | images/s |  | 300 |  |" in md
+    assert "| GPU | b | n/a |" in md and "no GPU \\| none" in md
+
+
+def test_gpu_path_runs_on_cpu_with_a_tiny_model():
+    from bmjlib.bench_gpu import ARMS, gpu_rows, tiny_configs
+
+    cfg = BenchConfig(gpu_size=32, gpu_batch=2, gpu_steps=1)
+    rows = gpu_rows(cfg, True, device="cpu", configs=tiny_configs(), arms=[ARMS[0], ARMS[2]])
+    names = [r.name for r in rows]
+    assert names[0].startswith("UNet training FLOPs") and rows[0].value > 0
+    assert [n for n in names if n.startswith("training samples/s")] == \
+        [f"training samples/s: {ARMS[0].name}", f"training samples/s: {ARMS[2].name}"]
+    assert names[-1].startswith("counterfactuals/s")
+    for r in rows:
+        assert r.available and r.value > 0 and math.isfinite(r.value), (r.name, r.note)
+    assert math.isfinite(rows[1].extra["loss"]) and 0 < rows[1].extra["fraction_of_peak"] < 1
+
+
+def test_gpu_section_without_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    (r,) = measure("GPU", "GPU section", lambda: bench.plan(BenchConfig(), gpu=True)[-1][2](), log=lambda m: None)
+    assert r.value is None and "no GPU was available" in r.note and "bmj bench --gpu" in r.note
