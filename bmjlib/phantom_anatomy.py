@@ -1,0 +1,559 @@
+"""Phantom radiograph renderer: anatomy, the five findings, devices, positioning and exposure.
+
+Part of the phantom cohort (DESIGN "The phantom cohort"), the embedded stand-in for MIMIC-CXR that the
+paper's pipeline (arXiv 2310.10765 §3) runs on when no credentialed data exist. `render` draws one
+radiograph from (patient invariants, disease state, pose, exposure, view) and, on request, the organ
+masks of the paper's Fig. 5 (schema.ORGANS) in the same pixel grid.
+
+Geometry. Anatomy is defined analytically in a canonical patient frame (u, v) in [-1, 1]^2: u to the
+image's right (= the patient's LEFT, radiological convention), v downwards. A pose maps a canonical pixel
+q (x = column, y = row) to the image pixel p = c + s R(rot) (q - c) + t, with c the image centre, s the
+scale, R a rotation by `rot_deg` (positive = clockwise on screen, since y points down) and t = (tx, ty) in
+pixels. Every pixel of the output is evaluated at its canonical coordinates, so masks are exact (no
+resampling) and `pose_matrix` is the true transform. Inspiration depth is NOT rigid: it moves the
+diaphragm domes (deeper inspiration -> lower domes), so only structures above the domes follow the
+affine exactly.
+
+Findings, severity grade 1 / 2 / 3 (0 = absent), defined physically:
+
+* Cardiomegaly: cardiothoracic ratio (maximal transverse cardiac width / maximal internal thoracic
+  width, both measured from the masks). Normal hearts have the patient's own CTR in 0.42-0.49;
+  grade 1 (mild) 0.55, 2 (moderate) 0.60, 3 (severe) 0.67, each +- the patient's fixed offset <= 0.015.
+  AP views magnify the heart by 12 % (as a real AP projection does); the recorded `ctr` is the image's.
+* Pleural effusion (left / right / bilateral): dependent fluid whose meniscus climbs the lateral chest
+  wall to a height of 0.18 / 0.36 / 0.60 of the hemithorax (costophrenic angle to apex); blunts the
+  costophrenic angle and hides the hemidiaphragm; soft upper edge (layering fluid thins upwards).
+* Edema (always bilateral): grade 1 interstitial = indistinct, thickened vessels and Kerley B septal
+  lines at the lateral bases; 2 = plus perihilar (bat-wing) haze; 3 = plus widespread patchy airspace
+  opacity. Haze amplitude 0.10 / 0.22 / 0.38 of soft-tissue attenuation.
+* Atelectasis (left / right / bilateral = bibasilar): grade 1 plate-like (discoid) band in the lower
+  zone; 2 = segmental basal opacity plus 4 % (of half the image) elevation of the hemidiaphragm;
+  3 = lower-lobe collapse (triangular retro-/para-cardiac opacity) with 8 % hemidiaphragm elevation
+  and 3 % mediastinal shift towards the collapsed side (volume loss).
+* Pneumothorax (left / right): visceral pleural line separated from the chest wall, with absent lung
+  markings and increased lucency outside it; the rim is 10 / 20 / 35 % of the hemithorax width (wider
+  at the apex), and the collapsed lung is slightly denser.
+
+Support devices (distractors, not findings): endotracheal tube, central venous line, nasogastric tube,
+pacemaker with lead, ECG electrodes.
+
+Speed: one 256 px image costs a few ms (all fields are closed-form numpy expressions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from .schema import ORGANS
+
+CTR_BY_GRADE = {1: 0.55, 2: 0.60, 3: 0.67}
+EFFUSION_HEIGHT = {1: 0.18, 2: 0.36, 3: 0.60}
+PTX_RIM = {1: 0.10, 2: 0.20, 3: 0.35}
+EDEMA_HAZE = {1: 0.10, 2: 0.22, 3: 0.38}
+AP_MAGNIFICATION = 1.12
+DEVICES = ["ett", "central_line", "ng_tube", "pacemaker", "ecg_leads"]
+
+
+@dataclass
+class Patient:
+    """Per-patient invariants (canonical units: 1 = half the image width)."""
+    subject_id: int = 10000000
+    sex: str = "F"
+    age: int = 60
+    race: str = "WHITE"
+    tw: float = 0.74            # thorax (lung) half-width at its widest
+    apex: float = -0.70         # lung apex height
+    dome: float = 0.36          # right hemidiaphragm dome top at mid inspiration
+    dome_lr: float = 0.04       # left dome lower than the right by this
+    cp_drop: float = 0.13       # costophrenic angle below the dome top
+    ctr0: float = 0.46          # normal cardiothoracic ratio of this patient
+    ctr_jit: float = 0.0        # fixed offset of the diseased CTR (|.| <= 0.015)
+    heart_b: float = 0.27       # heart vertical semi-axis
+    heart_shear: float = 0.35   # heart long axis tilt (down and to the left)
+    mw: float = 0.095           # upper mediastinum half-width
+    unfold: float = 0.0         # aortic unfolding 0..1 (age)
+    bone: float = 1.0           # bone density factor (age, sex)
+    soft: float = 1.0           # soft-tissue thickness factor (habitus)
+    breast: float = 0.0         # breast shadow strength (0 for most men)
+    rib_phase: float = 0.0
+    clav: float = -0.60         # clavicle medial end height
+    texture_seed: int = 0
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Pose:
+    tx: float = 0.0             # px of the image
+    ty: float = 0.0
+    rot_deg: float = 0.0
+    scale: float = 1.0
+    inspiration: float = 0.0    # -1 (poor) .. 1 (deep)
+
+
+@dataclass
+class Exposure:
+    k: float = 1.0              # attenuation-to-density gain (kVp / mAs proxy)
+    gamma: float = 1.0
+    offset: float = 0.0         # brightness offset after windowing
+    noise: float = 0.02         # quantum noise standard deviation (of [0, 1])
+    blur: float = 0.7           # unsharpness in px at 256 px
+    heel: float = 0.0           # left-right exposure gradient (anode heel effect)
+
+
+@dataclass
+class State:
+    """Disease state: severity 0-3 and side per finding key (schema.FINDING_KEYS values)."""
+    sev: dict = field(default_factory=dict)
+    side: dict = field(default_factory=dict)
+
+    def get(self, key: str) -> tuple[int, str]:
+        return int(self.sev.get(key, 0)), str(self.side.get(key, "") or "")
+
+
+def pose_matrix(pose: Pose, size: int) -> np.ndarray:
+    """3x3 homogeneous matrix mapping a canonical pixel (x, y, 1) to the image pixel of this pose."""
+    c = (size - 1) / 2.0
+    th = np.deg2rad(pose.rot_deg)
+    r = pose.scale * np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    m = np.eye(3)
+    m[:2, :2] = r
+    m[:2, 2] = np.array([c, c]) + np.array([pose.tx, pose.ty]) - r @ np.array([c, c])
+    return m
+
+
+def pair_affine(prior: Pose, followup: Pose, size: int) -> np.ndarray:
+    """2x3 matrix mapping a PRIOR image pixel (x, y) to the FOLLOW-UP image pixel of the same anatomy."""
+    return (pose_matrix(followup, size) @ np.linalg.inv(pose_matrix(prior, size)))[:2]
+
+
+def image_ctr(patient: Patient, state: State, view: str = "PA") -> float:
+    """The cardiothoracic ratio drawn in an image of this view (see the module docstring)."""
+    g, _ = state.get("cardiomegaly")
+    ctr = patient.ctr0 if g == 0 else CTR_BY_GRADE[g] + patient.ctr_jit
+    return ctr * (AP_MAGNIFICATION if view == "AP" else 1.0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+_GRID: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _grid(size: int):
+    if size not in _GRID:
+        i = np.arange(size, dtype=np.float32)
+        _GRID[size] = (i[None, :].repeat(size, 0), i[:, None].repeat(size, 1))
+    return _GRID[size]
+
+
+def _inside(f, eps):
+    """Anti-aliased indicator of f < 0 (f in canonical units, eps = one pixel)."""
+    return np.clip(0.5 - f / eps, 0.0, 1.0)
+
+
+def _tube(d, half):
+    """Projected thickness of a cylinder of radius `half` at distance d from its axis (0..1)."""
+    t = np.clip(1.0 - (d / half) ** 2, 0.0, 1.0)
+    return np.sqrt(t)
+
+
+def _spikes(seed: int, n: int, count: int, width: float) -> np.ndarray:
+    """A periodic 1-D profile of `count` random narrow peaks: vessels around a hilum by angle."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(n)
+    out = np.zeros(n, np.float32)
+    for c, a in zip(rng.uniform(0, n, count), rng.uniform(0.4, 1.0, count)):
+        d = np.minimum(np.abs(x - c), n - np.abs(x - c))
+        out += a * np.exp(-0.5 * (d / width) ** 2)
+    return out
+
+
+# --------------------------------------------------------------------------- static layers
+
+_LAYERS: dict[tuple, dict] = {}
+
+
+def _static_layers(p: Patient, size: int, ap: bool) -> dict:
+    """Pose- and disease-independent attenuation of one patient on a canonical grid with a margin:
+    soft tissue + bones ("body"), lung markings ("marks") and a parenchymal texture ("tex").
+    Computed once per patient and view type, then resampled for each pose (cheap)."""
+    key = (p.texture_seed, p.subject_id, size, ap)
+    if key in _LAYERS:
+        return _LAYERS[key]
+    if len(_LAYERS) > 6:
+        _LAYERS.clear()
+    m = size // 6
+    G = size + 2 * m
+    half = size / 2.0
+    i = (np.arange(G, dtype=np.float32) - (G - 1) / 2.0) / half
+    u = np.repeat(i[None, :], G, 0)
+    v = np.repeat(i[:, None], G, 1)
+    eps = 1.0 / half
+    x = np.abs(u)
+    tw = p.tw
+    vw, apex = 0.18, p.apex
+    t = np.clip((vw - v) / (vw - apex), 0.0, 1.0)
+    wall = tw * np.sqrt(np.clip(1.0 - t ** 2.2, 0.0, 1.0)) - 0.03 * np.clip(v - vw, 0, None)
+    xr = x / tw
+    vd = np.where(u < 0, p.dome, p.dome + p.dome_lr) + (p.cp_drop / 0.3025) * np.clip(xr - 0.45, 0, None) ** 2
+
+    # Soft tissue: a cylinder-like body with neck, shoulders, arms and (women) breasts.
+    bw = tw + 0.16 * p.soft
+    sh_top = -0.86 + 0.04 * (1 - p.soft)
+    body_w = bw + 0.05 * np.clip(v, 0, None) - 0.25 * np.clip((sh_top + 0.15 - v) / 0.15, 0, 1) ** 2
+    body = _tube(u, body_w) * _inside(sh_top - v - 0.1 * x ** 2, eps * 4)
+    neck = _tube(u, 0.24) * _inside(0.4 - v, eps)
+    arms = _tube(x - (bw + 0.13), 0.12) * _inside(-0.78 - v, eps * 6)
+    soft = 0.95 * p.soft * np.maximum(body, neck * 0.8) + 0.6 * arms
+    if p.breast > 0:
+        bx = (x - 0.40 * tw * 1.35) / 0.36
+        by = (v - 0.22) / 0.30
+        soft += 0.22 * p.breast * _inside(bx * bx + by * by - 1.0, eps * 3) * np.clip((v + 0.02) / 0.22, 0, 1)
+
+    # Bones. Spine: vertebral bodies with end plates, pedicles.
+    bone = np.zeros_like(u)
+    spine_hw = 0.075
+    vert = 0.5 + 0.5 * np.cos(2 * np.pi * (v * 9.5 + p.rib_phase))
+    spine = _tube(u, spine_hw) * (0.30 + 0.10 * vert)
+    ped = _tube(np.abs(u) - spine_hw * 0.8, 0.018) * (vert > 0.6)
+    bone += (spine + 0.25 * ped) * _inside(-1.05 - v, eps)
+    # Posterior ribs: a phase field over arcs that rise from the spine then sweep down laterally,
+    # spacing widening downwards.
+    z = v + 0.24 * x - 0.80 * x ** 3 - (apex - 0.06)
+    psi = 11.0 * np.clip(z / 1.08, 0.0, None) ** 0.82 + p.rib_phase
+    frac = psi - np.floor(psi)
+    rib_p = _tube(frac - 0.27, 0.27) * (psi < 15.0) * (psi > 0.3)
+    rib_p *= np.clip((x - 0.05) / 0.04, 0, 1) * _inside(x - wall - 0.09, eps * 4)
+    # Anterior ribs: descend medially, fade out before the sternum (costal cartilage).
+    za = v - 0.40 * (tw - x) - (apex - 0.10)
+    psa = 5.6 * np.clip(za / 0.95, 0, None) ** 0.95 + 0.35 + p.rib_phase
+    fra = psa - np.floor(psa)
+    rib_a = _tube(fra - 0.2, 0.2) * (psa < 6.2) * np.clip((x - 0.32 * tw) / 0.15, 0, 1) * (x < wall + 0.07)
+    bone += (0.20 * rib_p + 0.09 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
+    # Clavicles (higher and more horizontal in AP).
+    cx = np.clip((x - 0.08) / 0.62, 0, 1.2)
+    cv = p.clav - (0.07 if ap else 0.0) - 0.16 * cx + 0.04 * np.sin(np.clip(cx, 0, 1) * np.pi)
+    bone += 0.55 * _tube(v - cv, 0.032) * (x > 0.07) * (x < 0.78)
+    if ap:  # scapulae projected over the lateral upper lung fields
+        bone += 0.12 * _inside(np.abs((x - (tw - 0.02)) / 0.13) + np.abs((v + 0.35) / 0.3) - 1.0, eps * 3)
+
+    # Lung markings: vessels radiating from the hila, tapering to the periphery.
+    vh = p.dome + p.dome_lr - p.heart_b * 0.62
+    hil_v = vh - p.heart_b * 0.95
+    vessels = np.zeros_like(u)
+    for sgn, seed_off in ((-1, 11), (1, 23)):
+        du = u - sgn * (p.mw + 0.07)
+        dv = v - hil_v
+        r = np.sqrt(du * du + dv * dv) + 1e-3
+        th = np.arctan2(dv, du)
+        ang = th + 0.11 * np.sin(7.0 * r + 2.0 * th)
+        n = 1024
+        idx = ((ang + np.pi) * (n / (2 * np.pi))).astype(np.int32) % n
+        tab1 = _spikes(p.texture_seed + seed_off, n, 46, 2.2)
+        tab2 = _spikes(p.texture_seed + seed_off + 1, n, 140, 1.2)
+        vessels += tab1[idx] * np.exp(-r / 0.32) * 1.3 + tab2[idx] * np.exp(-r / 0.55) * 0.45 * np.clip(r / 0.2, 0, 1)
+        vessels += 0.9 * np.exp(-0.5 * ((du / 0.06) ** 2 + (dv / 0.10) ** 2))  # hilar vessels and bronchi
+    rng = np.random.default_rng(p.texture_seed)
+    tex = gaussian_filter(rng.standard_normal((G, G)).astype(np.float32), size / 45.0)
+    tex2 = gaussian_filter(rng.standard_normal((G, G)).astype(np.float32), size / 110.0)
+    tex = 0.25 * tex / (tex.std() + 1e-6) + 0.12 * tex2 / (tex2.std() + 1e-6)
+    layers = {"body": (soft + 0.75 * p.bone * bone).astype(np.float32), "vessels": vessels.astype(np.float32),
+              "tex": tex.astype(np.float32), "margin": m}
+    _LAYERS[key] = layers
+    return layers
+
+
+def _sample(layer: np.ndarray, minv: np.ndarray, size: int, margin: int) -> np.ndarray:
+    """Bilinear resampling of a canonical layer at the canonical position of every output pixel."""
+    from PIL import Image
+
+    a, b, c = minv[0]
+    d, e, f = minv[1]
+    c, f = c + margin + 0.5 - 0.5 * a - 0.5 * b, f + margin + 0.5 - 0.5 * d - 0.5 * e  # PIL: pixel corners
+    im = Image.fromarray(layer).transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                                                     resample=Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- frontal anatomy
+
+def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, layer):
+    """Attenuation field and masks of a frontal (PA or AP) view in canonical coordinates u, v.
+    `layer(name)` resamples a static layer at this pose."""
+    ap = view == "AP"
+    ins = pose.inspiration
+    x = np.abs(u)
+    right = u < 0  # patient's right = image left
+    tw = p.tw
+
+    # Volume loss from atelectasis elevates a hemidiaphragm and shifts the mediastinum towards it.
+    at_g, at_side = st.get("atelectasis")
+    lift = {0: 0.0, 1: 0.0, 2: 0.04, 3: 0.08}[at_g]
+    lift_r = lift if at_side in ("right", "bilateral") else 0.0
+    lift_l = lift if at_side in ("left", "bilateral") else 0.0
+    shift = 0.03 * (at_g == 3) * (-1 if at_side == "right" else 1 if at_side == "left" else 0)
+
+    # Lung apex-to-base lateral wall profile, widest at vw.
+    vw = 0.18 + 0.04 * ins
+    apex = p.apex - 0.02 * ins
+    t = np.clip((vw - v) / (vw - apex), 0.0, 1.0)
+    wall = tw * np.sqrt(np.clip(1.0 - t ** 2.2, 0.0, 1.0)) - 0.03 * np.clip(v - vw, 0, None)
+
+    # Diaphragm domes (right higher), dome top at 45 % of the hemithorax, deep lateral recess.
+    dome = np.where(right, np.float32(p.dome - lift_r + 0.07 * ins), np.float32(p.dome + p.dome_lr - lift_l + 0.07 * ins))
+    xr = x / tw
+    lat = np.clip(xr - 0.45, 0.0, None)
+    med = np.clip(0.45 - xr, 0.0, None)
+    vd = dome + (p.cp_drop / 0.3025) * lat ** 2 + 0.35 * med ** 2
+    below = _inside(vd - v, eps)
+    thorax = _inside(x - wall, eps) * (1.0 - below) * _inside(apex - v, eps)
+
+    # Heart: sheared ellipse; CTR = width / (2 tw).
+    ctr = image_ctr(p, st, view)
+    a = ctr * tw
+    b = p.heart_b * (1.0 + 0.9 * (ctr - 0.46)) * (1.08 if ap else 1.0)
+    vh = p.dome + p.dome_lr - b * 0.62 + 0.07 * ins
+    uh = a * 0.34 + shift
+    hu = (u - uh - p.heart_shear * (v - vh)) / a
+    hv = (v - vh) / b
+    heart = _inside((hu * hu + hv * hv - 1.0) * a * 0.5, eps) * _inside(v - vd - 0.02, eps)
+
+    # Upper mediastinum: trachea/SVC on the right, aortic knob on the left (unfolds with age).
+    knob_v = -0.36 + 0.04 * p.unfold
+    knob = 0.055 * (1 + 0.6 * p.unfold) * np.exp(-0.5 * ((v - knob_v) / 0.06) ** 2)
+    med_hw = p.mw + np.where(u > shift, knob + 0.02 * p.unfold, 0.04 * np.clip(v + 0.2, 0, None))
+    medias = _inside(np.abs(u - shift) - med_hw, eps) * _inside(v - vh, eps) * _inside(-0.95 - v, eps)
+    central = np.maximum(heart, medias)
+    lungs = thorax * (1.0 - central)
+
+    # Lung air: thickest centrally, thin at the apices and laterally.
+    depth = np.sqrt(np.clip(1.0 - (xr - 0.45) ** 2 / 0.42, 0.05, 1.0)) * np.clip((v - apex) / 0.25, 0.2, 1.0)
+
+    att = layer("body") + 0.35 * below * (x < wall + 0.08)
+    # Gastric bubble under the left hemidiaphragm.
+    gx = (u - 0.36 * tw - 0.08) / 0.11
+    gy = (v - (p.dome + p.dome_lr + 0.07 * ins + 0.12 - lift_l)) / 0.055
+    att -= 0.18 * _inside(gx * gx + gy * gy - 1.0, eps * 3)
+
+    air = 0.70 * lungs * depth
+    mark_w = lungs
+    ed_g, _ = st.get("edema")
+    tex = layer("tex") if (ed_g or at_g) else None
+
+    # ---- findings that replace air
+    ef_g, ef_side = st.get("effusion")
+    fluid = np.zeros_like(u)
+    if ef_g:
+        H = (p.dome + p.cp_drop) - p.apex
+        for side in ("right", "left"):
+            if ef_side not in (side, "bilateral"):
+                continue
+            s = (u < 0) if side == "right" else (u >= 0)
+            cp = p.dome + p.cp_drop + 0.07 * ins + (0 if side == "right" else p.dome_lr)
+            level = cp - EFFUSION_HEIGHT[ef_g] * H
+            surf = level + 0.45 * EFFUSION_HEIGHT[ef_g] * H * np.clip(1.0 - xr, 0, 1) ** 1.3
+            layer_f = np.clip((v - surf) / 0.07, 0.0, 1.0)
+            fluid = np.maximum(fluid, s * layer_f * _inside(x - wall - 0.01, eps) * (v < vd + 0.15))
+        air = air * (1.0 - fluid)
+        mark_w = mark_w * (1.0 - fluid)
+        att += 0.22 * fluid
+
+    px_g, px_side = st.get("pneumothorax")
+    ptx_space = np.zeros_like(u)
+    if px_g:
+        s = (u < 0) if px_side == "right" else (u >= 0)
+        rim = PTX_RIM[px_g] * tw * (1.0 + 0.8 * np.clip((0.0 - v) / 0.7, 0, 1))
+        edge = wall - rim
+        apex_edge = apex + PTX_RIM[px_g] * 0.9
+        f = np.maximum(x - edge, apex_edge - v)  # > 0 outside the collapsed lung
+        ptx_space = s * lungs * _inside(-f, eps)
+        pleural_line = s * lungs * _tube(f, 1.6 * eps) * (f > -2 * eps)
+        air = air * (1.0 - ptx_space) + (0.70 * depth + 0.14) * ptx_space
+        air -= 0.12 * PTX_RIM[px_g] / 0.35 * s * lungs * (1.0 - ptx_space) * 0.62
+        mark_w = mark_w * (1.0 - ptx_space)
+        att += 0.25 * pleural_line
+    att -= air
+    # Trachea and main bronchi: the air column of the upper mediastinum.
+    carina = vh - b * 1.15
+    tra = _tube(u - shift * 0.5, 0.034) * _inside(v - carina, eps)
+    for sgn in (-1, 1):
+        g = shift * 0.5 + sgn * 0.75 * np.clip(v - carina, 0, None)
+        tra = tra + _tube(u - g, 0.024) * (v >= carina) * (v < carina + 0.13)
+    att -= 0.22 * np.clip(tra, 0, 1) * _inside(-0.95 - v, eps)
+
+    att += mark_w * (0.12 * (1.0 + 0.35 * ed_g)) * layer("vessels")
+
+    # ---- opacities on top of the lungs
+    if ed_g:
+        hil_v = vh - b * 0.95
+        hz = 0.0
+        for sgn in (-1, 1):
+            du = (u - sgn * (p.mw + 0.14) - shift) / (0.16 + 0.07 * ed_g)
+            dv = (v - hil_v - 0.05) / (0.20 + 0.08 * ed_g)
+            hz = hz + np.exp(-0.5 * (du * du + dv * dv))
+        haze = EDEMA_HAZE[ed_g] * (hz * (ed_g >= 2) + 0.35 + (0.5 + 0.8 * tex if ed_g == 3 else 0.0))
+        kerley = (np.abs(((v * 34.0 + 3.0 * tex) % 1.0) - 0.5) < 0.09) * np.clip((xr - 0.72) / 0.2, 0, 1) \
+            * np.clip(v / 0.2, 0, 1)
+        att += lungs * (1.0 - ptx_space) * (haze + 0.16 * kerley * (0.6 + 0.4 * ed_g))
+    if at_g:
+        for side in ("right", "left"):
+            if at_side not in (side, "bilateral"):
+                continue
+            sgn = -1 if side == "right" else 1
+            s = (u < 0) if side == "right" else (u >= 0)
+            base = (p.dome + (0 if side == "right" else p.dome_lr)) + 0.07 * ins
+            band_v = base - 0.13 - 0.05 * (xr - 0.5)  # plate-like band, slightly tilted
+            op = 0.28 * _tube(v - band_v, 0.018 + 0.006 * at_g) * (np.abs(xr - 0.55) < 0.28)
+            if at_g >= 2:
+                seg = np.clip((v - (base - 0.18)) / 0.12, 0, 1) * np.clip(1 - np.abs(xr - 0.35) / 0.3, 0, 1)
+                op = op + 0.22 * seg * (0.85 + 0.6 * tex)
+            if at_g == 3:  # lower lobe collapse: triangle from the hilum to the medial hemidiaphragm
+                hil_v = vh - b * 0.95
+                tri = np.clip(1.0 - (x - (p.mw + 0.02)) / (0.05 + 0.35 * np.clip((v - hil_v) / 0.6, 0, 1)), 0, 1)
+                op = op + 0.45 * np.clip(tri * 2.5, 0, 1) * (v > hil_v) * (u * sgn > 0)
+            att += s * thorax * op
+
+    # ---- support devices (radio-opaque)
+    for d in devices:
+        if d == "ett":
+            att += 0.9 * _tube(np.abs(u - 0.005) - 0.022, 0.006) * (v < -0.42)
+        elif d == "central_line":
+            g = -0.34 + 0.30 * np.clip((v + 1.0) / 0.7, 0, 1) ** 0.7
+            att += 0.8 * _tube(u - g, 0.008) * (v < -0.28)
+        elif d == "ng_tube":
+            g = 0.015 + (0.30 * tw) * np.clip((v - 0.18) / 0.3, 0, 1) ** 1.5
+            att += 0.7 * _tube(u - g, 0.009) * (v < p.dome + 0.26)
+        elif d == "pacemaker":
+            box = _inside(np.maximum(np.abs(u - 0.5 * tw) - 0.07, np.abs(v + 0.56) - 0.045), eps)
+            g = 0.5 * tw - 0.45 * tw * np.clip((v + 0.56) / 0.75, 0, 1) ** 0.8
+            att += 1.6 * box + 0.9 * _tube(u - g, 0.007) * (v > -0.56) * (v < vh + 0.1)
+        elif d == "ecg_leads":
+            for cx, cy in ((-0.55, -0.45), (0.55, -0.45), (0.5 * tw, 0.25)):
+                rr = np.sqrt((u - cx) ** 2 + (v - cy) ** 2)
+                att += 0.6 * _inside(np.abs(rr - 0.035) - 0.008, eps)
+
+    lung_m = thorax * (1.0 - central) > 0.5
+    masks = {
+        "right_lung": lung_m & (u < shift),
+        "left_lung": lung_m & (u >= shift),
+        "heart": heart > 0.5,
+        "mediastinum": (medias * (1 - heart) * _inside(apex - 0.05 - v, eps)) > 0.5,
+        "diaphragm": (below * _inside(v - vd - 0.06, eps) * (x < wall + 0.02)) > 0.5,
+        "spine": (x < 0.075) & (v < dome + 0.35),
+    }
+    extra = {"effusion": fluid > 0.5, "pneumothorax": ptx_space > 0.5}
+    return att, masks, extra
+
+
+# --------------------------------------------------------------------------- lateral view
+
+def _lateral(p: Patient, st: State, pose: Pose, u, v, eps, devices, layer):
+    """A left lateral view: anterior to the image left, spine to the right."""
+    ins = pose.inspiration
+    att = np.zeros_like(u)
+    depth_hw = 0.80
+    body = _tube(u + 0.02, depth_hw) * _inside(-0.9 - v, eps * 4)
+    arms = _tube(u - 0.05, 0.35) * _inside(v + 0.55, eps * 8) * 0.7
+    att += 0.95 * p.soft * body + 0.5 * arms
+    dome = p.dome + 0.07 * ins + 0.02
+    vd = dome + 0.10 * ((u + 0.1) / 0.6) ** 2 + 0.12 * np.clip(u - 0.25, 0, None) / 0.35
+    apex = p.apex + 0.05
+    front = -0.62 + 0.12 * np.clip((v - 0.1) / 0.5, 0, 1)
+    back = 0.52 - 0.05 * np.clip((-0.3 - v) / 0.4, 0, 1)
+    lung = _inside(front - u, eps) * _inside(u - back, eps) * _inside(v - vd, eps) * _inside(apex - v, eps)
+    ctr = image_ctr(p, st, "LATERAL")
+    hu = (u + 0.26) / (0.30 * ctr / 0.46)
+    hv = (v - (dome - 0.17)) / (0.26 * (1 + 0.6 * (ctr - 0.46)))
+    heart = _inside(hu * hu + hv * hv - 1.0, eps * 2) * _inside(v - vd, eps)
+    lungs = lung * (1 - heart)
+    tex = layer("tex")
+    att -= 0.62 * lungs * (0.8 + 0.2 * np.clip((v - apex) / 0.3, 0, 1))
+    att += 0.05 * lungs * tex + 0.08 * np.exp(-0.5 * (((u + 0.0) / 0.09) ** 2 + ((v + 0.05) / 0.12) ** 2))
+    att += 0.35 * _inside(vd - v, eps)
+    ef_g, _ = st.get("effusion")
+    if ef_g:
+        level = vd.min() + 0.13 - EFFUSION_HEIGHT[ef_g] * 0.9
+        surf = level + 0.12 * np.clip((0.45 - u) / 1.0, 0, 1)
+        fl = np.clip((v - surf) / 0.06, 0, 1) * lung
+        att += 0.5 * fl
+    ed_g, _ = st.get("edema")
+    if ed_g:
+        att += lungs * EDEMA_HAZE[ed_g] * (0.5 + np.exp(-0.5 * ((u / 0.25) ** 2 + ((v + 0.05) / 0.3) ** 2)))
+    at_g, _ = st.get("atelectasis")
+    if at_g:
+        att += lungs * 0.25 * _tube(v - (dome - 0.12 - 0.1 * u), 0.02 + 0.01 * at_g)
+    vert = 0.5 + 0.5 * np.cos(2 * np.pi * (v * 9.0 + p.rib_phase))
+    spine = _inside(np.abs(u - 0.66) - 0.09, eps) * (0.45 + 0.35 * (vert > 0.25)) * _inside(-1.0 - v, eps)
+    stern = _tube(u - (front - 0.06), 0.025) * (v > -0.55) * (v < 0.25)
+    ribs = _tube(((v * 7.0 + 0.6 * u + p.rib_phase) % 1.0) - 0.5, 0.18) * lung * 0.18
+    att += 0.75 * p.bone * (spine + 0.4 * stern + ribs)
+    if "pacemaker" in devices:
+        att += 1.5 * _inside(np.maximum(np.abs(u + 0.55) - 0.05, np.abs(v + 0.5) - 0.04), eps)
+    masks = {
+        "right_lung": lungs > 0.5, "left_lung": lungs > 0.5, "heart": heart > 0.5,
+        "mediastinum": np.zeros(u.shape, bool),
+        "diaphragm": (_inside(vd - v, eps) * _inside(v - vd - 0.06, eps) * lung.any()) > 0.5,
+        "spine": spine > 0.3,
+    }
+    return att, masks, {"effusion": np.zeros(u.shape, bool), "pneumothorax": np.zeros(u.shape, bool)}
+
+
+# --------------------------------------------------------------------------- render
+
+def render(patient: Patient, state: State, pose: Pose, exposure: Exposure, view: str = "PA",
+           size: int = 256, noise_seed: int = 0, devices=(), masks: bool = False, extra: bool = False):
+    """Draw one radiograph.
+
+    patient: invariants; state: disease State; pose: Pose (tx, ty in px of this size); exposure:
+    Exposure; view: "PA" | "AP" | "LATERAL"; size: 128-512 px (square); noise_seed: the detector-noise
+    realisation (reuse it to redraw the same image with another disease state); devices: names from
+    DEVICES. Returns a uint8 (size, size) array, plus a dict organ -> bool mask (schema.ORGANS) when
+    masks=True, plus finding masks ({"effusion", "pneumothorax"}) when extra=True.
+    """
+    if not 32 <= size <= 1024:
+        raise ValueError(f"render: size {size} px outside 32-1024")
+    if view not in ("PA", "AP", "LATERAL"):
+        raise ValueError(f"render: unknown view {view!r} (PA, AP or LATERAL)")
+    gx, gy = _grid(size)
+    m = np.linalg.inv(pose_matrix(pose, size))
+    c = (size - 1) / 2.0
+    half = size / 2.0
+    k = [float(z) / half for z in m[:2].ravel()]
+    u = k[0] * gx + k[1] * gy + (k[2] - c / half)
+    v = k[3] * gx + k[4] * gy + (k[5] - c / half)
+    eps = 1.0 / (half * pose.scale)
+    layers = _static_layers(patient, size, view == "AP")
+
+    def layer(name):
+        return _sample(layers[name], m, size, layers["margin"])
+
+    if view == "LATERAL":
+        att, mk, ex = _lateral(patient, state, pose, u, v, eps, devices, layer)
+    else:
+        att, mk, ex = _frontal(patient, state, pose, view, u, v, eps, devices, layer)
+
+    e = exposure
+    if e.blur > 0:
+        att = gaussian_filter(att, e.blur * size / 256.0, mode="nearest", truncate=2.5)
+    heel = 1.0 + e.heel * (gx / size - 0.5)
+    img = 1.0 - np.exp(-e.k * heel * np.clip(att + 0.05, 0, None))
+    # unsharp masking of the large scale, as CR/DR post-processing does (local contrast)
+    f = max(1, size // 64)
+    low = gaussian_filter(img[::f, ::f], 2.0, mode="nearest")
+    low = np.repeat(np.repeat(low, f, 0), f, 1)[:size, :size]
+    img = img + 0.45 * (img - low)
+    # detector: quantum noise (more where fewer photons arrive) + fine grain
+    rng = np.random.default_rng(noise_seed)
+    nz = rng.standard_normal((size, size), dtype=np.float32)
+    img = img + e.noise * (0.6 + 0.8 * img) * nz
+    img = np.clip(img, 0, 1) ** e.gamma + e.offset
+    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    res = [out]
+    if masks:
+        res.append({k: mk[k] for k in ORGANS})
+    if extra:
+        res.append(ex)
+    return out if len(res) == 1 else tuple(res)
