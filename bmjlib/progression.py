@@ -103,6 +103,8 @@ def _change(prior: dict | None, follow: dict | None) -> str | None:
     if f == "absent":
         return "resolved"
     stated = follow.get("change")
+    if stated == "new":
+        return "new"
     if p in (None, "absent"):
         return stated if stated in ("worse", "better", "unchanged") and p is None else "new"
     if f == "uncertain" and p == "present" and stated is None:
@@ -138,15 +140,25 @@ def _clause(name: str, change: str, prior: dict | None, follow: dict | None) -> 
     return f"{hedge}unchanged {' '.join(w for w in (sev, noun) if w)}"
 
 
-def synthesise(prior_report: str, followup_report: str) -> str:
-    """The offline backend: one deterministic progression sentence from the extractor's reading of both reports."""
-    p, f = extract_findings(prior_report), extract_findings(followup_report)
-    items = []
+def _changes(p: dict, f: dict) -> dict[str, str]:
+    out = {}
     for name in _NAMES:
         ch = _change(p.get(name), f.get(name))
         if ch:
-            items.append((_ORDER[ch], ch, name))
-    items.sort()
+            out[name] = ch
+    return out
+
+
+def changes(prior_report: str, followup_report: str) -> dict[str, str]:
+    """{finding: new | worse | better | resolved | unchanged} for the five findings the two reports
+    support (a finding neither report states is left out): what the offline synthesiser writes."""
+    return _changes(extract_findings(prior_report), extract_findings(followup_report))
+
+
+def synthesise(prior_report: str, followup_report: str) -> str:
+    """The offline backend: one deterministic progression sentence from the extractor's reading of both reports."""
+    p, f = extract_findings(prior_report), extract_findings(followup_report)
+    items = sorted((_ORDER[ch], ch, name) for name, ch in _changes(p, f).items())
     clauses = [_clause(name, ch, p.get(name), f.get(name)) for _, ch, name in items]
     # Keep it near the paper's length: beyond three clauses the unchanged ones are summarised.
     if len(clauses) > 3 and any(ch == "unchanged" for _, ch, _ in items):

@@ -9,8 +9,8 @@ pair to GPT-4 (Fig. 2). This module is the text side of that step, without a mod
   status present / absent / uncertain, side (left, right, bilateral) and severity (1 small/mild,
   2 moderate, 3 large/severe; 0 = absent or not stated), plus the stated change (new, worse, better,
   unchanged) that the offline synthesiser uses.
-- `chexpert_labels(text)`: the 14 CheXpert columns as 1 / 0 / -1 / NaN, with the CheXpert labeler's
-  conventions (positive beats uncertain beats negative across mentions; No Finding = 1 only when no
+- `chexpert_labels(text)`: the 14 CheXpert columns as 1 / 0 / -1 / NaN from the IMPRESSION (else the
+  FINDINGS), as MIMIC-CXR's label files, with the CheXpert labeler's conventions (positive beats uncertain beats negative across mentions; No Finding = 1 only when no
   pathology is positive or uncertain; unmentioned = NaN).
 
 The extractor follows the CheXpert labeler's three stages (mention -> negation -> uncertainty) with regular
@@ -107,18 +107,18 @@ def report_body(text: str) -> str:
 _SEV_ADV = r"(?:(?:mildly|slightly|minimally|moderately|markedly|severely|massively|substantially|significantly)\s+)?"
 _MENTIONS: dict[str, str] = {
     "CardioNormal": (
-        r"(?:heart|cardiac)\s+(?:size|silhouette)\s+(?:is\s+|remains\s+|appears\s+)?(?:normal|within\s+normal\s+limits|not\s+enlarged)"
-        r"|normal\s+(?:heart|cardiac)\s+(?:size|silhouette)|heart\s+is\s+not\s+enlarged"
+        r"(?:heart|cardiac)\s+(?:size|silhouette)\s+(?:is\s+|remains\s+|appears\s+)?(?:now\s+)?(?:normal|within\s+normal\s+limits|not\s+enlarged)"
+        r"|normal\s+(?:heart|cardiac)\s+(?:size|silhouette)|heart\s+is\s+(?:not\s+enlarged|normal\s+in\s+size)"
         r"|cardiomediastinal\s+silhouette\s+(?:is\s+|remains\s+|appears\s+)?(?:normal|within\s+normal\s+limits|unremarkable)"
         r"|normal\s+cardiomediastinal\s+silhouette"),
     "Cardiomegaly": (
-        r"cardiomegaly|(?:heart|cardiac)(?:\s+size|\s+silhouette)?\s+(?:is\s+|remains\s+|appears\s+)?" + _SEV_ADV
+        r"cardiomegaly|(?:heart|cardiac)(?:\s+size|\s+silhouette)?\s+(?:is\s+|remains\s+|appears\s+)?(?:now\s+)?" + _SEV_ADV
         + r"enlarged|enlarge(?:d|ment\s+of\s+the)\s+(?:heart|cardiac\s+silhouette)|cardiac\s+enlargement"
         r"|(?:top[- ]normal|borderline)\s+(?:heart\s+size|cardiac\s+silhouette)"
         r"|(?:heart|cardiac)\s+(?:size|silhouette)\s+(?:is\s+)?(?:top[- ]normal|borderline|at\s+the\s+upper\s+limits?\s+of\s+normal)"),
     "Pleural Effusion": (
         r"(?<!pericardial\s)(?:pleural\s+)?effusions?|pleural\s+fluid"
-        r"|blunting\s+of\s+the\s+(?:(?:left|right)\s+)?costophrenic\s+angles?"),
+        r"|blunting\s+of\s+(?:the\s+|both\s+)?(?:(?:left|right|bilateral)\s+)?costophrenic\s+angles?"),
     "Pneumothorax": r"pneumothora(?:x|ces)|\bptx\b",
     "Edema": (r"(?:pulmonary\s+|interstitial\s+|alveolar\s+)?edema|(?:pulmonary\s+)?vascular\s+congestion"
               r"|pulmonary\s+congestion|chf\b|heart\s+failure"),
@@ -198,6 +198,8 @@ _LIST_GAP = re.compile(
     r"^(?:[\s,/]|\b(?:or|and|nor|and/or|left|right|bilateral|pleural|pulmonary|focal|definite|acute|new"
     r"|significant|appreciable|evident|visible|interstitial|sizable|large|of|any|signs|evidence)\b)*$")
 
+_LINK_RE = re.compile(r"\b(?:may|might|could|likely|probably)\s+(?:represent|reflect)s?\b|\b(?:consistent|compatible)\s+with\b"
+                      r"|\b(?:likely|probably|possibly|suggesting|suggestive\s+of|concerning\s+for)\b")
 _SIDE_RE = re.compile(r"\b(?:(bilateral(?:ly)?|bibasilar|bibasal|both|biapical)|(left|lingula\w*|retrocardiac)|(right))\b")
 _SIDE_POST = re.compile(r"^\s*(?:(?:is|are)\s+)?(?:(?:seen|present|noted)\s+)?(?:(?:at|on|in|within|along)\s+the\s+"
                         r"(?:(left)|(right))|(bilaterally)|(?:(left)|(right))\s+greater\s+than)")
@@ -210,7 +212,7 @@ _SEV_MAP = {"small": 1, "mild": 1, "minimal": 1, "trace": 1, "tiny": 1, "slight"
             "discoid": 1, "moderate": 2, "moderately": 2, "sizable": 2, "large": 3, "severe": 3, "marked": 3,
             "massive": 3, "extensive": 3, "substantial": 3, "markedly": 3, "severely": 3, "massively": 3,
             "lobar": 3}
-_SEV_NAMES = r"(?:small|mild|moderate|large|severe|massive|minimal|trace)(?:[\s-]+to[\s-]+(?:small|mild|moderate|large|severe))?"
+_SEV_NAMES = r"(?:small|mild|moderate|large|severe|massive|marked|minimal|trace|tiny|plate-?like|subsegmental)(?:[\s-]+to[\s-]+(?:small|mild|moderate|large|severe))?"
 _SEV_POST = re.compile(r"^\s*,\s*(" + _SEV_NAMES + r")\b|\b(?:is|are|remains?|appears?|now|measures?)\s+(?:now\s+|still\s+)?"
                        r"(" + _SEV_NAMES + r")\b")
 _CHANGE_RE = re.compile(
@@ -281,7 +283,9 @@ def _clause_mentions(clause: str, ms: list[tuple[int, int, str]]):
             sm = _SIDE_POST.match(post)
             if sm:
                 side = "left" if (sm.group(1) or sm.group(4)) else "right" if (sm.group(2) or sm.group(5)) else "bilateral"
-        if not side and mention.lower().endswith(("effusions", "pneumothoraces")):
+        if not side and i > 0 and _LINK_RE.search(gap) and results + chain:
+            side = (chain or results)[-1][2]  # "left basilar opacity may represent atelectasis": same side
+        if not side and mention.endswith(("effusions", "pneumothoraces")):
             side = "bilateral"
         status = chain_cue
         if label == "CardioNormal":
@@ -294,6 +298,10 @@ def _clause_mentions(clause: str, ms: list[tuple[int, int, str]]):
                 for r in chain:
                     if r[1] == "present":
                         r[1] = status
+        prev = chain[-1] if chain else results[-1] if results else None
+        if prev is not None and prev[0] == label and _LINK_RE.search(gap):
+            # "blunting of the costophrenic angle may represent a small effusion": one finding, stated once
+            (chain if chain else results).pop()
         chain.append([label, status or "present", side, sev, change])
         prev_end = end
     results.extend(chain)
@@ -367,9 +375,11 @@ def chexpert_labels(text: str) -> dict[str, float]:
     """The 14 CheXpert labels of a report: 1 positive, 0 negative, -1 uncertain, NaN unmentioned.
 
     No Finding is 1 when no label other than Support Devices is positive or uncertain, else NaN (as the
-    CheXpert labeler). Labels are read from FINDINGS + IMPRESSION.
+    CheXpert labeler). As MIMIC-CXR's label files, labels are read from the IMPRESSION, or from the
+    FINDINGS when a report has no impression (a bare sentence counts as findings).
     """
-    mentions = _read(report_body(text))
+    s = parse_sections(text)
+    mentions = _read(s["impression"] or s["findings"])
     out = {k: math.nan for k in CHEXPERT_LABELS}
     for k, ms in mentions.items():
         out[k] = _STATUS_VALUE[_merge(k, ms)["status"]]

@@ -76,7 +76,10 @@ REAL_STYLE = [
     ("Moderate pleural effusions.", "Pleural Effusion", "present", "bilateral", 2),
     ("Trace left pleural effusion.", "Pleural Effusion", "present", "left", 1),
     ("Possible small right effusion.", "Pleural Effusion", "uncertain", "right", 1),
-    ("Left basilar opacity, likely atelectasis.", "Atelectasis", "uncertain", "", 0),
+    ("Left basilar opacity, likely atelectasis.", "Atelectasis", "uncertain", "left", 0),
+    ("Left basilar opacity may represent mild atelectasis.", "Atelectasis", "uncertain", "left", 1),
+    ("Blunting of the right costophrenic angle may represent a small effusion.", "Pleural Effusion", "uncertain",
+     "right", 1),
     ("A small right pneumothorax cannot be excluded.", "Pneumothorax", "uncertain", "right", 1),
     ("Interval resolution of the left pleural effusion.", "Pleural Effusion", "absent", "left", 0),
     ("Pleural effusion on the left.", "Pleural Effusion", "present", "left", 0),
@@ -147,11 +150,14 @@ def test_empty_report_has_no_findings():
 
 
 def test_chexpert_labels_known_report():
-    labels = chexpert_labels(MIMIC_STYLE)
+    labels = chexpert_labels(MIMIC_STYLE)  # read from the IMPRESSION, as MIMIC-CXR's label files
     assert list(labels) == CHEXPERT_LABELS
-    assert labels["Pleural Effusion"] == 1 and labels["Cardiomegaly"] == 1 and labels["Support Devices"] == 1
-    assert labels["Pneumothorax"] == 0
+    assert labels["Pleural Effusion"] == 1 and labels["Cardiomegaly"] == 1
+    assert math.isnan(labels["Pneumothorax"]) and math.isnan(labels["Support Devices"])  # FINDINGS only
     assert math.isnan(labels["No Finding"]) and math.isnan(labels["Edema"])
+    no_impression = MIMIC_STYLE.split(" IMPRESSION:")[0]
+    labels = chexpert_labels(no_impression)  # falls back to FINDINGS
+    assert labels["Pneumothorax"] == 0 and labels["Support Devices"] == 1 and labels["Pleural Effusion"] == 1
 
 
 def test_chexpert_labels_uncertain_and_no_finding():
