@@ -1,0 +1,158 @@
+"""BiomedJourneyPipeline: dual classifier-free guidance in one UNet call, save/load round trip,
+4 -> 8 input-channel expansion, seeds, bad input (paper §4.2)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from bmjlib.pipeline import (DEMO_UNET_CONFIG, BiomedJourneyPipeline, build_unet, expand_unet_in_channels,
+                             make_scheduler)
+
+TINY_UNET = dict(DEMO_UNET_CONFIG, sample_size=8, block_out_channels=[16, 32], norm_num_groups=8,
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32, attention_head_dim=2)
+TINY_VAE = {"in_channels": 1, "out_channels": 1, "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [8, 16], "layers_per_block": 1,
+            "latent_channels": 4, "norm_num_groups": 8, "sample_size": 32}
+TINY_CLIP = {"embed_dim": 32, "custom_text": True,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def tiny_text_encoder(seed=0):
+    import open_clip
+
+    from bmjlib.encoders import TextEncoder
+
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**{k: v for k, v in TINY_CLIP.items() if k != "custom_text"})
+    return TextEncoder(model, open_clip.SimpleTokenizer(context_length=16), copy.deepcopy(TINY_CLIP))
+
+
+def tiny_pipeline(seed=0) -> BiomedJourneyPipeline:
+    """A complete random-weight pipeline at 32 px (8x8x4 latents), built in well under a second."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_VAE)
+    pipe = BiomedJourneyPipeline.build(vae, tiny_text_encoder(seed), TINY_UNET, image_size=32)
+    with torch.no_grad():  # a random UNet's outputs are tiny; make them matter for the comparisons
+        for p in pipe.unet.conv_out.parameters():
+            p.mul_(50)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def prior_image(seed=1, size=40):
+    rng = np.random.default_rng(seed)
+    return rng.random((size, size)).astype(np.float32)
+
+
+def test_output_shape_range_and_seed(pipe):
+    out = pipe(prior_image(), ["new left effusion", "no change"], steps=3, seed=5)
+    assert out.shape == (2, 32, 32) and out.dtype == np.float32
+    assert 0 <= out.min() and out.max() <= 1
+    again = pipe(prior_image(), ["new left effusion", "no change"], steps=3, seed=5)
+    other = pipe(prior_image(), ["new left effusion", "no change"], steps=3, seed=6)
+    np.testing.assert_array_equal(out, again)
+    assert np.abs(out - other).max() > 1e-3
+    # sample i uses seed + i whatever batch it is in
+    alone = pipe(prior_image(), "no change", steps=3, seed=6)
+    np.testing.assert_allclose(alone[0], out[1], atol=1e-4)
+    assert pipe(prior_image(), "x", steps=2, out_size=48).shape == (1, 48, 48)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+def test_save_load_round_trip_identical(pipe, tmp_path, scheduler):
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = BiomedJourneyPipeline.from_pretrained(tmp_path / "model")
+    a = pipe(prior_image(), "new large right pneumothorax", steps=4, scheduler=scheduler, seed=3)
+    b = loaded(prior_image(), "new large right pneumothorax", steps=4, scheduler=scheduler, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.std() > 0
+
+
+def test_save_overwrites_atomically(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    pipe.save_pretrained(tmp_path / "m")  # replacing an existing folder works and leaves no temp folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_dual_guidance_formula_in_one_unet_call(pipe):
+    torch.manual_seed(0)
+    lat = torch.randn(2, 4, 8, 8)
+    prior = torch.randn(2, 4, 8, 8)
+    text = pipe.projection(pipe.text_states(["new left effusion", "worse edema"]))
+    null = pipe.projection(pipe.text_states([""])).expand(2, -1, -1)
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda m, args, kw_out=None: calls.append(args[0].shape[0]))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        eps = pipe.guided_eps(lat, t, prior, text, null, text_scale=7.5, image_scale=1.5)
+    hook.remove()
+    assert calls == [6]  # three conditions x two samples in a single call
+
+    def unet(img, ctx):
+        with torch.no_grad():
+            return pipe.unet(torch.cat([lat, img], 1), t, encoder_hidden_states=ctx).sample
+    e_ti, e_i, e_u = unet(prior, text), unet(prior, null), unet(torch.zeros_like(prior), null)
+    expected = e_u + 7.5 * (e_ti - e_i) + 1.5 * (e_i - e_u)
+    torch.testing.assert_close(eps, expected, atol=2e-3, rtol=1e-3)
+    # the three predictions differ, so the formula is not trivially satisfied
+    assert (e_ti - e_i).abs().max() > 1e-3 and (e_i - e_u).abs().max() > 1e-3
+    # s_text = s_image = 1 is the fully conditioned prediction
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.guided_eps(lat, t, prior, text, null, 1.0, 1.0), e_ti, atol=1e-4, rtol=1e-4)
+
+
+def test_expand_saved_4_channel_unet(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    small = build_unet(TINY_UNET, in_channels=4)
+    with torch.no_grad():
+        for p in small.conv_out.parameters():
+            p.mul_(50)
+    small.save_pretrained(tmp_path / "unet4")
+    four = UNet2DConditionModel.from_pretrained(tmp_path / "unet4").eval()
+    eight = expand_unet_in_channels(four, 8).eval()
+    assert eight.config.in_channels == 8 and eight.conv_in.weight.shape[1] == 8
+    assert four.conv_in.weight.shape[1] == 4  # the argument is untouched
+    assert float(eight.conv_in.weight[:, 4:].abs().max()) == 0.0
+    x = torch.randn(2, 4, 8, 8)
+    ctx = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = four(x, 10, encoder_hidden_states=ctx).sample
+        zero_extra = eight(torch.cat([x, torch.zeros_like(x)], 1), 10, encoder_hidden_states=ctx).sample
+        any_extra = eight(torch.cat([x, torch.randn_like(x)], 1), 10, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(zero_extra, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(any_extra, ref, atol=1e-5, rtol=1e-5)  # zero weights ignore the new channels
+    with torch.no_grad():
+        eight.conv_in.weight[:, 4:].normal_()
+        moved = eight(torch.cat([x, torch.randn_like(x)], 1), 10, encoder_hidden_states=ctx).sample
+    assert (moved - ref).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="already has 8"):
+        expand_unet_in_channels(eight, 4)
+
+
+def test_bad_inputs(pipe):
+    with pytest.raises(ValueError, match="2 priors but 3 prompts"):
+        pipe(np.zeros((2, 32, 32)), ["a", "b", "c"], steps=1)
+    bad = np.zeros((32, 32), np.float32)
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pipe(bad, "a", steps=1)
+    with pytest.raises(ValueError, match="unknown scheduler 'pndm'"):
+        make_scheduler("pndm", pipe.scheduler_config)
+    with pytest.raises(FileNotFoundError, match="not a saved BiomedJourneyPipeline"):
+        BiomedJourneyPipeline.from_pretrained("/nonexistent/model")
+
+
+def test_dummy_prior_is_constant_128(pipe):
+    d = pipe.dummy_prior(2)
+    assert d.shape == (2, 32, 32) and np.all(np.rint(d * 255) == 128)
