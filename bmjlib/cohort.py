@@ -216,11 +216,22 @@ def write_cohort(c: Cohort, out: str | Path) -> dict[str, Path]:
     return {k: out / k for k in files}
 
 
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    """A GitHub Markdown table without extra dependencies; missing values print as empty cells."""
+    def cell(v):
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            return ""
+        return floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(df: pd.DataFrame, fig_dir: str | Path, name: str) -> list[Path]:
     """A table as CSV + Markdown in the figures folder."""
     fig_dir = Path(fig_dir)
     atomic_write_csv(fig_dir / f"{name}.csv", df)
-    atomic_write_text(fig_dir / f"{name}.md", df.to_markdown(index=False) + "\n")
+    atomic_write_text(fig_dir / f"{name}.md", markdown_table(df))
     return [fig_dir / f"{name}.csv", fig_dir / f"{name}.md"]
 
 
@@ -253,3 +264,30 @@ def write_data_manifest(pairs: pd.DataFrame, records: pd.DataFrame, manifest_dir
             atomic_write_text(path, text)
         written.append(path)
     return written
+
+
+def check_against_phantom(c: Cohort, truth_dir: str | Path) -> pd.DataFrame:
+    """Our counts beside the numbers the phantom generator recorded in its truth files.
+
+    Candidate pairs must equal truth/pairs.csv (consecutive studies whose image is recorded PA); kept pairs
+    must include every pair with a finding of grade >= 2 in either study (never hedged in a report) and
+    lie within the pairs with any finding (a grade-1 finding may be reported as uncertain, -1).
+    """
+    t = Path(truth_dir)
+    img = pd.read_csv(t / "images.csv", dtype={"subject_id": str, "study_id": str})
+    tp = pd.read_csv(t / "pairs.csv", dtype={"subject_id": str, "prior_study_id": str, "followup_study_id": str})
+    sev = img.groupby("study_id")[[c for c in img.columns if c.endswith("_sev")]].max().max(axis=1)
+    worst = np.maximum(tp["prior_study_id"].map(sev).to_numpy(), tp["followup_study_id"].map(sev).to_numpy())
+    kept = set(c.pairs["pair_id"])
+    must, may = set(tp.loc[worst >= 2, "pair_id"]), set(tp.loc[worst >= 1, "pair_id"])
+    rows = [("PA images (recorded)", int((img["view_recorded"] == "PA").sum()),
+             int(c.records["view"].eq("PA").sum())),
+            ("candidate consecutive PA pairs", len(tp), len(c.candidates)),
+            ("candidate pair ids identical", True, set(tp["pair_id"]) == set(c.candidates["pair_id"])),
+            ("kept pairs with a grade>=2 finding", len(must), len(must & kept)),
+            ("kept pairs without any finding", 0, len(kept - may)),
+            ("test patients (p19)", int(img.loc[img["subject_id"].str.startswith("19"), "subject_id"].nunique()),
+             int(c.records.loc[c.records["split"] == "test", "subject_id"].nunique()))]
+    df = pd.DataFrame(rows, columns=["check", "phantom truth", "cohort"])
+    df["match"] = [a == b for a, b in zip(df["phantom truth"], df["cohort"])]
+    return df

@@ -22,7 +22,8 @@ Each pair ends as: ``ok``; ``failed`` (an unreadable image, or SimpleITK raised,
 outside moving image buffer": the reason is the message); ``diverged`` (a non-finite transform, scale
 outside [0.67, 1.5], anisotropy above 1.5, rotation above 30 degrees, a centre shift above 30 % of the
 image, an overlap below 60 % of the prior, or a score lower after registration than before); or
-``rejected`` (`score_after` below the threshold: the paper's filter for mislabeled and lateral views).
+``rejected`` (`score_after` below the threshold: the paper's filter for mislabeled and lateral views; the
+threshold is a number or "auto", a robust outlier rule on the cohort's own scores, `score_threshold`).
 Only ``ok`` pairs go on. Pairs run in parallel processes, one ITK thread each; every result is a small
 JSON plus the registered PNG, written atomically and recorded in a sha256 manifest, so an interrupted
 run resumes and a rerun with the same inputs redoes nothing.
@@ -52,7 +53,7 @@ class RegConfig:
     metric: str = "correlation"            # correlation | mattes | meansquares
     shrink: tuple[int, ...] = (4, 2, 1)    # pyramid levels
     smooth: tuple[float, ...] = (2.0, 1.0, 0.0)  # Gaussian sigma per level, in pixels of that level's input
-    sampling: float = 0.2                  # fraction of pixels sampled per metric evaluation (random)
+    sampling: float | tuple[float, ...] = 0.2  # fraction of pixels sampled (random), one value or one per level
     optimizer: str = "regular_step"        # regular_step | gradient_descent
     learning_rate: float = 1.0
     iterations: int = 100                  # per level
@@ -157,10 +158,12 @@ def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Pearson correlation of two images over `mask` (the registration score); NaN if either is constant."""
     if mask is not None:
         a, b = a[mask], b[mask]
-    a = a.astype(np.float64).ravel() - a.mean()
-    b = b.astype(np.float64).ravel() - b.mean()
-    d = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b / d) if d > 0 else float("nan")
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    # elementwise sums, not BLAS dot products: BLAS threads oversubscribe the worker processes
+    d = math.sqrt(float(np.sum(a * a)) * float(np.sum(b * b)))
+    return float(np.sum(a * b) / d) if d > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------- one registration
@@ -188,7 +191,10 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: RegConfig = RegC
     else:
         raise ValueError(f"unknown metric {cfg.metric!r}")
     R.SetMetricSamplingStrategy(R.RANDOM)
-    R.SetMetricSamplingPercentage(cfg.sampling, cfg.seed)
+    if isinstance(cfg.sampling, (tuple, list)):
+        R.SetMetricSamplingPercentagePerLevel(list(cfg.sampling), cfg.seed)
+    else:
+        R.SetMetricSamplingPercentage(cfg.sampling, cfg.seed)
     R.SetInterpolator(sitk.sitkLinear)
     if cfg.optimizer == "regular_step":
         R.SetOptimizerAsRegularStepGradientDescent(learningRate=cfg.learning_rate, minStep=cfg.min_step,
@@ -284,12 +290,13 @@ def _init_worker():
 
 
 def register_pairs(pairs: pd.DataFrame, out_dir: str | Path, cfg: RegConfig = RegConfig(),
-                   workers: int = 1, threshold: float = 0.5, progress: bool = True) -> pd.DataFrame:
+                   workers: int = 1, threshold: float | str = "auto", progress: bool = True) -> pd.DataFrame:
     """Register every pair (columns pair_id, prior_path, followup_path) into `out_dir`; resumable.
 
     Writes registered/<pair_id>.png and results/<pair_id>.json, recorded in out_dir/manifest.json with a
     fingerprint of the configuration and the two inputs' sha256; pairs already current are not redone.
-    Returns the registration table (module docstring), threshold applied (status 'rejected').
+    Returns the registration table (module docstring), with the score threshold (`score_threshold`) applied
+    (status 'rejected') and stored in `.attrs["threshold"]`.
     """
     from tqdm.auto import tqdm
 
@@ -336,12 +343,29 @@ def register_pairs(pairs: pd.DataFrame, out_dir: str | Path, cfg: RegConfig = Re
     rows = [json.loads((out_dir / f"results/{p}.json").read_text()) for p in pairs["pair_id"]]
     reg = pd.DataFrame(rows)
     reg = reg[["pair_id"] + [c for c in reg.columns if c != "pair_id"]]
+    threshold = score_threshold(reg.loc[reg["status"] == "ok", "score_after"], threshold)
+    reg.attrs["threshold"] = threshold
     low = (reg["status"] == "ok") & ~(reg["score_after"] >= threshold)
-    reg.loc[low, "reason"] = [f"score {s:.3f} < threshold {threshold}" for s in reg.loc[low, "score_after"]]
+    reg.loc[low, "reason"] = [f"score {s:.3f} < threshold {threshold:.3f}" for s in reg.loc[low, "score_after"]]
     reg.loc[low, "status"] = "rejected"
     reg["registered_path"] = [str(out_dir / f"registered/{p}.png") if s == "ok" else ""
                               for p, s in zip(reg["pair_id"], reg["status"])]
     return reg
+
+
+def score_threshold(scores, threshold: float | str = "auto", k: float = 3.0) -> float:
+    """The score threshold: a number as given, or "auto": median - k x 1.4826 x MAD of the scores of the
+    registered pairs (the robust outlier rule of Leys et al. 2013, k = 3 "very conservative"), so the filter
+    adapts to a cohort's typical score (which depends on resolution, exposure and disease load)."""
+    if isinstance(threshold, str):
+        if threshold != "auto":
+            raise ValueError(f"score threshold {threshold!r}: a number or 'auto'")
+        s = np.asarray(pd.Series(scores).dropna(), dtype=float)
+        if len(s) < 5:
+            return -1.0  # too few pairs to estimate a typical score: nothing is removed by the score
+        med = float(np.median(s))
+        return med - k * 1.4826 * float(np.median(np.abs(s - med)))
+    return float(threshold)
 
 
 def passed_pairs(pairs: pd.DataFrame, reg: pd.DataFrame) -> pd.DataFrame:

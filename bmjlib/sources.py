@@ -269,3 +269,30 @@ def _conform(df: pd.DataFrame, source: str) -> pd.DataFrame:
     df["source"] = source
     df["age"] = pd.to_numeric(df["age"], errors="coerce")
     return df[RECORD_COLUMNS + CHEXPERT_LABELS].reset_index(drop=True)
+
+
+def source_root(source: str, data_root: str | Path, run_dir: str | Path) -> Path:
+    """Where a notebook reads its data: the phantom written by step 00 in the run folder, else `data_root`."""
+    if source == "phantom":
+        return Path(run_dir) / "00_phantom" / "mimic"
+    if not str(data_root):
+        raise ValueError(f"source={source!r} needs data_root (the dataset folder, or the cohort CSV for 'csv')")
+    return Path(data_root)
+
+
+def hannover_cohort_csv(hannover_dir: str | Path, out_csv: str | Path) -> Path:
+    """The Hannover COVID-19 repository's data.csv as a bring-your-own cohort CSV.
+
+    One row per image: patient, image (absolute path to png/<image_id>.png), day (= -admission_offset:
+    the repository counts days before admission as negative offsets of the exam), view (its projection),
+    sex. Its pairs.csv (57 pairs of consecutive exam days) is exactly what the cohort step builds from this
+    with views PA and AP.
+    """
+    from .io import atomic_write_csv
+
+    h = Path(hannover_dir)
+    d = pd.read_csv(h / "data.csv", dtype=str)
+    byo = pd.DataFrame({"patient": d["patient_id"], "image": [str((h / "png" / f"{i}.png").resolve()) for i in d["image_id"]],
+                        "day": -pd.to_numeric(d["admission_offset"]), "view": d["projection"].str.upper(),
+                        "sex": d["sex"].str.upper()})
+    return atomic_write_csv(out_csv, byo)

@@ -12,25 +12,16 @@ import pytest
 from PIL import Image
 
 from bmjlib.cohort import build_cohort
-from bmjlib.sources import load_source, read_csv_cohort
+from bmjlib.sources import hannover_cohort_csv, load_source, read_csv_cohort
 from test_cohort_fixture import make_mimic
 
 HANNOVER = Path(__file__).resolve().parent.parent.parent / "shared" / "real_cxr" / "hannover"
 needs_hannover = pytest.mark.skipif(not HANNOVER.exists(), reason="../shared/real_cxr/hannover not present")
 
 
-def hannover_csv(out: Path) -> Path:
-    """The Hannover metadata as a bring-your-own CSV: patient, image, day (= -admission_offset), view."""
-    d = pd.read_csv(HANNOVER / "data.csv", dtype=str)
-    byo = pd.DataFrame({"patient": d["patient_id"], "image": [str(HANNOVER / "png" / f"{i}.png") for i in d["image_id"]],
-                        "day": -pd.to_numeric(d["admission_offset"]), "view": d["projection"], "sex": d["sex"]})
-    byo.to_csv(out, index=False)
-    return out
-
-
 @needs_hannover
 def test_byo_csv_on_hannover_reproduces_its_57_pairs(tmp_path):
-    data = load_source("csv", hannover_csv(tmp_path / "cohort.csv"), verify_images=True)
+    data = load_source("csv", hannover_cohort_csv(HANNOVER, tmp_path / "cohort.csv"), verify_images=True)
     assert len(data.records) == 48 and data.problems.empty
     c = build_cohort(data, views=("PA", "AP"), require_positive=False)
     ref = pd.read_csv(HANNOVER / "pairs.csv")
