@@ -219,13 +219,12 @@ def _write(path: Path, data: bytes) -> None:
 def _npz_bytes(arrays: dict) -> bytes:
     """A deterministic .npz (fixed zip timestamps; np.savez stamps the current time)."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for name, arr in arrays.items():
             b = io.BytesIO()
             np.lib.format.write_array(b, np.ascontiguousarray(arr), allow_pickle=False)
             zi = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            zi.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(zi, b.getvalue())
+            zf.writestr(zi, b.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
     return buf.getvalue()
 
 

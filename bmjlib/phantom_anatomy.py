@@ -51,7 +51,7 @@ from .schema import ORGANS
 CTR_BY_GRADE = {1: 0.55, 2: 0.60, 3: 0.67}
 EFFUSION_HEIGHT = {1: 0.18, 2: 0.36, 3: 0.60}
 PTX_RIM = {1: 0.10, 2: 0.20, 3: 0.35}
-EDEMA_HAZE = {1: 0.10, 2: 0.22, 3: 0.38}
+EDEMA_HAZE = {1: 0.12, 2: 0.26, 3: 0.40}
 AP_MAGNIFICATION = 1.12
 DEVICES = ["ett", "central_line", "ng_tube", "pacemaker", "ecg_leads"]
 
@@ -70,7 +70,7 @@ class Patient:
     cp_drop: float = 0.13       # costophrenic angle below the dome top
     ctr0: float = 0.46          # normal cardiothoracic ratio of this patient
     ctr_jit: float = 0.0        # fixed offset of the diseased CTR (|.| <= 0.015)
-    heart_b: float = 0.27       # heart vertical semi-axis
+    heart_b: float = 0.31       # heart vertical semi-axis
     heart_shear: float = 0.35   # heart long axis tilt (down and to the left)
     mw: float = 0.095           # upper mediastinum half-width
     unfold: float = 0.0         # aortic unfolding 0..1 (age)
@@ -162,13 +162,12 @@ def _tube(d, half):
 
 def _spikes(seed: int, n: int, count: int, width: float) -> np.ndarray:
     """A periodic 1-D profile of `count` random narrow peaks: vessels around a hilum by angle."""
+    from scipy.ndimage import gaussian_filter1d
+
     rng = np.random.default_rng(seed)
-    x = np.arange(n)
-    out = np.zeros(n, np.float32)
-    for c, a in zip(rng.uniform(0, n, count), rng.uniform(0.4, 1.0, count)):
-        d = np.minimum(np.abs(x - c), n - np.abs(x - c))
-        out += a * np.exp(-0.5 * (d / width) ** 2)
-    return out
+    out = np.zeros(n, np.float64)
+    np.add.at(out, rng.uniform(0, n, count).astype(np.int64) % n, rng.uniform(0.4, 1.0, count))
+    return (gaussian_filter1d(out, width, mode="wrap") * (np.sqrt(2 * np.pi) * width)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- static layers
@@ -176,22 +175,29 @@ def _spikes(seed: int, n: int, count: int, width: float) -> np.ndarray:
 _LAYERS: dict[tuple, dict] = {}
 
 
-def _static_layers(p: Patient, size: int, ap: bool) -> dict:
+def _static_layers(p: Patient, size: int, view: str) -> dict:
     """Pose- and disease-independent attenuation of one patient on a canonical grid with a margin:
     soft tissue + bones ("body"), lung markings ("marks") and a parenchymal texture ("tex").
     Computed once per patient and view type, then resampled for each pose (cheap)."""
-    key = (p.texture_seed, p.subject_id, size, ap)
+    key = (p.texture_seed, p.subject_id, size, view)
     if key in _LAYERS:
         return _LAYERS[key]
-    if len(_LAYERS) > 6:
+    if len(_LAYERS) > 8:
         _LAYERS.clear()
-    m = size // 6
+    ap = view == "AP"
+    shared = next((v for k, v in _LAYERS.items() if k[:3] == key[:3]), None)
+    m = size // 9
     G = size + 2 * m
     half = size / 2.0
     i = (np.arange(G, dtype=np.float32) - (G - 1) / 2.0) / half
     u = np.repeat(i[None, :], G, 0)
     v = np.repeat(i[:, None], G, 1)
     eps = 1.0 / half
+    if view == "LATERAL":
+        layers = {"body": _lateral_body(p, u, v, eps).astype(np.float32), "margin": m}
+        layers.update({k: shared[k] for k in ("vessels", "tex")} if shared else _lung_texture(p, u, v, size, G))
+        _LAYERS[key] = layers
+        return layers
     x = np.abs(u)
     tw = p.tw
     vw, apex = 0.18, p.apex
@@ -201,17 +207,18 @@ def _static_layers(p: Patient, size: int, ap: bool) -> dict:
     vd = np.where(u < 0, p.dome, p.dome + p.dome_lr) + (p.cp_drop / 0.3025) * np.clip(xr - 0.45, 0, None) ** 2
 
     # Soft tissue: a cylinder-like body with neck, shoulders, arms and (women) breasts.
-    bw = tw + 0.16 * p.soft
-    sh_top = -0.86 + 0.04 * (1 - p.soft)
-    body_w = bw + 0.05 * np.clip(v, 0, None) - 0.25 * np.clip((sh_top + 0.15 - v) / 0.15, 0, 1) ** 2
-    body = _tube(u, body_w) * _inside(sh_top - v - 0.1 * x ** 2, eps * 4)
-    neck = _tube(u, 0.24) * _inside(0.4 - v, eps)
-    arms = _tube(x - (bw + 0.13), 0.12) * _inside(-0.78 - v, eps * 6)
-    soft = 0.95 * p.soft * np.maximum(body, neck * 0.8) + 0.6 * arms
+    bw = tw + 0.10 + 0.06 * p.soft
+    # shoulders slope from the neck (image top) down to the acromia; the body widens slightly downwards
+    top = -1.02 + 0.24 * np.clip((x - 0.19) / 0.62, 0, 1) ** 1.3 + 0.5 * np.clip(x - 0.81, 0, None)
+    body_w = bw + 0.04 * np.clip(v, 0, None) - 0.06 * np.clip((-0.55 - v) / 0.3, 0, 1)
+    body = _tube(u, body_w) * _inside(top - v, eps * 3)
+    # deltoids over the shoulders, and the humeral heads in the upper corners
+    delt = _tube(np.hypot((x - bw + 0.02) / 0.22, (v + 0.78) / 0.16), 1.0) * _inside(top - v, eps * 3)
+    soft = 0.95 * p.soft * body + 0.35 * delt
     if p.breast > 0:
         bx = (x - 0.40 * tw * 1.35) / 0.36
-        by = (v - 0.22) / 0.30
-        soft += 0.22 * p.breast * _inside(bx * bx + by * by - 1.0, eps * 3) * np.clip((v + 0.02) / 0.22, 0, 1)
+        by = (v - 0.24) / 0.30
+        soft += 0.30 * p.breast * _inside(bx * bx + by * by - 1.0, eps * 3) * np.clip((v + 0.02) / 0.22, 0, 1)
 
     # Bones. Spine: vertebral bodies with end plates, pedicles.
     bone = np.zeros_like(u)
@@ -232,38 +239,54 @@ def _static_layers(p: Patient, size: int, ap: bool) -> dict:
     psa = 5.6 * np.clip(za / 0.95, 0, None) ** 0.95 + 0.35 + p.rib_phase
     fra = psa - np.floor(psa)
     rib_a = _tube(fra - 0.2, 0.2) * (psa < 6.2) * np.clip((x - 0.32 * tw) / 0.15, 0, 1) * (x < wall + 0.07)
-    bone += (0.20 * rib_p + 0.09 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
+    bone += (0.17 * rib_p + 0.12 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
     # Clavicles (higher and more horizontal in AP).
     cx = np.clip((x - 0.08) / 0.62, 0, 1.2)
     cv = p.clav - (0.07 if ap else 0.0) - 0.16 * cx + 0.04 * np.sin(np.clip(cx, 0, 1) * np.pi)
-    bone += 0.55 * _tube(v - cv, 0.032) * (x > 0.07) * (x < 0.78)
+    head = np.clip(1 - cx * 3, 0, 1)  # the sternal end is thicker
+    bone += (0.28 + 0.12 * head) * _tube(v - cv, 0.022 + 0.012 * head) * (x > 0.07) * (x < 0.78)
+    hum = _tube(np.hypot(x - (bw + 0.02), v + 0.80), 0.11)
+    bone += 0.55 * hum * _inside(top - 0.05 - v, eps * 3)
     if ap:  # scapulae projected over the lateral upper lung fields
         bone += 0.12 * _inside(np.abs((x - (tw - 0.02)) / 0.13) + np.abs((v + 0.35) / 0.3) - 1.0, eps * 3)
 
-    # Lung markings: vessels radiating from the hila, tapering to the periphery.
-    vh = p.dome + p.dome_lr - p.heart_b * 0.62
+    layers = {"body": (soft + 0.75 * p.bone * bone).astype(np.float32), "margin": m}
+    if shared is not None:  # all views of a patient share the lung texture
+        layers.update(vessels=shared["vessels"], tex=shared["tex"])
+    else:
+        layers.update(_lung_texture(p, u, v, size, G))
+    _LAYERS[key] = layers
+    return layers
+
+
+def _lung_texture(p: Patient, u, v, size: int, G: int) -> dict:
+    """Lung markings (vessels radiating from the hila, tapering to the periphery, plus a fine
+    parenchymal grain) and a coarse texture for patchy opacities, on the canonical layer grid."""
+    from PIL import Image
+
+    vh = p.dome + p.dome_lr - p.heart_b * 0.40
     hil_v = vh - p.heart_b * 0.95
     vessels = np.zeros_like(u)
+    n = 1024
     for sgn, seed_off in ((-1, 11), (1, 23)):
         du = u - sgn * (p.mw + 0.07)
         dv = v - hil_v
         r = np.sqrt(du * du + dv * dv) + 1e-3
         th = np.arctan2(dv, du)
         ang = th + 0.11 * np.sin(7.0 * r + 2.0 * th)
-        n = 1024
         idx = ((ang + np.pi) * (n / (2 * np.pi))).astype(np.int32) % n
         tab1 = _spikes(p.texture_seed + seed_off, n, 46, 2.2)
         tab2 = _spikes(p.texture_seed + seed_off + 1, n, 140, 1.2)
         vessels += tab1[idx] * np.exp(-r / 0.32) * 1.3 + tab2[idx] * np.exp(-r / 0.55) * 0.45 * np.clip(r / 0.2, 0, 1)
         vessels += 0.9 * np.exp(-0.5 * ((du / 0.06) ** 2 + (dv / 0.10) ** 2))  # hilar vessels and bronchi
     rng = np.random.default_rng(p.texture_seed)
-    tex = gaussian_filter(rng.standard_normal((G, G)).astype(np.float32), size / 45.0)
-    tex2 = gaussian_filter(rng.standard_normal((G, G)).astype(np.float32), size / 110.0)
-    tex = 0.25 * tex / (tex.std() + 1e-6) + 0.12 * tex2 / (tex2.std() + 1e-6)
-    layers = {"body": (soft + 0.75 * p.bone * bone).astype(np.float32), "vessels": vessels.astype(np.float32),
-              "tex": tex.astype(np.float32), "margin": m}
-    _LAYERS[key] = layers
-    return layers
+    g4 = G // 4 + 1
+    coarse = gaussian_filter(rng.standard_normal((g4, g4)).astype(np.float32), size / 112.0, mode="wrap")
+    tex = np.asarray(Image.fromarray(coarse).resize((G, G), Image.Resampling.BILINEAR), dtype=np.float32)
+    fine = gaussian_filter(rng.standard_normal((G, G)).astype(np.float32), size / 160.0)
+    fine /= fine.std() + 1e-6
+    return {"vessels": (vessels + 0.12 * fine).astype(np.float32),
+            "tex": (0.25 * tex / (tex.std() + 1e-6)).astype(np.float32)}
 
 
 def _sample(layer: np.ndarray, minv: np.ndarray, size: int, margin: int) -> np.ndarray:
@@ -275,7 +298,7 @@ def _sample(layer: np.ndarray, minv: np.ndarray, size: int, margin: int) -> np.n
     c, f = c + margin + 0.5 - 0.5 * a - 0.5 * b, f + margin + 0.5 - 0.5 * d - 0.5 * e  # PIL: pixel corners
     im = Image.fromarray(layer).transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
                                                      resample=Image.Resampling.BILINEAR)
-    return np.asarray(im, dtype=np.float32)
+    return np.array(im, dtype=np.float32)  # writable copy
 
 
 # --------------------------------------------------------------------------- frontal anatomy
@@ -307,7 +330,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
     xr = x / tw
     lat = np.clip(xr - 0.45, 0.0, None)
     med = np.clip(0.45 - xr, 0.0, None)
-    vd = dome + (p.cp_drop / 0.3025) * lat ** 2 + 0.35 * med ** 2
+    vd = dome + (p.cp_drop / 0.3025) * lat ** 2 + 0.9 * med ** 2
     below = _inside(vd - v, eps)
     thorax = _inside(x - wall, eps) * (1.0 - below) * _inside(apex - v, eps)
 
@@ -315,7 +338,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
     ctr = image_ctr(p, st, view)
     a = ctr * tw
     b = p.heart_b * (1.0 + 0.9 * (ctr - 0.46)) * (1.08 if ap else 1.0)
-    vh = p.dome + p.dome_lr - b * 0.62 + 0.07 * ins
+    vh = p.dome + p.dome_lr - b * 0.40 + 0.07 * ins
     uh = a * 0.34 + shift
     hu = (u - uh - p.heart_shear * (v - vh)) / a
     hv = (v - vh) / b
@@ -353,8 +376,8 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
                 continue
             s = (u < 0) if side == "right" else (u >= 0)
             cp = p.dome + p.cp_drop + 0.07 * ins + (0 if side == "right" else p.dome_lr)
-            level = cp - EFFUSION_HEIGHT[ef_g] * H
-            surf = level + 0.45 * EFFUSION_HEIGHT[ef_g] * H * np.clip(1.0 - xr, 0, 1) ** 1.3
+            level = cp - EFFUSION_HEIGHT[ef_g] * H  # top of the meniscus, at the lateral chest wall
+            surf = level + (0.08 + 0.25 * EFFUSION_HEIGHT[ef_g]) * (1.0 - np.clip(xr, 0, 1) ** 3)
             layer_f = np.clip((v - surf) / 0.07, 0.0, 1.0)
             fluid = np.maximum(fluid, s * layer_f * _inside(x - wall - 0.01, eps) * (v < vd + 0.15))
         air = air * (1.0 - fluid)
@@ -384,7 +407,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
         tra = tra + _tube(u - g, 0.024) * (v >= carina) * (v < carina + 0.13)
     att -= 0.22 * np.clip(tra, 0, 1) * _inside(-0.95 - v, eps)
 
-    att += mark_w * (0.12 * (1.0 + 0.35 * ed_g)) * layer("vessels")
+    att += mark_w * (0.12 * (1.0 + 0.15 * ed_g)) * layer("vessels")
 
     # ---- opacities on top of the lungs
     if ed_g:
@@ -394,7 +417,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
             du = (u - sgn * (p.mw + 0.14) - shift) / (0.16 + 0.07 * ed_g)
             dv = (v - hil_v - 0.05) / (0.20 + 0.08 * ed_g)
             hz = hz + np.exp(-0.5 * (du * du + dv * dv))
-        haze = EDEMA_HAZE[ed_g] * (hz * (ed_g >= 2) + 0.35 + (0.5 + 0.8 * tex if ed_g == 3 else 0.0))
+        haze = EDEMA_HAZE[ed_g] * (1.3 * hz * (ed_g >= 2) + 0.35 + (0.5 + 0.8 * tex if ed_g == 3 else 0.0))
         kerley = (np.abs(((v * 34.0 + 3.0 * tex) % 1.0) - 0.5) < 0.09) * np.clip((xr - 0.72) / 0.2, 0, 1) \
             * np.clip(v / 0.2, 0, 1)
         att += lungs * (1.0 - ptx_space) * (haze + 0.16 * kerley * (0.6 + 0.4 * ed_g))
@@ -450,55 +473,78 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
 
 # --------------------------------------------------------------------------- lateral view
 
+def _lateral_body(p: Patient, u, v, eps):
+    """Static part of a left lateral view (soft tissue, bones, great vessels) on canonical u, v."""
+    front_skin = -0.84 + 0.14 * ((v + 0.15) / 0.9) ** 2
+    back_skin = 0.92 - 0.05 * ((v + 0.1) / 0.9) ** 2
+    body = _inside(front_skin - u, eps * 3) * _inside(u - back_skin, eps * 3) * (0.75 + 0.25 * _tube(u - 0.05, 0.9))
+    shoulders = np.clip((-0.45 - v) / 0.45, 0, 1) * _inside(u - 0.5, eps * 8)
+    att = 0.95 * p.soft * body + 0.30 * shoulders
+    arm_d = np.abs((u + 0.15) * 0.8 + (v + 0.95) * 0.6)  # humeri raised forwards
+    bone = 0.25 * _tube(arm_d, 0.045) * (v < -0.5) * (u < 0.25) * (u > front_skin)
+    arch_r = np.hypot((u - 0.08) / 0.28, (v + 0.28) / 0.2)  # aortic arch and descending aorta
+    att += 0.10 * _tube(arch_r - 1.0, 0.25) * (v < -0.2) + 0.10 * _tube(u - 0.40, 0.05) * (v > -0.25)
+    att += 0.10 * np.exp(-0.5 * (((u - 0.02) / 0.1) ** 2 + ((v + 0.08) / 0.12) ** 2))  # hila
+    # thoracic spine: vertebral bodies and discs, gentle kyphosis; posterior elements; sternum; ribs
+    us = 0.62 + 0.06 * (1 - ((v + 0.1) / 0.9) ** 2)
+    k = (v * 11.0 + p.rib_phase) % 1.0
+    bodies = _inside(np.abs(u - us) - 0.09, eps * 2) * (0.35 + 0.2 * _tube(k - 0.5, 0.42)) * (k > 0.1)
+    post = 0.25 * _tube(u - us - 0.17, 0.05)
+    stern = _tube(u - (front_skin + 0.07), 0.025) * (v > -0.62) * (v < 0.25)
+    ribs = _tube(((v * 6.5 - 0.9 * u + p.rib_phase) % 1.0) - 0.5, 0.16) * np.clip((u + 0.1) / 0.5, 0, 1) * \
+        (np.abs(u) < 0.6) * (np.abs(v) < 0.75)
+    bone += (bodies + post) * (v < 0.95) + 0.5 * stern + 0.15 * ribs
+    return att + 0.75 * p.bone * bone
+
+
 def _lateral(p: Patient, st: State, pose: Pose, u, v, eps, devices, layer):
     """A left lateral view: anterior to the image left, spine to the right."""
     ins = pose.inspiration
-    att = np.zeros_like(u)
-    depth_hw = 0.80
-    body = _tube(u + 0.02, depth_hw) * _inside(-0.9 - v, eps * 4)
-    arms = _tube(u - 0.05, 0.35) * _inside(v + 0.55, eps * 8) * 0.7
-    att += 0.95 * p.soft * body + 0.5 * arms
-    dome = p.dome + 0.07 * ins + 0.02
-    vd = dome + 0.10 * ((u + 0.1) / 0.6) ** 2 + 0.12 * np.clip(u - 0.25, 0, None) / 0.35
-    apex = p.apex + 0.05
-    front = -0.62 + 0.12 * np.clip((v - 0.1) / 0.5, 0, 1)
-    back = 0.52 - 0.05 * np.clip((-0.3 - v) / 0.4, 0, 1)
-    lung = _inside(front - u, eps) * _inside(u - back, eps) * _inside(v - vd, eps) * _inside(apex - v, eps)
+    att = layer("body")
+    dome = p.dome + 0.07 * ins + 0.03
+    vd = dome + 0.10 * ((u + 0.2) / 0.6) ** 2 + 0.12 * np.clip(u - 0.2, 0, None) / 0.4
+    vd2 = vd + 0.035 + 0.02 * u  # the other hemidiaphragm, slightly lower
+    su, sv = ((u + 0.04) / 0.66) ** 2, ((v + 0.04) / (0.76 + 0.02 * ins)) ** 2
+    shape = np.where(v < -0.04, su + sv, np.sqrt(su * su + sv * sv))  # round apex, squarer base
+    lung = _inside(shape - 1.0, eps) * _inside(v - vd2, eps)
     ctr = image_ctr(p, st, "LATERAL")
-    hu = (u + 0.26) / (0.30 * ctr / 0.46)
-    hv = (v - (dome - 0.17)) / (0.26 * (1 + 0.6 * (ctr - 0.46)))
+    hu = (u + 0.36) / (0.34 * ctr / 0.46)
+    hv = (v - (dome - 0.10)) / (0.30 * (1 + 0.6 * (ctr - 0.46)))
     heart = _inside(hu * hu + hv * hv - 1.0, eps * 2) * _inside(v - vd, eps)
     lungs = lung * (1 - heart)
+    below = _inside(vd - v, eps) * (np.abs(u - 0.04) < 0.86)
+    air = 0.66 * lungs * (0.75 + 0.25 * np.clip((v + 0.7) / 0.3, 0, 1)) * (1.0 - 0.35 * _inside(vd2 - v, eps))
+    tra_c = -0.05 + 0.12 * np.clip((v + 1.0) / 0.8, 0, 1)  # trachea running down and back to the carina
+    air += 0.12 * _tube(u - tra_c, 0.03) * (v < -0.22)
     tex = layer("tex")
-    att -= 0.62 * lungs * (0.8 + 0.2 * np.clip((v - apex) / 0.3, 0, 1))
-    att += 0.05 * lungs * tex + 0.08 * np.exp(-0.5 * (((u + 0.0) / 0.09) ** 2 + ((v + 0.05) / 0.12) ** 2))
-    att += 0.35 * _inside(vd - v, eps)
+    att += 0.35 * below + 0.05 * lungs * tex
+
     ef_g, _ = st.get("effusion")
-    if ef_g:
-        level = vd.min() + 0.13 - EFFUSION_HEIGHT[ef_g] * 0.9
-        surf = level + 0.12 * np.clip((0.45 - u) / 1.0, 0, 1)
-        fl = np.clip((v - surf) / 0.06, 0, 1) * lung
-        att += 0.5 * fl
+    fluid = np.zeros_like(u)
+    if ef_g:  # fills the posterior costophrenic sulcus first, meniscus climbing the posterior wall
+        sulcus = dome + 0.10 * (0.7 / 0.6) ** 2 + 0.12 * 0.75 + 0.045
+        top = sulcus - (0.08 + EFFUSION_HEIGHT[ef_g] * 0.8)
+        surf = top + (0.1 + 0.2 * EFFUSION_HEIGHT[ef_g]) * (1 - np.clip((u + 0.6) / 1.2, 0, 1) ** 3)
+        fluid = np.clip((v - surf) / 0.06, 0, 1) * lung
+        air = air * (1 - fluid)
+        att += 0.2 * fluid
+    att -= air
     ed_g, _ = st.get("edema")
     if ed_g:
-        att += lungs * EDEMA_HAZE[ed_g] * (0.5 + np.exp(-0.5 * ((u / 0.25) ** 2 + ((v + 0.05) / 0.3) ** 2)))
+        att += lungs * EDEMA_HAZE[ed_g] * (0.5 + np.exp(-0.5 * ((u / 0.25) ** 2 + ((v + 0.05) / 0.3) ** 2)) + tex)
     at_g, _ = st.get("atelectasis")
     if at_g:
         att += lungs * 0.25 * _tube(v - (dome - 0.12 - 0.1 * u), 0.02 + 0.01 * at_g)
-    vert = 0.5 + 0.5 * np.cos(2 * np.pi * (v * 9.0 + p.rib_phase))
-    spine = _inside(np.abs(u - 0.66) - 0.09, eps) * (0.45 + 0.35 * (vert > 0.25)) * _inside(-1.0 - v, eps)
-    stern = _tube(u - (front - 0.06), 0.025) * (v > -0.55) * (v < 0.25)
-    ribs = _tube(((v * 7.0 + 0.6 * u + p.rib_phase) % 1.0) - 0.5, 0.18) * lung * 0.18
-    att += 0.75 * p.bone * (spine + 0.4 * stern + ribs)
     if "pacemaker" in devices:
-        att += 1.5 * _inside(np.maximum(np.abs(u + 0.55) - 0.05, np.abs(v + 0.5) - 0.04), eps)
+        att += 1.5 * _inside(np.maximum(np.abs(u + 0.72) - 0.03, np.abs(v + 0.5) - 0.06), eps)
+    us = 0.62 + 0.06 * (1 - ((v + 0.1) / 0.9) ** 2)
     masks = {
         "right_lung": lungs > 0.5, "left_lung": lungs > 0.5, "heart": heart > 0.5,
         "mediastinum": np.zeros(u.shape, bool),
-        "diaphragm": (_inside(vd - v, eps) * _inside(v - vd - 0.06, eps) * lung.any()) > 0.5,
-        "spine": spine > 0.3,
+        "diaphragm": (below * _inside(v - vd2 - 0.04, eps) * (shape < 1.3)) > 0.5,
+        "spine": (np.abs(u - us) < 0.09) & (v < 0.95),
     }
-    return att, masks, {"effusion": np.zeros(u.shape, bool), "pneumothorax": np.zeros(u.shape, bool)}
+    return att, masks, {"effusion": fluid > 0.5, "pneumothorax": np.zeros(u.shape, bool)}
 
 
 # --------------------------------------------------------------------------- render
@@ -525,7 +571,7 @@ def render(patient: Patient, state: State, pose: Pose, exposure: Exposure, view:
     u = k[0] * gx + k[1] * gy + (k[2] - c / half)
     v = k[3] * gx + k[4] * gy + (k[5] - c / half)
     eps = 1.0 / (half * pose.scale)
-    layers = _static_layers(patient, size, view == "AP")
+    layers = _static_layers(patient, size, view)
 
     def layer(name):
         return _sample(layers[name], m, size, layers["margin"])
@@ -549,8 +595,10 @@ def render(patient: Patient, state: State, pose: Pose, exposure: Exposure, view:
     rng = np.random.default_rng(noise_seed)
     nz = rng.standard_normal((size, size), dtype=np.float32)
     img = img + e.noise * (0.6 + 0.8 * img) * nz
-    img = np.clip(img, 0, 1) ** e.gamma + e.offset
-    out = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # display curve (gamma, offset) through a 4096-entry table: cheaper than a power per pixel
+    q = np.clip(img * 4095.0 + 0.5, 0, 4095).astype(np.int32)
+    lut = np.clip((np.linspace(0, 1, 4096) ** e.gamma + e.offset) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    out = lut[q]
     res = [out]
     if masks:
         res.append({k: mk[k] for k in ORGANS})

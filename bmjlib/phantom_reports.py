@@ -108,8 +108,8 @@ PHRASES = {
     ("atelectasis", "stable"): ["Unchanged {sev} {side} atelectasis.", "Stable {sev} {side} atelectasis."],
     ("atelectasis", "resolved"): ["The {side} atelectasis has resolved."],
     ("atelectasis", "absent"): ["No atelectasis."],
-    ("atelectasis", "uncertain"): ["{Side} basilar opacity may represent {sev} atelectasis.",
-                                   "Possible {sev} {side} atelectasis."],
+    ("atelectasis", "uncertain"): ["Possible {sev} {side} atelectasis.",
+                                   "{Sev} {side} atelectasis cannot be excluded."],
 }
 SIDE_WORD = {  # finding -> side -> word
     "effusion": {"left": "left", "right": "right", "bilateral": "bilateral"},
