@@ -163,3 +163,37 @@ def test_real_pair_known_warp_and_real_consecutive_pair(tmp_path):
     # a real consecutive pair: registration raises the score
     real = R.register_pair(str(prior), str(HANNOVER / "png" / "80b5f00f.png"), R.RegConfig(size=256))
     assert real["status"] == "ok" and real["score_after"] > real["score_before"] + 0.02
+
+
+def test_auto_threshold_is_the_robust_outlier_rule():
+    good = 0.9 + 0.01 * np.array([-2, -1, 0, 1, 2] * 4)
+    scores = pd.Series(np.r_[good, 0.4])
+    thr = R.score_threshold(scores, "auto")
+    # median 0.9, MAD 0.01 -> 0.9 - 3 x 1.4826 x 0.01
+    assert thr == pytest.approx(0.9 - 3 * 1.4826 * 0.01)
+    assert 0.4 < thr < good.min()
+    assert R.score_threshold(scores, 0.5) == 0.5
+    assert R.score_threshold(pd.Series([0.9, 0.2]), "auto") == -1.0  # too few pairs: the score removes nothing
+    with pytest.raises(ValueError, match="a number or 'auto'"):
+        R.score_threshold(scores, "median")
+
+
+def test_benchmark_and_phantom_accuracy_on_a_tiny_phantom(tmp_path):
+    phantom = pytest.importorskip("bmjlib.phantom")
+    from bmjlib.registration_eval import benchmark, phantom_accuracy, phantom_pairs
+    phantom.write_cohort(tmp_path, n_patients=6, size=128, seed=3, workers=1)
+    # a shortened baseline keeps the test fast; the mechanics (same pairs, TRE vs truth, speed-up) are the same
+    res = benchmark(tmp_path, n_pairs=2, ours=R.RegConfig(size=128), baseline=R.replace(R.PROGEMU, size=128, iterations=20),
+                    log=None)
+    assert res["pairs"] == 2 and res["ours"]["pairs_per_s"] > 0 and res["progemu"]["pairs_per_s"] > 0
+    assert res["speedup"] == pytest.approx(res["ours"]["pairs_per_s"] / res["progemu"]["pairs_per_s"])
+    assert res["ours"]["tre_mean_px256"] < 3
+    tp = phantom_pairs(tmp_path)
+    reg = R.register_pairs(tp, tmp_path / "reg", R.RegConfig(size=128), workers=1, progress=False)
+    acc, s = phantom_accuracy(reg, tmp_path / "truth")
+    assert len(acc) == len(tp) and s["pairs"] == len(tp)
+    # identity "registration" has the before-registration TRE by construction
+    ident = reg.assign(affine="1 0 0 0 1 0")
+    acc0, _ = phantom_accuracy(ident, tmp_path / "truth")
+    assert np.allclose(acc0["tre_px256"], acc0["tre_before_px256"])
+    assert s["TRE mean (px @256)"] < acc0.loc[~acc0["any_mislabeled"], "tre_px256"].mean()
