@@ -6,10 +6,11 @@ so the client's own request building, error mapping and timeouts are exercised, 
 
 `responder(body, n)` decides each answer (n counts requests from 0) and returns a `Reply`: text with a
 finish reason, an HTTP error status, a refusal, or a delay longer than the client's timeout. The server
-keeps the request bodies it saw (never the headers, which carry the key).
+keeps the request bodies it saw, and of the key header only its sha256 (never the key itself).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -40,6 +41,7 @@ class ChatServer:
         self.latency = latency
         self.bodies: list[dict] = []
         self.paths: list[str] = []
+        self.auth_sha256: list[str] = []  # sha256 of each Authorization / api-key header, never the header
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -82,6 +84,7 @@ class ChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms delayed-ACK stall)
 
             def do_POST(self):  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("content-length", 0) or 0))
@@ -91,10 +94,12 @@ class ChatServer:
                     return self._send(400, {"error": {"message": "invalid JSON", "type": "invalid_request_error"}})
                 if not self.path.split("?")[0].endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                auth = self.headers.get("authorization") or self.headers.get("api-key") or ""
                 with server._lock:
                     n = len(server.bodies)
                     server.bodies.append(body)
                     server.paths.append(self.path)
+                    server.auth_sha256.append(hashlib.sha256(auth.encode()).hexdigest())
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:

@@ -410,22 +410,27 @@ def benchmark(n_offline: int = 20000, n_api: int = 200, concurrency: int = 8, la
               log=print) -> dict:
     """Print pairs/s of the offline synthesiser and of the API path against a loopback server.
 
-    The offline figure uses distinct reports with the extractor's memo cleared (no repeated text helps).
+    The offline figure uses distinct reports built from a bank of real-style sentences, with the
+    extractor's memo cleared first; sentences repeat across reports, as they do in MIMIC-CXR, so the
+    per-clause memo does part of the work. It is printed as wall-clock and as CPU-time rate (the latter
+    is what a shared machine cannot distort).
     The API figure goes through the real `openai` client, the retry wrapper and the thread pool to a
     local chat-completions server that answers after `latency` seconds (an LLM's time to answer, here
     simulated), at `concurrency` requests in flight.
     """
     from .llm_server import ChatServer
-    from .reports import _read
+    from .reports import clear_memo
 
     pairs = bench_reports(n_offline)
-    _read.cache_clear()
-    t0 = time.perf_counter()
+    clear_memo()
+    t0, c0 = time.perf_counter(), time.process_time()
     for pr, fu in pairs:
         synthesise(pr, fu)
-    dt = time.perf_counter() - t0
-    offline = n_offline / dt
-    log(f"offline synthesiser: {n_offline} pairs in {dt:.2f} s = {offline:,.0f} pairs/s (goal >= 5,000)")
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    offline, offline_cpu = n_offline / dt, n_offline / max(cpu, 1e-9)
+    log(f"offline synthesiser: {n_offline} distinct report pairs (sentences from an {len(_BENCH_SENTENCES)}-sentence "
+        f"bank, memo cleared first) in {dt:.2f} s wall = {offline:,.0f} pairs/s; {offline_cpu:,.0f} pairs/s of "
+        f"CPU time on one core (goal >= 5,000)")
 
     api_pairs = bench_reports(n_api, seed=1)
     reqs = [llm.Request(str(i), str(i), build_messages(*p)) for i, p in enumerate(api_pairs)]
@@ -440,5 +445,5 @@ def benchmark(n_offline: int = 20000, n_api: int = 200, concurrency: int = 8, la
     log(f"API path (openai client -> loopback server, {latency * 1000:.0f} ms per answer): {n_api} pairs "
         f"in {dt:.2f} s = {api:,.1f} pairs/s at concurrency {concurrency} ({n_ok} ok; "
         f"serial bound {1 / latency if latency else float('inf'):,.0f} pairs/s)")
-    return {"offline_pairs_per_s": offline, "api_pairs_per_s": api, "api_concurrency": concurrency,
+    return {"offline_pairs_per_s": offline, "offline_pairs_per_cpu_s": offline_cpu, "api_pairs_per_s": api, "api_concurrency": concurrency,
             "api_latency_s": latency, "api_ok": n_ok, "api_pairs": n_api}

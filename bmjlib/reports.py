@@ -45,23 +45,33 @@ _HEADER_ALIASES = {
 }
 SECTION_KEYS = ("findings", "impression", "comparison", "indication", "history")
 # A header is a known name followed by a colon: at a line start in any case; inside a line (a report
-# flattened to one line) in capitals only. Other "WORD:" labels (e.g. "LUNGS:") stay inside their section. "FINAL REPORT" on its own line is a title, not a section.
-_HEADER_CAND = re.compile(r"(^|(?<=[\s.]))[ \t]*([A-Za-z][A-Za-z /&]{1,40}?)[ \t]*:|^[ \t]*FINAL REPORT[ \t]*$", re.M)
-
-
-def _header_key(m: re.Match, text: str) -> str | None:
-    name = m.group(2)
-    if name is None:
-        return "final report"
-    low = " ".join(name.lower().split())
-    at_line_start = m.group(1) is not None and (m.start() == 0 or text[m.start() - 1] == "\n"
-                                                 or not text[text.rfind("\n", 0, m.start()) + 1:m.start()].strip())
-    if at_line_start:
-        return low if low in _HEADER_ALIASES else None
-    return low if low in _HEADER_ALIASES and name.isupper() else None
-
-
+# flattened to one line) in capitals only. Other "WORD:" labels (e.g. "LUNGS:") stay inside their
+# section. "FINAL REPORT" on its own line is a title, not a section.
 _WS_RE = re.compile(r"\s+")
+_HEADER_LOW = re.compile(r"(?:" + "|".join(sorted((re.escape(k) for k in _HEADER_ALIASES), key=len, reverse=True))
+                         + r")[ \t]*:|final report")
+
+
+def _headers(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, name) of each section header, in order."""
+    low = text.lower()
+    if len(low) != len(text):  # a non-ASCII case mapping changed lengths: search the text itself
+        low = text
+    out = []
+    for m in _HEADER_LOW.finditer(low):
+        start = m.start()
+        if start and low[start - 1].isalnum():
+            continue
+        line_start = text.rfind("\n", 0, start) + 1
+        raw = m.group(0).rstrip(": \t")
+        name = " ".join(raw.split())
+        if name == "final report":
+            if text[line_start:start].strip() or text[m.end():text.find("\n", m.end()) % (len(text) + 1)].strip():
+                continue
+        elif text[line_start:start].strip() and not text[start:start + len(raw)].isupper():
+            continue  # inside a line only a capitalised name counts
+        out.append((start, m.end(), name))
+    return out
 
 
 def parse_sections(text: str) -> dict[str, str]:
@@ -75,17 +85,17 @@ def parse_sections(text: str) -> dict[str, str]:
     if not isinstance(text, str):
         raise TypeError(f"parse_sections expects report text (str), got {type(text).__name__}")
     out = {k: "" for k in SECTION_KEYS}
-    matches = [(m, k) for m in _HEADER_CAND.finditer(text) if (k := _header_key(m, text))]
+    matches = _headers(text)
     if not matches:
         out["findings"] = _WS_RE.sub(" ", text).strip()
         return out
-    pre = _WS_RE.sub(" ", text[:matches[0][0].start()]).strip()
+    pre = _WS_RE.sub(" ", text[:matches[0][0]]).strip()
     if pre:
         out["preamble"] = pre
-    for (m, raw), nxt in zip(matches, matches[1:] + [(None, None)]):
+    for (start, end, raw), nxt in zip(matches, matches[1:] + [(len(text), 0, "")]):
         if raw == "final report":
             continue
-        body = _WS_RE.sub(" ", text[m.end():nxt[0].start() if nxt[0] else len(text)]).strip()
+        body = _WS_RE.sub(" ", text[end:nxt[0]]).strip()
         key = _HEADER_ALIASES.get(raw, raw)
         keys = ("findings", "impression") if raw in ("findings and impression", "findings/impression") else (key,)
         for k in keys:
@@ -312,28 +322,28 @@ _CLAUSE_SPLIT_PAREN = re.compile(r"[()]")
 
 
 @lru_cache(maxsize=1 << 16)
+def _read_clause(clause: str) -> tuple:
+    """Mentions of one lower-case clause. Memoised: report sentences repeat across a corpus ("No
+    pneumothorax.", "Heart size is normal."), so most clauses are read once per run."""
+    ms = _find_mentions(clause)
+    return tuple(tuple(x) for x in _clause_mentions(clause, ms)) if ms else ()
+
+
+@lru_cache(maxsize=1 << 14)
 def _read(body: str) -> dict[str, list[tuple]]:
-    body = _CLAUSE_SPLIT_PAREN.sub(",", body.lower())  # every pattern below is lower-case
-    mentions = _find_mentions(body)
     out: dict[str, list[tuple]] = {}
-    if not mentions:
-        return out
-    bounds = [0]
-    for m in _CLAUSE_RE.finditer(body):
-        bounds += [m.start(), m.end()]
-    bounds.append(len(body))
-    j = 0
-    for a, b in zip(bounds[::2], bounds[1::2]):
-        ms = []
-        while j < len(mentions) and mentions[j][0] < b:
-            s, e, label = mentions[j]
-            if s >= a and e <= b:
-                ms.append((s - a, e - a, label))
-            j += 1
-        if ms:
-            for label, status, side, sev, change in _clause_mentions(body[a:b], ms):
-                out.setdefault(label, []).append((status, side, sev, change))
+    for clause in _CLAUSE_RE.split(_CLAUSE_SPLIT_PAREN.sub(",", body.lower())):  # patterns are lower-case
+        clause = clause.strip()
+        if clause:
+            for label, *rest in _read_clause(clause):
+                out.setdefault(label, []).append(tuple(rest))
     return out
+
+
+def clear_memo() -> None:
+    """Forget memoised readings (for timing a cold start)."""
+    _read.cache_clear()
+    _read_clause.cache_clear()
 
 
 _RANK = {"present": 2, "uncertain": 1, "absent": 0}
