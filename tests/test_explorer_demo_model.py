@@ -1,0 +1,90 @@
+"""The shipped demo model (issue 10): compact format round trip, sha256 record, loading by name."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bmjlib import demo_model as dm
+
+
+def _random_pipeline(folder):
+    """A demo-scale pipeline with random weights, saved with save_pretrained (what the chain writes)."""
+    import open_clip
+    from diffusers import AutoencoderKL
+
+    from bmjlib.encoders import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG, TextEncoder
+    from bmjlib.pipeline import BiomedJourneyPipeline
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in DEMO_CLIP_CONFIG.items() if k != "custom_text"}
+    clip = open_clip.CustomTextCLIP(**cfg)
+    enc = TextEncoder(clip, open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"]),
+                      DEMO_CLIP_CONFIG, "demo-clip")
+    pipe = BiomedJourneyPipeline.build(AutoencoderKL(**DEMO_VAE_CONFIG), enc, image_size=64)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    src = _random_pipeline(root / "model")
+    priors = np.random.default_rng(0).random((1, 64, 64)).astype(np.float32)
+    summary = dm.export(src, ["new small left pleural effusion", "no change"], root / "compact",
+                        check_priors=priors, check_prompts=["new small left pleural effusion"], check_steps=3)
+    return root, summary
+
+
+def test_compact_state_round_trip_is_close_and_keeps_names():
+    torch.manual_seed(0)
+    state = {"w": torch.randn(64, 32, 3, 3), "b": torch.randn(64), "steps": torch.tensor([3]),
+             dm.EMBEDDING_KEY: torch.randn(1000, 16)}
+    back = dm.expand_state(dm.compact_state(state, keep_rows=[0, 5, 7]))
+    assert set(back) == set(state)
+    assert torch.equal(back["b"], state["b"]) and torch.equal(back["steps"], state["steps"])
+    err = (back["w"] - state["w"]).abs().amax(dim=(1, 2, 3))
+    assert (err <= state["w"].abs().amax(dim=(1, 2, 3)) / 127 * 0.6).all()  # half a step + the fp16 scale
+    emb = back[dm.EMBEDDING_KEY]
+    assert emb.shape == (1000, 16) and emb[[1, 2, 999]].abs().sum() == 0
+    assert torch.allclose(emb[[0, 5, 7]], state[dm.EMBEDDING_KEY][[0, 5, 7]], atol=0.05)
+
+
+def test_export_is_smaller_verified_and_generates_like_the_original(exported, tmp_path):
+    root, summary = exported
+    assert summary["bytes"] < summary["original_bytes"] / 3
+    assert 2 < summary["embedding_rows_kept"] < 100
+    assert summary["ssim"] > 0.9 and summary["max_abs_diff"] < 0.2
+    sums = dm.verify(root / "compact")
+    assert "unet/diffusion_pytorch_model.safetensors" in sums and "bmj_pipeline.json" in sums
+    card = (root / "compact" / dm.CARD).read_text()
+    assert "mean SSIM" in card
+
+    from bmjlib.pipeline import BiomedJourneyPipeline
+
+    folder = dm.materialise(root / "compact", tmp_path)
+    assert dm.materialise(root / "compact", tmp_path) == folder  # cached: second call reuses it
+    out = BiomedJourneyPipeline.from_pretrained(folder)(np.full((64, 64), 0.5, np.float32), "no change", steps=2)
+    assert out.shape == (1, 64, 64) and np.isfinite(out).all()
+
+
+def test_a_changed_or_missing_file_is_named(exported, tmp_path):
+    root, _ = exported
+    copy = tmp_path / "c"
+    shutil.copytree(root / "compact", copy)
+    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(dm.DemoModelError, match="unet/diffusion_pytorch_model.safetensors: sha256"):
+        dm.verify(copy)
+    f.unlink()
+    with pytest.raises(dm.DemoModelError, match="listed in SHA256SUMS but missing"):
+        dm.materialise(copy, tmp_path / "cache")
+    (copy / dm.SUMS).unlink()
+    with pytest.raises(dm.DemoModelError, match="not shipped"):
+        dm.verify(copy)
+
+
+def test_other_names_are_paths():
+    assert str(dm.resolve_model("runs/demo/05_stage2/model")) == "runs/demo/05_stage2/model"
