@@ -76,11 +76,11 @@ def sample_patient(rng, subject_id: int) -> Patient:
     old = np.clip((age - 45) / 45, 0, 1)
     return Patient(
         subject_id=subject_id, sex=sex, age=age, race=str(rng.choice(RACES, p=RACE_P)),
-        tw=float(rng.normal(0.77 if sex == "M" else 0.73, 0.02)), apex=float(rng.normal(-0.70, 0.02)),
-        dome=float(rng.normal(0.36, 0.025)), dome_lr=float(rng.uniform(0.02, 0.06)),
-        cp_drop=float(rng.uniform(0.11, 0.15)), ctr0=float(rng.uniform(0.42, 0.49)),
-        ctr_jit=float(rng.uniform(-0.015, 0.015)), heart_b=float(rng.normal(0.27, 0.012)),
-        heart_shear=float(rng.uniform(0.25, 0.45)), mw=float(rng.normal(0.095, 0.007)),
+        tw=float(rng.normal(0.80 if sex == "M" else 0.76, 0.02)), apex=float(rng.normal(-0.78, 0.02)),
+        dome=float(rng.normal(0.40, 0.025)), dome_lr=float(rng.uniform(0.02, 0.06)),
+        cp_drop=float(rng.uniform(0.13, 0.18)), ctr0=float(rng.uniform(0.42, 0.49)),
+        ctr_jit=float(rng.uniform(-0.015, 0.015)), heart_b=float(rng.normal(0.31, 0.012)),
+        heart_shear=float(rng.uniform(0.35, 0.55)), mw=float(rng.normal(0.135, 0.01)),
         unfold=float(old * rng.uniform(0.5, 1.0)),
         bone=float(np.clip(1.1 - (age - 30) / 200 * (1.6 if sex == "F" else 1.0), 0.6, 1.15)),
         soft=float(rng.uniform(0.85, 1.15)), breast=float(rng.uniform(0.5, 1.2)) if sex == "F" else 0.0,

@@ -63,16 +63,16 @@ class Patient:
     sex: str = "F"
     age: int = 60
     race: str = "WHITE"
-    tw: float = 0.74            # thorax (lung) half-width at its widest
-    apex: float = -0.70         # lung apex height
-    dome: float = 0.36          # right hemidiaphragm dome top at mid inspiration
+    tw: float = 0.78            # thorax (lung) half-width at its widest
+    apex: float = -0.78         # lung apex height
+    dome: float = 0.40          # right hemidiaphragm dome top at mid inspiration
     dome_lr: float = 0.04       # left dome lower than the right by this
-    cp_drop: float = 0.13       # costophrenic angle below the dome top
+    cp_drop: float = 0.15       # costophrenic angle below the dome top
     ctr0: float = 0.46          # normal cardiothoracic ratio of this patient
     ctr_jit: float = 0.0        # fixed offset of the diseased CTR (|.| <= 0.015)
     heart_b: float = 0.31       # heart vertical semi-axis
-    heart_shear: float = 0.35   # heart long axis tilt (down and to the left)
-    mw: float = 0.095           # upper mediastinum half-width
+    heart_shear: float = 0.45   # heart long axis tilt (down and to the left)
+    mw: float = 0.135           # upper mediastinum half-width
     unfold: float = 0.0         # aortic unfolding 0..1 (age)
     bone: float = 1.0           # bone density factor (age, sex)
     soft: float = 1.0           # soft-tissue thickness factor (habitus)
@@ -207,24 +207,26 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     vd = np.where(u < 0, p.dome, p.dome + p.dome_lr) + (p.cp_drop / 0.3025) * np.clip(xr - 0.45, 0, None) ** 2
 
     # Soft tissue: a cylinder-like body with neck, shoulders, arms and (women) breasts.
-    bw = tw + 0.10 + 0.06 * p.soft
+    bw = tw + 0.15 + 0.06 * p.soft
     # shoulders slope from the neck (image top) down to the acromia; the body widens slightly downwards
-    top = -1.02 + 0.24 * np.clip((x - 0.19) / 0.62, 0, 1) ** 1.3 + 0.5 * np.clip(x - 0.81, 0, None)
+    top = -1.12 + 0.22 * np.clip((x - 0.19) / 0.62, 0, 1) ** 1.3 + 0.5 * np.clip(x - 0.85, 0, None)
     body_w = bw + 0.04 * np.clip(v, 0, None) - 0.06 * np.clip((-0.55 - v) / 0.3, 0, 1)
     body = _tube(u, body_w) * _inside(top - v, eps * 3)
     # deltoids over the shoulders, and the humeral heads in the upper corners
     delt = _tube(np.hypot((x - bw + 0.02) / 0.22, (v + 0.78) / 0.16), 1.0) * _inside(top - v, eps * 3)
-    soft = 0.95 * p.soft * body + 0.35 * delt
+    soft = 0.85 * p.soft * body + 0.30 * delt
     if p.breast > 0:
-        bx = (x - 0.40 * tw * 1.35) / 0.36
-        by = (v - 0.24) / 0.30
-        soft += 0.30 * p.breast * _inside(bx * bx + by * by - 1.0, eps * 3) * np.clip((v + 0.02) / 0.22, 0, 1)
+        # lower lateral soft-tissue density: sharp inferolateral border, fading upwards and medially
+        bx = (x - 0.60 * tw) / 0.32
+        by = (v - 0.30) / 0.27
+        fade = np.clip((v - 0.02) / 0.25, 0, 1) * np.clip((x - 0.22) / 0.2, 0, 1)
+        soft += 0.17 * p.breast * _inside(bx * bx + by * by - 1.0, eps * 3) * fade
 
     # Bones. Spine: vertebral bodies with end plates, pedicles.
     bone = np.zeros_like(u)
     spine_hw = 0.075
     vert = 0.5 + 0.5 * np.cos(2 * np.pi * (v * 9.5 + p.rib_phase))
-    spine = _tube(u, spine_hw) * (0.30 + 0.10 * vert)
+    spine = _tube(u, spine_hw) * (0.20 + 0.08 * vert)
     ped = _tube(np.abs(u) - spine_hw * 0.8, 0.018) * (vert > 0.6)
     bone += (spine + 0.25 * ped) * _inside(-1.05 - v, eps)
     # Posterior ribs: a phase field over arcs that rise from the spine then sweep down laterally,
@@ -239,12 +241,12 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     psa = 5.6 * np.clip(za / 0.95, 0, None) ** 0.95 + 0.35 + p.rib_phase
     fra = psa - np.floor(psa)
     rib_a = _tube(fra - 0.2, 0.2) * (psa < 6.2) * np.clip((x - 0.32 * tw) / 0.15, 0, 1) * (x < wall + 0.07)
-    bone += (0.17 * rib_p + 0.12 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
+    bone += (0.14 * rib_p + 0.09 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
     # Clavicles (higher and more horizontal in AP).
     cx = np.clip((x - 0.08) / 0.62, 0, 1.2)
     cv = p.clav - (0.07 if ap else 0.0) - 0.16 * cx + 0.04 * np.sin(np.clip(cx, 0, 1) * np.pi)
     head = np.clip(1 - cx * 3, 0, 1)  # the sternal end is thicker
-    bone += (0.28 + 0.12 * head) * _tube(v - cv, 0.022 + 0.012 * head) * (x > 0.07) * (x < 0.78)
+    bone += (0.26 + 0.12 * head) * _tube(v - cv, 0.019 + 0.012 * head) * (x > 0.07) * (x < 0.78)
     hum = _tube(np.hypot(x - (bw + 0.02), v + 0.80), 0.11)
     bone += 0.55 * hum * _inside(top - 0.05 - v, eps * 3)
     if ap:  # scapulae projected over the lateral upper lung fields
@@ -330,7 +332,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
     xr = x / tw
     lat = np.clip(xr - 0.45, 0.0, None)
     med = np.clip(0.45 - xr, 0.0, None)
-    vd = dome + (p.cp_drop / 0.3025) * lat ** 2 + 0.9 * med ** 2
+    vd = dome + (p.cp_drop / 0.3025) * lat ** 2 + 0.3 * med ** 2
     below = _inside(vd - v, eps)
     thorax = _inside(x - wall, eps) * (1.0 - below) * _inside(apex - v, eps)
 
@@ -342,26 +344,31 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
     uh = a * 0.34 + shift
     hu = (u - uh - p.heart_shear * (v - vh)) / a
     hv = (v - vh) / b
-    heart = _inside((hu * hu + hv * hv - 1.0) * a * 0.5, eps) * _inside(v - vd - 0.02, eps)
+    hr2 = hu * hu + hv * hv
+    heart = _inside((hr2 - 1.0) * a * 0.5, eps) * _inside(v - vd - 0.02, eps)
+    heart_thick = np.sqrt(np.clip(1.0 - hr2, 0.0, 1.0))  # an ellipsoid: lung overlaps its thin edges
 
     # Upper mediastinum: trachea/SVC on the right, aortic knob on the left (unfolds with age).
     knob_v = -0.36 + 0.04 * p.unfold
     knob = 0.055 * (1 + 0.6 * p.unfold) * np.exp(-0.5 * ((v - knob_v) / 0.06) ** 2)
     med_hw = p.mw + np.where(u > shift, knob + 0.02 * p.unfold, 0.04 * np.clip(v + 0.2, 0, None))
-    medias = _inside(np.abs(u - shift) - med_hw, eps) * _inside(v - vh, eps) * _inside(-0.95 - v, eps)
+    # (below the heart's centre the column narrows to the spine / oesophagus / IVC and reaches the diaphragm)
+    med_hw = np.where(v > vh, np.float32(p.mw * 0.8), med_hw)
+    medias = _inside(np.abs(u - shift) - med_hw, eps) * _inside(-0.95 - v, eps)
     central = np.maximum(heart, medias)
     lungs = thorax * (1.0 - central)
+    lungs_soft = thorax * (1.0 - np.maximum(heart * (0.55 + 0.45 * heart_thick), medias))
 
     # Lung air: thickest centrally, thin at the apices and laterally.
     depth = np.sqrt(np.clip(1.0 - (xr - 0.45) ** 2 / 0.42, 0.05, 1.0)) * np.clip((v - apex) / 0.25, 0.2, 1.0)
 
-    att = layer("body") + 0.35 * below * (x < wall + 0.08)
+    att = layer("body") + 0.22 * below * (x < wall + 0.08)
     # Gastric bubble under the left hemidiaphragm.
     gx = (u - 0.36 * tw - 0.08) / 0.11
     gy = (v - (p.dome + p.dome_lr + 0.07 * ins + 0.12 - lift_l)) / 0.055
     att -= 0.18 * _inside(gx * gx + gy * gy - 1.0, eps * 3)
 
-    air = 0.70 * lungs * depth
+    air = 0.70 * lungs_soft * depth
     mark_w = lungs
     ed_g, _ = st.get("edema")
     tex = layer("tex") if (ed_g or at_g) else None
@@ -585,7 +592,7 @@ def render(patient: Patient, state: State, pose: Pose, exposure: Exposure, view:
     if e.blur > 0:
         att = gaussian_filter(att, e.blur * size / 256.0, mode="nearest", truncate=2.5)
     heel = 1.0 + e.heel * (gx / size - 0.5)
-    img = 1.0 - np.exp(-e.k * heel * np.clip(att + 0.05, 0, None))
+    img = 0.10 + 0.92 * (1.0 - np.exp(-0.8 * e.k * heel * np.clip(att + 0.05, 0, None)))
     # unsharp masking of the large scale, as CR/DR post-processing does (local contrast)
     f = max(1, size // 64)
     low = gaussian_filter(img[::f, ::f], 2.0, mode="nearest")

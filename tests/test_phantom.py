@@ -205,25 +205,26 @@ def test_labels_agree_with_reports_and_truth(cohort):
 
 
 def test_counterfactual_is_the_prior_when_nothing_changes(cohort):
-    from bmjlib.io import read_image
+    from PIL import Image
 
     out, _ = cohort
     t = out / "truth"
     imgs = pd.read_csv(t / "images.csv", keep_default_na=False).set_index("dicom_id")
     pairs = pd.read_csv(t / "pairs.csv", dtype=str)
     sev_cols = [f"{k}_sev" for k in phantom.KEYS]
-    checked = 0
+    same = changed = 0
     for r in pairs.itertuples():
         a, b = imgs.loc[r.prior_dicom_id], imgs.loc[r.followup_dicom_id]
-        cf = read_image(t / r.counterfactual_path)
-        prior = read_image(out / "mimic" / a.image_path)
-        diff = np.abs(cf - prior).mean()
+        cf = np.asarray(Image.open(t / r.counterfactual_path), dtype=float)
+        prior = np.asarray(Image.open(out / "mimic" / a.image_path), dtype=float)
+        diff = np.abs(cf - prior).mean()  # grey levels
         if (a[sev_cols].values == b[sev_cols].values).all():
-            assert diff < 0.01, (r.pair_id, diff)  # same pixels up to JPEG loss
-            checked += 1
-        elif not a.mislabeled:
-            assert diff > 0.002, r.pair_id  # the disease change is visible
-    assert checked or len(pairs) < 5
+            assert diff < 2.5, (r.pair_id, diff)  # same pixels up to JPEG loss: same noise realisation
+            same += 1
+        else:
+            assert diff > 0.5, (r.pair_id, diff)  # the disease change is visible
+            changed += 1
+    assert same and changed
 
 
 def test_deterministic_for_any_worker_count_and_rerun_is_noop(cohort, tmp_path):
