@@ -36,7 +36,7 @@ log = logging.getLogger("bmjlib.llm")
 
 BACKENDS = ("offline", "openai", "azure", "compatible", "replay")
 NETWORK_BACKENDS = ("openai", "azure", "compatible")
-CREDENTIALED_SOURCES = ("mimic", "chexpertplus", "icg")
+CREDENTIALED_SOURCES = ("mimic", "chexpertplus", "icg", "credentialed")  # "credentialed": a row marked so
 OPENAI_URL = "https://api.openai.com/v1"
 AZURE_SUFFIX = ".openai.azure.com"
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY", "compatible": "OPENAI_API_KEY"}

@@ -195,6 +195,21 @@ def instruction_impression(row) -> str:
     return _text(row.get("followup_impression")) or _text(row.get("followup_findings"))
 
 
+def data_source(pairs: pd.DataFrame, source: str) -> str:
+    """The source the guard must assume: the profile's, unless the rows say they are credentialed
+    (a `source` column naming mimic / chexpertplus / icg, or a true `credentialed` column, as ICG-CXR
+    rows carry)."""
+    names = [str(source or "").lower()]
+    if "source" in pairs.columns:
+        names += sorted(set(pairs["source"].dropna().astype(str).str.lower()))
+    cred = [n for n in names if n in llm.CREDENTIALED_SOURCES]
+    if cred:
+        return cred[0]
+    if "credentialed" in pairs.columns and pairs["credentialed"].astype(str).str.lower().isin(["true", "1"]).any():
+        return "credentialed"
+    return source
+
+
 def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "", base_url: str = "",
                    azure_endpoint: str = "", api_version: str = "", key_env: str = "", source: str = "phantom",
                    allow_hosts: str | list[str] = "", data_use_override: bool = False, concurrency: int = 4,
@@ -211,6 +226,7 @@ def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "
     if missing:
         raise ValueError(f"pair table lacks the columns {missing} (expected schema.PAIR_COLUMNS)")
     endpoint = llm.Endpoint.from_profile(backend, model, base_url, azure_endpoint, api_version, key_env)
+    source = data_source(pairs, source)
     decision = llm.check_data_use(source, backend, endpoint.url, llm.parse_hosts(allow_hosts), data_use_override)
 
     rows = pairs.to_dict("records")
@@ -416,7 +432,7 @@ def benchmark(n_offline: int = 20000, n_api: int = 200, concurrency: int = 8, la
     is what a shared machine cannot distort).
     The API figure goes through the real `openai` client, the retry wrapper and the thread pool to a
     local chat-completions server that answers after `latency` seconds (an LLM's time to answer, here
-    simulated), at `concurrency` requests in flight.
+    simulated), at `concurrency` requests in flight, after one untimed warm-up request.
     """
     from .llm_server import ChatServer
     from .reports import clear_memo
@@ -437,6 +453,7 @@ def benchmark(n_offline: int = 20000, n_api: int = 200, concurrency: int = 8, la
     with ChatServer(loopback_model, latency=latency) as srv:
         ep = llm.Endpoint.from_profile("compatible", "loopback-model", srv.base_url)
         call = llm.make_api_call(ep, llm.RetryPolicy(retries=2, backoff=0.05), timeout=10)
+        call(reqs[0])  # warm-up: the openai client imports its resources lazily on the first request
         t0 = time.perf_counter()
         got = llm.run_requests(reqs, call, llm.AnswerCache(None), concurrency, progress=False)
         dt = time.perf_counter() - t0

@@ -216,6 +216,21 @@ def test_guard_refuses_before_any_connection(monkeypatch):
         assert srv.calls == 0
 
 
+def test_rows_marked_credentialed_are_guarded_whatever_the_profile_says():
+    import pandas as pd
+
+    from bmjlib import progression
+
+    pairs = pd.DataFrame([{"pair_id": "a", "prior_findings": "Small left effusion.", "prior_impression": "",
+                           "followup_findings": "Moderate left effusion.", "followup_impression": "",
+                           "source": "icg", "credentialed": True}])
+    assert progression.data_source(pairs, "phantom") == "icg"
+    assert progression.data_source(pairs.drop(columns="source"), "phantom") == "credentialed"
+    assert progression.data_source(pairs.assign(credentialed=False).drop(columns="source"), "phantom") == "phantom"
+    with pytest.raises(llm.DataUseError, match="icg report text to api.openai.com"):
+        progression.describe_pairs(pairs, "openai", "gpt-4", source="phantom", progress=False)
+
+
 def test_override_is_logged():
     records = []
     handler = logging.Handler(logging.WARNING)
