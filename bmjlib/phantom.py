@@ -323,6 +323,13 @@ def build_patient(out: Path, seed: int, index: int, size: int) -> dict:
     return rows
 
 
+def _code_hash() -> str:
+    """sha256 of the simulator's source: a changed simulator makes old outputs stale."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in
+                                   ("phantom.py", "phantom_anatomy.py", "phantom_reports.py"))).hexdigest()
+
+
 def _shard_job(args):
     out, seed, index, size, key = args
     shard = Path(out) / "truth" / ".shards" / f"{index:06d}.json"
@@ -355,7 +362,7 @@ def write_cohort(out, n_patients: int, size: int = 256, seed: int = 0, workers: 
     if n_patients < 1:
         raise ValueError(f"phantom n_patients={n_patients}: need at least one patient")
     out = Path(out)
-    key = fingerprint(VERSION, int(n_patients), int(size), int(seed))
+    key = fingerprint(VERSION, int(n_patients), int(size), int(seed), _code_hash())
     manifest = Manifest(out / "manifest.json", root=out)
     summary_path = out / "summary.json"
     tables = ["mimic/mimic-cxr-2.0.0-metadata.csv", "mimic/mimic-cxr-2.0.0-chexpert.csv",

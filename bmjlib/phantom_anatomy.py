@@ -23,9 +23,9 @@ Findings, severity grade 1 / 2 / 3 (0 = absent), defined physically:
 * Pleural effusion (left / right / bilateral): dependent fluid whose meniscus climbs the lateral chest
   wall to a height of 0.18 / 0.36 / 0.60 of the hemithorax (costophrenic angle to apex); blunts the
   costophrenic angle and hides the hemidiaphragm; soft upper edge (layering fluid thins upwards).
-* Edema (always bilateral): grade 1 interstitial = indistinct, thickened vessels and Kerley B septal
-  lines at the lateral bases; 2 = plus perihilar (bat-wing) haze; 3 = plus widespread patchy airspace
-  opacity. Haze amplitude 0.10 / 0.22 / 0.38 of soft-tissue attenuation.
+* Edema (always bilateral): grade 1 interstitial = thickened vessels, Kerley B septal lines at the
+  lateral bases and a faint perihilar haze; 2 = dense perihilar (bat-wing) haze; 3 = plus widespread
+  patchy airspace opacity. Haze amplitude 0.16 / 0.27 / 0.40 of soft-tissue attenuation.
 * Atelectasis (left / right / bilateral = bibasilar): grade 1 plate-like (discoid) band in the lower
   zone; 2 = segmental basal opacity plus 4 % (of half the image) elevation of the hemidiaphragm;
   3 = lower-lobe collapse (triangular retro-/para-cardiac opacity) with 8 % hemidiaphragm elevation
@@ -51,7 +51,7 @@ from .schema import ORGANS
 CTR_BY_GRADE = {1: 0.55, 2: 0.60, 3: 0.67}
 EFFUSION_HEIGHT = {1: 0.18, 2: 0.36, 3: 0.60}
 PTX_RIM = {1: 0.10, 2: 0.20, 3: 0.35}
-EDEMA_HAZE = {1: 0.12, 2: 0.26, 3: 0.40}
+EDEMA_HAZE = {1: 0.16, 2: 0.27, 3: 0.40}
 AP_MAGNIFICATION = 1.12
 DEVICES = ["ett", "central_line", "ng_tube", "pacemaker", "ecg_leads"]
 
@@ -424,7 +424,8 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
             du = (u - sgn * (p.mw + 0.14) - shift) / (0.16 + 0.07 * ed_g)
             dv = (v - hil_v - 0.05) / (0.20 + 0.08 * ed_g)
             hz = hz + np.exp(-0.5 * (du * du + dv * dv))
-        haze = EDEMA_HAZE[ed_g] * (1.3 * hz * (ed_g >= 2) + 0.35 + (0.5 + 0.8 * tex if ed_g == 3 else 0.0))
+        haze = EDEMA_HAZE[ed_g] * (1.3 * hz * (ed_g >= 2) + 0.6 * hz * (ed_g == 1) + 0.35
+                                  + (0.5 + 0.8 * tex if ed_g == 3 else 0.0))
         kerley = (np.abs(((v * 34.0 + 3.0 * tex) % 1.0) - 0.5) < 0.09) * np.clip((xr - 0.72) / 0.2, 0, 1) \
             * np.clip(v / 0.2, 0, 1)
         att += lungs * (1.0 - ptx_space) * (haze + 0.16 * kerley * (0.6 + 0.4 * ed_g))
@@ -436,10 +437,10 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
             s = (u < 0) if side == "right" else (u >= 0)
             base = (p.dome + (0 if side == "right" else p.dome_lr)) + 0.07 * ins
             band_v = base - 0.13 - 0.05 * (xr - 0.5)  # plate-like band, slightly tilted
-            op = 0.28 * _tube(v - band_v, 0.018 + 0.006 * at_g) * (np.abs(xr - 0.55) < 0.28)
+            op = 0.36 * _tube(v - band_v, 0.026 + 0.008 * at_g) * (np.abs(xr - 0.55) < 0.30)
             if at_g >= 2:
                 seg = np.clip((v - (base - 0.18)) / 0.12, 0, 1) * np.clip(1 - np.abs(xr - 0.35) / 0.3, 0, 1)
-                op = op + 0.22 * seg * (0.85 + 0.6 * tex)
+                op = op + 0.30 * seg * (0.85 + 0.6 * tex)
             if at_g == 3:  # lower lobe collapse: triangle from the hilum to the medial hemidiaphragm
                 hil_v = vh - b * 0.95
                 tri = np.clip(1.0 - (x - (p.mw + 0.02)) / (0.05 + 0.35 * np.clip((v - hil_v) / 0.6, 0, 1)), 0, 1)

@@ -204,6 +204,21 @@ def test_labels_agree_with_reports_and_truth(cohort):
                 assert sev == 1
 
 
+def test_report_extractor_recovers_the_csv_labels(cohort):
+    """bmjlib.reports (the chain's rule-based extractor) reads the phantom's reports back to its CSV."""
+    reports = pytest.importorskip("bmjlib.reports")
+    out, _ = cohort
+    m = out / "mimic"
+    chex = pd.read_csv(m / "mimic-cxr-2.0.0-chexpert.csv")
+    for row in chex.to_dict("records"):
+        sid, stid = str(row["subject_id"]), str(row["study_id"])
+        text = (m / "files" / f"p{sid[:2]}" / f"p{sid}" / f"s{stid}.txt").read_text()
+        got = reports.chexpert_labels(text)
+        for lab in CHEXPERT_LABELS:
+            want = row[lab]
+            assert (np.isnan(want) and np.isnan(got[lab])) or want == got[lab], (stid, lab, want, got[lab], text)
+
+
 def test_counterfactual_is_the_prior_when_nothing_changes(cohort):
     from PIL import Image
 
