@@ -1,0 +1,230 @@
+"""Notebook 10's steps: interpret every counterfactual of a run, score the interpretations, export ICG-CXR.
+
+(ProgEmu / ICG-CXR interpretable counterfactuals; the measurement and decision logic is in
+bmjlib.interpret.) The counterfactuals interpreted are, per test pair:
+
+- `reference`: the real follow-up registered onto the prior (what ICG-CXR's changes-of-findings describe);
+- `true_counterfactual` (phantom only): the prior patient with the follow-up's disease, pixel-aligned;
+  interpreting it validates the whole pipeline against the truth;
+- every model of Table 1 found in 06_generate/<model>/<pair_id>.png (biomedjourney, one_stage,
+  text_only, copy_prior; copy_prior must read "unchanged" everywhere).
+
+Masks of the prior come from the anatomy judge when judges are given, else from the phantom's truth;
+masks of a counterfactual come from the anatomy judge (none without judges: then only the heat map and
+the prior's anatomy are used, and the interpreter is calibrated the same way). Calibration pairs are
+train-split pairs (never test pairs) with the registered follow-up as the counterfactual and the true
+change from the phantom's truth.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from . import interpret as I
+from .io import ImageError, atomic_write_csv, atomic_write_text, read_image
+from .schema import CHEXPERT_LABELS, FINDINGS, ORGANS, label_col
+
+MODELS = ["biomedjourney", "one_stage", "text_only", "copy_prior"]
+
+
+def parse_affine(text: str) -> np.ndarray:
+    v = np.array([float(x) for x in str(text).split()], dtype=float)
+    if v.size != 6:
+        raise ValueError(f"affine {text!r}: expected 6 numbers 'a11 a12 b1 a21 a22 b2'")
+    return v.reshape(2, 3)
+
+
+def warp_masks(masks: dict, affine: np.ndarray, shape) -> dict:
+    """Follow-up masks resampled into the prior's grid: prior pixel (x, y) takes the follow-up mask at
+    affine @ (x, y, 1) (truth/pairs.csv's prior -> follow-up convention); nearest neighbour."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    fx = affine[0, 0] * xx + affine[0, 1] * yy + affine[0, 2]
+    fy = affine[1, 0] * xx + affine[1, 1] * yy + affine[1, 2]
+    return {k: ndimage.map_coordinates(v.astype(np.uint8), [fy, fx], order=0, mode="constant").astype(bool)
+            for k, v in masks.items()}
+
+
+class TruthMasks:
+    """The phantom's true organ masks (truth/masks/<dicom_id>.npz)."""
+
+    def __init__(self, truth_dir):
+        self.dir = Path(truth_dir) / "masks"
+
+    def __call__(self, dicom_id: str) -> dict:
+        p = self.dir / f"{dicom_id}.npz"
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no true masks for image {dicom_id}")
+        with np.load(p) as z:
+            return I.as_mask_dict({k: z[k] for k in z.files})
+
+
+def _labels(row) -> dict:
+    return {f: row.get(label_col("prior", f), np.nan) for f in FINDINGS}
+
+
+def pair_table(run_dir) -> pd.DataFrame:
+    """Pairs with descriptions (03, else 02), joined with the phantom truth's affine and true
+    counterfactual path when the run has a phantom."""
+    run = Path(run_dir)
+    for p in (run / "03_descriptions" / "pairs.csv", run / "02_registration" / "pairs.csv"):
+        if p.exists():
+            pairs = pd.read_csv(p, dtype={"subject_id": str, "prior_study_id": str, "followup_study_id": str,
+                                          "prior_dicom_id": str, "followup_dicom_id": str},
+                                keep_default_na=False, na_values=[""])
+            break
+    else:
+        raise FileNotFoundError(f"{run}: neither 03_descriptions/pairs.csv nor 02_registration/pairs.csv")
+    truth = run / "00_phantom" / "truth" / "pairs.csv"
+    if truth.exists():
+        t = pd.read_csv(truth, dtype=str)[["pair_id", "affine", "counterfactual_path"]]
+        pairs = pairs.merge(t, on="pair_id", how="left")
+    for c in ("description", "registered_path"):
+        if c not in pairs:
+            pairs[c] = ""
+    return pairs
+
+
+def collect_evidence(pairs: pd.DataFrame, cf_paths: list[str], judges: dict | None, truth: TruthMasks | None,
+                     size: int, cf_masks_from_truth: bool = False, batch: int = 64, desc: str = "evidence"):
+    """Evidence for each (pair, counterfactual image). Unreadable images are skipped and returned in
+    `skipped` (pair_id, path, problem), never turned into zeros. Returns (evidence list, kept rows, skipped)."""
+    evs, kept, skipped = [], [], []
+    rows = list(pairs.to_dict("records"))
+    finding = (judges or {}).get("finding")
+    anat = (judges or {}).get("anatomy")
+    for i in tqdm(range(0, len(rows), batch), desc=desc, leave=False, disable=len(rows) <= batch):
+        chunk, pri, cfs = [], [], []
+        for r, cp in zip(rows[i:i + batch], cf_paths[i:i + batch]):
+            try:
+                p, c = read_image(r["prior_path"]), read_image(cp)
+            except ImageError as e:
+                skipped.append({"pair_id": r["pair_id"], "path": e.path, "problem": e.problem})
+                continue
+            p, c = _resize(p, size), _resize(c, size)
+            chunk.append(r)
+            pri.append(p)
+            cfs.append(c)
+        if not chunk:
+            continue
+        P, C = np.stack(pri), np.stack(cfs)
+        probs0 = finding.predict(P) if finding is not None else [None] * len(chunk)
+        probs1 = finding.predict(C) if finding is not None else [None] * len(chunk)
+        if anat is not None:
+            m0, m1 = anat.predict(P), anat.predict(C)
+            masks0 = [I.as_mask_dict(m) for m in m0]
+            masks1 = [I.as_mask_dict(m) for m in m1]
+        else:
+            masks0 = [I.resize_masks(truth(r["prior_dicom_id"]), (size, size)) for r in chunk]
+            masks1 = [None] * len(chunk)
+            if cf_masks_from_truth:
+                masks1 = [I.resize_masks(warp_masks(truth(r["followup_dicom_id"]), parse_affine(r["affine"]),
+                                                    _shape_of(truth, r["prior_dicom_id"])), (size, size))
+                          for r in chunk]
+        for j, r in enumerate(chunk):
+            evs.append(I.evidence(P[j], C[j], masks0[j], masks1[j], probs0[j], probs1[j]))
+            kept.append(r)
+    return evs, pd.DataFrame(kept), pd.DataFrame(skipped, columns=["pair_id", "path", "problem"])
+
+
+def _shape_of(truth: TruthMasks, dicom_id: str):
+    return next(iter(truth(dicom_id).values())).shape
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape == (size, size):
+        return img
+    from skimage.transform import resize
+
+    return resize(img, (size, size), order=1, anti_aliasing=True).astype(np.float32)
+
+
+def calibrate(pairs: pd.DataFrame, truth_images: pd.DataFrame, judges, truth: TruthMasks | None, size: int,
+              n: int, seed: int = 0) -> tuple[I.Interpreter, int]:
+    """Fit the interpreter on up to `n` train-split pairs: registered follow-up vs prior, true change."""
+    cal = pairs[(pairs["split"] == "train") & pairs["registered_path"].fillna("").astype(bool)]
+    if len(cal) > n:
+        cal = cal.sample(n, random_state=seed)
+    evs, kept, _ = collect_evidence(cal, cal["registered_path"].tolist(), judges, truth, size, desc="calibration")
+    t = I.truth_directions(kept, truth_images)
+    return I.Interpreter().fit(evs, t, kept["pair_id"].tolist()), len(kept)
+
+
+def interpret_rows(interp: I.Interpreter, evs: list[dict], kept: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long table (one row per pair and finding) and sentences (one per pair) for one model."""
+    long, sent = [], []
+    for ev, r in zip(evs, kept.to_dict("records")):
+        rows = interp.interpret(ev, _labels(r))
+        for x in rows:
+            long.append({"model": model, "pair_id": r["pair_id"], **x})
+        sent.append({"model": model, "pair_id": r["pair_id"], "description": r.get("description", ""),
+                     "changes_of_findings": I.sentence(rows)})
+    return pd.DataFrame(long), pd.DataFrame(sent)
+
+
+def counterfactual_sources(run_dir, pairs: pd.DataFrame, models=MODELS) -> dict[str, list[str]]:
+    """model -> one image path per pair (missing files stay in the list; they are skipped and counted)."""
+    run = Path(run_dir)
+    out = {"reference": pairs["registered_path"].fillna("").tolist()}
+    if "counterfactual_path" in pairs and pairs["counterfactual_path"].notna().all():
+        truth = run / "00_phantom" / "truth"
+        out["true_counterfactual"] = [str(truth / p) for p in pairs["counterfactual_path"]]
+    for m in models:
+        d = run / "06_generate" / m
+        if d.is_dir():
+            out[m] = [str(d / f"{pid}.png") for pid in pairs["pair_id"]]
+    return out
+
+
+def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n_calibration: int = 300,
+                       max_pairs: int = 0, seed: int = 0, models=MODELS) -> dict:
+    """Interpret every counterfactual of the run's test pairs, score, write CSVs; return the tables."""
+    from .judges import load_judges
+
+    run, out = Path(run_dir), Path(out_dir)
+    truth_dir = run / "00_phantom" / "truth"
+    judges = None
+    if judges_dir and (Path(judges_dir) / "finding").is_dir():
+        judges = load_judges(judges_dir)
+    truth = TruthMasks(truth_dir) if (truth_dir / "masks").is_dir() else None
+    if judges is None and truth is None:
+        raise FileNotFoundError(f"{run}: no judges in {judges_dir!r} and no phantom truth masks: "
+                                "the interpretation needs organ masks from one of them")
+    images = pd.read_csv(truth_dir / "images.csv", dtype={"dicom_id": str}) if truth is not None else None
+    if images is None:
+        raise FileNotFoundError(f"{truth_dir}/images.csv: calibration needs the true change (phantom truth)")
+    pairs = pair_table(run)
+    interp, n_cal = calibrate(pairs, images, judges, truth, size, n_calibration, seed)
+    test = pairs[pairs["split"] == "test"]
+    if max_pairs:
+        test = test.head(max_pairs)
+    truth_dirs = I.truth_directions(test, images)
+    longs, sents, skips, scores, cons = [], [], [], [], []
+    for model, paths in counterfactual_sources(run, test, models).items():
+        evs, kept, sk = collect_evidence(test, paths, judges, truth, size, desc=model)
+        sk["model"] = model
+        skips.append(sk)
+        if not evs:
+            continue
+        lg, st = interpret_rows(interp, evs, kept, model)
+        longs.append(lg)
+        sents.append(st)
+        sc = I.direction_scores(lg, truth_dirs)
+        scores.append(sc.assign(model=model))
+        ct = I.consistency(lg, kept.set_index("pair_id")["description"])
+        cons.append({"model": model, "n_pairs": len(kept), "n_skipped": len(sk),
+                     **sc.set_index("finding").loc["mean", ["direction_acc", "coarse_acc", "changed_f1",
+                                                            "macro_f1", "side_acc"]].to_dict(),
+                     **I.consistency_summary(ct)})
+    tables = {"interpretations": pd.concat(longs, ignore_index=True),
+              "sentences": pd.concat(sents, ignore_index=True),
+              "direction_scores": pd.concat(scores, ignore_index=True),
+              "summary": pd.DataFrame(cons), "skipped": pd.concat(skips, ignore_index=True),
+              "n_calibration": n_cal, "judges": judges is not None}
+    out.mkdir(parents=True, exist_ok=True)
+    for k in ("interpretations", "sentences", "direction_scores", "summary", "skipped"):
+        atomic_write_csv(out / f"{k}.csv", tables[k])
+    return tables
