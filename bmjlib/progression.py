@@ -249,7 +249,11 @@ def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "
         requests = []
         for pid in todo:
             msgs = build_messages(*reports[pid])
-            requests.append(llm.Request(pid, llm.cache_key(backend, model, version, msgs), msgs))
+            key = llm.cache_key(backend, model, version, msgs)
+            if backend == "replay":  # an answer from whichever server backend produced it with this model
+                keys = [llm.cache_key(b, model, version, msgs) for b in llm.NETWORK_BACKENDS]
+                key = next((k for k in keys if cache.get(k) is not None), key)
+            requests.append(llm.Request(pid, key, msgs))
         if backend == "replay":
             call = llm.replay_call
         else:
@@ -350,6 +354,16 @@ def save_table(df: pd.DataFrame, fig_dir, stem: str) -> Path:
     return fig_dir / f"{stem}.csv"
 
 
+def pick_example(pairs: pd.DataFrame) -> dict:
+    """A pair for the Fig. 2 analogue: the richest description (most changes stated, then longest)."""
+    d = pairs["description"].fillna("")
+    changed = pairs[~d.str.startswith("No ")]
+    if changed.empty:
+        return pairs.iloc[0].to_dict()
+    score = changed["description"].str.count(",| and ") * 1000 + changed["description"].str.len()
+    return changed.loc[score.idxmax()].to_dict()
+
+
 def figure2(row: dict, fig_dir, stem: str = "fig2_progression"):
     """The Fig. 2 analogue for one pair: both images and reports, the prompt, the description."""
     import textwrap
@@ -358,33 +372,37 @@ def figure2(row: dict, fig_dir, stem: str = "fig2_progression"):
 
     from .io import ImageError, read_image
 
+    def wrap(report: str, width: int) -> str:
+        return "\n\n".join(textwrap.fill(part, width) for part in report.split("\n"))
+
     prior = compose_report(row.get("prior_findings"), row.get("prior_impression"))
     follow = compose_report(row.get("followup_findings"), row.get("followup_impression"))
-    fig = plt.figure(figsize=(12, 9))
-    grid = fig.add_gridspec(3, 4, height_ratios=[1.1, 1, 1.3])
+    fig = plt.figure(figsize=(13, 7.5))
+    grid = fig.add_gridspec(2, 4, height_ratios=[1, 1], width_ratios=[1, 1.4, 1, 1.4])
     for j, (key, title, report) in enumerate((("prior_path", "Prior study", prior),
                                               ("followup_path", "Follow-up study", follow))):
         ax = fig.add_subplot(grid[0, 2 * j])
         try:
             ax.imshow(read_image(row[key]), cmap="gray", vmin=0, vmax=1)
-        except (ImageError, KeyError, TypeError):
+        except (ImageError, KeyError, TypeError, OSError):
             ax.text(0.5, 0.5, "(image not available)", ha="center", va="center")
         ax.set_title(title)
         ax.axis("off")
         ax = fig.add_subplot(grid[0, 2 * j + 1])
-        ax.text(0, 1, textwrap.fill(report, 48), va="top", family="monospace", fontsize=7)
-        ax.set_title(f"{title}: report", fontsize=9)
+        ax.text(0, 1, wrap(report, 52), va="top", family="monospace", fontsize=7.5)
+        ax.set_title(f"{title}: report", fontsize=9, loc="left")
         ax.axis("off")
-    ax = fig.add_subplot(grid[1:, :2])
+    ax = fig.add_subplot(grid[1, :2])
     prompt = USER_PROMPT.split("\n\nPRIOR REPORT")[0].format(target=TARGET_CHARS)
-    ax.text(0, 1, "\n".join(textwrap.fill(line, 70) for line in prompt.splitlines())
-            + "\n\nPRIOR REPORT: <<< ... >>>\nFOLLOW-UP REPORT: <<< ... >>>", va="top", family="monospace", fontsize=7)
-    ax.set_title("Prompt (system + user)", fontsize=9)
+    ax.text(0, 1, "\n".join(textwrap.fill(line, 82) for line in prompt.splitlines())
+            + "\n\nPRIOR REPORT: <<< ... >>>   FOLLOW-UP REPORT: <<< ... >>>", va="top", family="monospace",
+            fontsize=7.5)
+    ax.set_title("Prompt (user message; the system message asks for no PHI)", fontsize=9, loc="left")
     ax.axis("off")
-    ax = fig.add_subplot(grid[1:, 2:])
-    ax.text(0, 1, "Progression description:\n\n" + textwrap.fill(str(row.get("description", "")), 55)
-            + "\n\nFollow-up IMPRESSION (Table 2's 'Impression' arm):\n\n"
-            + textwrap.fill(str(row.get("instruction_impression", "")), 55), va="top", fontsize=9)
+    ax = fig.add_subplot(grid[1, 2:])
+    ax.text(0, 1, "Progression description:\n" + textwrap.fill(str(row.get("description", "")), 60)
+            + "\n\nFollow-up IMPRESSION (Table 2's 'Impression' arm):\n"
+            + textwrap.fill(str(row.get("instruction_impression", "")), 60), va="top", fontsize=10)
     ax.axis("off")
     fig.tight_layout()
     fig_dir = Path(fig_dir)

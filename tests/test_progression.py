@@ -122,12 +122,16 @@ def test_replay_backend_answers_from_cache_only(tmp_path):
     with ChatServer(progression.loopback_model) as srv:
         first = progression.describe_pairs(PAIRS.iloc[:2], "compatible", "m", srv.base_url, cache_path=cache,
                                            progress=False)
-    # replay's cache key uses backend "replay": it reads answers stored under the same key scheme
     lines = [json.loads(x) for x in cache.read_text().splitlines()]
     assert len(lines) == 2 and {x["backend"] for x in lines} == {"compatible"}
-    res = progression.describe_pairs(PAIRS.iloc[:2], "replay", "m", cache_path=cache, progress=False)
-    assert res.calls == 0 and list(res.failures.reason) == ["not in the cache (replay backend makes no calls)"] * 2
-    assert len(first.pairs) == 2
+    res = progression.describe_pairs(PAIRS.iloc[:3], "replay", "m", cache_path=cache, progress=False)
+    assert res.calls == 0 and res.cached == 2
+    assert list(res.pairs.description) == list(first.pairs.description)
+    assert dict(zip(res.failures.pair_id, res.failures.reason)) == {
+        "c": "not in the cache (replay backend makes no calls)"}
+    other_model = progression.describe_pairs(PAIRS.iloc[:2], "replay", "another-model", cache_path=cache,
+                                             progress=False)
+    assert other_model.pairs.empty and len(other_model.failures) == 2
 
 
 def _run_folder(tmp_path, pairs=PAIRS):
