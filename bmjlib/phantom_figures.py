@@ -152,6 +152,7 @@ def _bench_patient(args):
     from .phantom_anatomy import State as S
 
     seed, index, size = args
+    t0 = time.process_time()
     plan = plan_patient(seed, index, size)
     n = 0
     for st in plan["studies"]:
@@ -160,31 +161,37 @@ def _bench_patient(args):
             render(plan["patient"], state, im["pose"], im["exposure"], view=im["view_true"], size=size,
                    noise_seed=im["noise_seed"], devices=st["devices"], masks=True)
             n += 1
-    return n
+    return n, time.process_time() - t0
 
 
 def benchmark(size: int = 256, n: int = 200, workers: int = 2, seed: int = 0) -> dict:
     """Measure rendering speed (images + organ masks, cohort-like journeys) in `workers` processes and
-    print images/s. File writing is not included here; write_cohort's summary reports end-to-end speed."""
+    print images/s: wall-clock, and from the CPU time the workers used (what idle cores would give, since
+    a shared machine's load slows the wall clock). File writing is not included; write_cohort's summary
+    reports end-to-end speed."""
     import multiprocessing as mp
 
     jobs, total, i = [], 0, 0
     from .phantom import plan_patient
 
     while total < n:  # whole patients until at least n images
-        k = sum(len(s["images"]) for s in plan_patient(seed, i, size)["studies"])
+        k = sum(len(st["images"]) for st in plan_patient(seed, i, size)["studies"])
         jobs.append((seed, i, size))
         total += k
         i += 1
     t0 = time.perf_counter()
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
-            done = sum(pool.map(_bench_patient, jobs, chunksize=1))
+            parts = pool.map(_bench_patient, jobs, chunksize=1)
     else:
-        done = sum(map(_bench_patient, jobs))
+        parts = list(map(_bench_patient, jobs))
     dt = time.perf_counter() - t0
+    done = sum(k for k, _ in parts)
+    cpu = sum(c for _, c in parts)
     res = {"size": size, "images": done, "workers": workers, "seconds": round(dt, 3),
-           "images_per_s": round(done / dt, 1)}
+           "images_per_s": round(done / dt, 1), "cpu_ms_per_image": round(1000 * cpu / done, 2),
+           "images_per_s_idle_cores": round(workers * done / cpu, 1)}
     print(f"phantom render: {done} images of {size} px (with masks) in {dt:.2f} s on {workers} worker(s): "
-          f"{done / dt:.1f} images/s")
+          f"{done / dt:.1f} images/s wall-clock; {1000 * cpu / done:.1f} ms CPU per image -> "
+          f"{workers * done / cpu:.1f} images/s on {workers} idle cores")
     return res
