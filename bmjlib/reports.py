@@ -234,9 +234,14 @@ _CHANGE_RE = re.compile(
 
 
 def _change(words: str) -> str | None:
-    """The first change word in `words`: new | worse | better | unchanged | None."""
-    m = _CHANGE_RE.search(words)
-    return m.lastgroup if m else None
+    """The first change word in `words`: new | worse | better | unchanged | None. A direction beats
+    persistence ("again seen, decreased in size" -> better)."""
+    found = None
+    for m in _CHANGE_RE.finditer(words):
+        if m.lastgroup != "unchanged":
+            return m.lastgroup
+        found = "unchanged"
+    return found
 
 
 def _severity(words: str) -> int:

@@ -93,6 +93,12 @@ REAL_STYLE = [
     ("No evidence of pulmonary edema.", "Edema", "absent", "", 0),
     ("Endotracheal tube terminates 4 cm above the carina.", "Support Devices", "present", "", 0),
     ("The nasogastric tube has been removed.", "Support Devices", "absent", "", 0),
+    ("Lungs are clear without focal consolidation, pleural effusion or pneumothorax.", "Pneumothorax", "absent", "", 0),
+    ("No pneumothorax or effusion, but mild bibasilar atelectasis is present.", "Atelectasis", "present",
+     "bilateral", 1),
+    ("Possible trace left effusion versus pleural thickening.", "Pleural Effusion", "uncertain", "left", 1),
+    ("Mild pulmonary edema versus atypical infection.", "Edema", "uncertain", "bilateral", 1),
+    ("Moderate-sized right pleural effusion.", "Pleural Effusion", "present", "right", 2),
     ("Small pericardial effusion.", "Pleural Effusion", None, None, None),   # not pleural: not a mention
 ]
 
@@ -133,6 +139,10 @@ def test_change_words():
     assert got["Pleural Effusion"]["change"] == "new"
     assert got["Cardiomegaly"]["change"] == "unchanged"
     assert got["Edema"]["change"] == "better"
+    got = extract_findings("Small right pneumothorax is again seen, decreased in size.")
+    assert (got["Pneumothorax"]["status"], got["Pneumothorax"]["change"]) == ("present", "better")
+    got = extract_findings("Interval increase in bilateral pleural effusions. Persistent small left effusion.")
+    assert got["Pleural Effusion"]["change"] == "worse"
 
 
 def test_indication_is_not_read_as_a_finding():
