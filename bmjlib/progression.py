@@ -225,6 +225,9 @@ def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "
     missing = [c for c in ["pair_id"] + TEXT_COLUMNS if c not in pairs.columns]
     if missing:
         raise ValueError(f"pair table lacks the columns {missing} (expected schema.PAIR_COLUMNS)")
+    dup = pairs["pair_id"][pairs["pair_id"].duplicated()].unique()
+    if len(dup):
+        raise ValueError(f"pair table has {len(dup)} duplicated pair_id values, e.g. {list(dup[:3])}")
     endpoint = llm.Endpoint.from_profile(backend, model, base_url, azure_endpoint, api_version, key_env)
     source = data_source(pairs, source)
     decision = llm.check_data_use(source, backend, endpoint.url, llm.parse_hosts(allow_hosts), data_use_override)

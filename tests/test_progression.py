@@ -78,9 +78,11 @@ def test_instruction_impression_falls_back_to_findings():
     assert res.pairs.instruction_impression.iloc[0].startswith("Compared to ___, the left pleural effusion")
 
 
-def test_missing_columns_are_named():
+def test_missing_columns_and_duplicates_are_named():
     with pytest.raises(ValueError, match="followup_impression"):
         progression.describe_pairs(PAIRS.drop(columns=["followup_impression"]))
+    with pytest.raises(ValueError, match=r"1 duplicated pair_id values, e.g. \['a'\]"):
+        progression.describe_pairs(pd.concat([PAIRS, PAIRS.iloc[:1]]))
 
 
 def test_api_path_failures_listed_and_rerun_sends_only_them(tmp_path):
