@@ -16,8 +16,16 @@ Studies are "PA and lateral" (PA + LATERAL), "PA only", or "portable AP". About 
 mislabelled: a study whose only image is a lateral (or an AP) recorded as PA, so that the cohort's
 PA filter lets it through and the registration score has something to catch.
 
-The renderer and the physical definition of each finding's grades are in `phantom_anatomy`; the
-report phrase table and label rule in `phantom_reports`. Everything is a function of (seed, patient
+The renderer and the physical definition of each finding's grades are in `phantom_anatomy` (lateral
+view in `phantom_lateral`); the report phrase table and label rule in `phantom_reports`.
+
+Truth conventions: `ctr` is the ratio drawn in that image (AP views magnify the heart by 12 %; a
+lateral carries the patient's frontal value). Masks are anatomical: a lung mask is the whole lung
+field, including any part hidden by effusion, collapse or pneumothorax; a lateral's two lung masks are
+the same projected lung. Pairs link consecutive studies through the first image RECORDED as PA; the
+affine (prior pixel -> follow-up pixel, x = column) is the composition of the two poses, exact above
+the diaphragm when inspiration is equal. The counterfactual keeps the prior's pose, exposure, detector
+noise and devices and takes only the follow-up's disease state. Everything is a function of (seed, patient
 index), so output is byte-identical for a seed whatever the number of workers.
 """
 from __future__ import annotations
@@ -327,7 +335,8 @@ def _code_hash() -> str:
     """sha256 of the simulator's source: a changed simulator makes old outputs stale."""
     here = Path(__file__).parent
     return hashlib.sha256(b"".join((here / f).read_bytes() for f in
-                                   ("phantom.py", "phantom_anatomy.py", "phantom_reports.py"))).hexdigest()
+                                   ("phantom.py", "phantom_anatomy.py", "phantom_lateral.py",
+                                    "phantom_reports.py"))).hexdigest()
 
 
 def _shard_job(args):
