@@ -46,31 +46,37 @@ _HEADER_ALIASES = {
 SECTION_KEYS = ("findings", "impression", "comparison", "indication", "history")
 # A header is a known name followed by a colon: at a line start in any case; inside a line (a report
 # flattened to one line) in capitals only. Other "WORD:" labels (e.g. "LUNGS:") stay inside their
-# section. "FINAL REPORT" on its own line is a title, not a section.
+# section. The "FINAL REPORT" title line ends up in the "preamble".
 _WS_RE = re.compile(r"\s+")
-_HEADER_LOW = re.compile(r"(?:" + "|".join(sorted((re.escape(k) for k in _HEADER_ALIASES), key=len, reverse=True))
-                         + r")[ \t]*:|final report")
+_MAX_HEADER_WORDS = max(len(k.split()) for k in _HEADER_ALIASES)
+_LAST_WORDS = [re.compile(r"\S+(?:[ \t]+\S+){%d}[ \t]*\Z" % (k - 1)) for k in range(1, _MAX_HEADER_WORDS + 1)]
 
 
 def _headers(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, name) of each section header, in order."""
+    """(start, end, name) of each section header, in order: the words before each colon are looked up
+    in the known names (longest first), which is much cheaper than scanning for every name."""
     low = text.lower()
     if len(low) != len(text):  # a non-ASCII case mapping changed lengths: search the text itself
         low = text
     out = []
-    for m in _HEADER_LOW.finditer(low):
-        start = m.start()
-        if start and low[start - 1].isalnum():
-            continue
-        line_start = text.rfind("\n", 0, start) + 1
-        raw = m.group(0).rstrip(": \t")
-        name = " ".join(raw.split())
-        if name == "final report":
-            if text[line_start:start].strip() or text[m.end():text.find("\n", m.end()) % (len(text) + 1)].strip():
+    pos = low.find(":")
+    while pos != -1:
+        line_start = low.rfind("\n", 0, pos) + 1
+        seg_start = max(line_start, pos - 48)
+        for k in range(_MAX_HEADER_WORDS, 0, -1):
+            m = _LAST_WORDS[k - 1].search(low, seg_start, pos)
+            if not m:
                 continue
-        elif text[line_start:start].strip() and not text[start:start + len(raw)].isupper():
-            continue  # inside a line only a capitalised name counts
-        out.append((start, m.end(), name))
+            raw = m.group(0).rstrip()
+            name = " ".join(raw.split())
+            start = m.start()
+            if name not in _HEADER_ALIASES or (start and low[start - 1].isalnum()):
+                continue
+            if text[line_start:start].strip() and not text[start:start + len(raw)].isupper():
+                continue  # inside a line only a capitalised name counts
+            out.append((start, pos + 1, name))
+            break
+        pos = low.find(":", pos + 1)
     return out
 
 
@@ -93,8 +99,6 @@ def parse_sections(text: str) -> dict[str, str]:
     if pre:
         out["preamble"] = pre
     for (start, end, raw), nxt in zip(matches, matches[1:] + [(len(text), 0, "")]):
-        if raw == "final report":
-            continue
         body = _WS_RE.sub(" ", text[end:nxt[0]]).strip()
         key = _HEADER_ALIASES.get(raw, raw)
         keys = ("findings", "impression") if raw in ("findings and impression", "findings/impression") else (key,)
