@@ -280,7 +280,8 @@ def write_icg(pairs: pd.DataFrame, out_root, interpretations: pd.DataFrame | Non
 
     `pairs` is notebook 03's table (PAIR_COLUMNS, labels, `registered_path`, `description`, `reg_score`).
     `interpretations` (pair_id, changes_of_findings) supplies the interpretation; else the pairs' own
-    `changes_of_findings` column, else "". `records` (optional, notebook 01's) gives study times, which
+    `changes_of_findings` column, else "". `records` (optional, notebook 01's; else the pairs'
+    `prior_time` / `followup_time`) gives study times, which
     set the study orders `iUU`/`iVV` and `time-interval`; without it the order is the rank of the study
     id within the patient. `origin` is recorded as `bmj-origin` ('mimic' data lands under `mimic_cxr/`
     and stays credentialed on reading back). Every pair column without an ICG key goes to `bmj-extra`.
@@ -296,6 +297,10 @@ def write_icg(pairs: pd.DataFrame, out_root, interpretations: pd.DataFrame | Non
     if missing:
         raise ValueError(f"write_icg: pairs table lacks columns {missing}")
     times: dict[tuple[str, str], pd.Timestamp] = {}
+    if records is None and {"prior_time", "followup_time"} <= set(df.columns):  # notebook 01's pair times
+        records = pd.DataFrame({"subject_id": list(df["subject_id"]) * 2,
+                                "study_id": list(df["prior_study_id"]) + list(df["followup_study_id"]),
+                                "study_time": pd.to_datetime(list(df["prior_time"]) + list(df["followup_time"]))})
     if records is not None and "study_time" in records:
         r = records.dropna(subset=["study_time"])
         times = {(str(s), str(t)): pd.Timestamp(v) for s, t, v in
@@ -308,7 +313,7 @@ def write_icg(pairs: pd.DataFrame, out_root, interpretations: pd.DataFrame | Non
     branch = {"mimic": "mimic_cxr", "chexpertplus": "chexpertplus"}.get(origin, origin)
     known = set(PAIR_COLUMNS + PAIR_EXTRA) | {label_col(p, lab) for p in ("prior", "followup")
                                                for lab in CHEXPERT_LABELS}
-    known |= {"source", "icg_branch", "credentialed", "icg_json", "followup_path"}
+    known |= {"source", "icg_branch", "credentialed", "icg_json", "followup_path", "prior_time", "followup_time"}
     extra_cols = [c for c in df.columns if c not in known]
     rows = []
     for row in df.to_dict("records"):

@@ -26,6 +26,7 @@ did what the description asked.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -300,6 +301,19 @@ def _classifier():
     return GradientBoostingClassifier(max_depth=3, n_estimators=100, learning_rate=0.1, random_state=0)
 
 
+class _Constant:
+    """The classifier of a finding whose calibration pairs all had one direction."""
+
+    def __init__(self, value: int):
+        self.classes_ = np.array([value])
+
+    def predict_proba(self, X):
+        return np.ones((len(X), 1))
+
+    def predict(self, X):
+        return np.repeat(self.classes_, len(X))
+
+
 @dataclass
 class Interpreter:
     """Per finding a small classifier: features -> -1 / 0 / +1 (decrease / unchanged / increase), and one
@@ -326,9 +340,14 @@ class Interpreter:
                     if target < 0:
                         Xr.append(x)
                         yr.append(int(row["direction"] == "resolved"))
-            if len(set(y)) < 2:
-                raise ValueError(f"calibration: {f} never changes among {len(evs)} pairs; need more pairs")
-            self.models[f] = _classifier().fit(np.asarray(X), np.asarray(y))
+            if not X:
+                raise ValueError("calibration: no pairs")
+            if len(set(y)) < 2:  # e.g. a tiny smoke cohort: say so, and predict the only class seen
+                warnings.warn(f"calibration: {f} is always {y[0]:+d} among {len(evs)} pairs; "
+                              "its direction cannot be learned and is reported as that", stacklevel=2)
+                self.models[f] = _Constant(y[0])
+            else:
+                self.models[f] = _classifier().fit(np.asarray(X), np.asarray(y))
             if len(set(yr)) == 2:
                 self.resolved_models[f] = _classifier().fit(np.asarray(Xr), np.asarray(yr))
         self.n_calibration = len(evs)

@@ -17,6 +17,7 @@ change from the phantom's truth.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import interpret as I
-from .io import ImageError, atomic_write_csv, atomic_write_text, read_image
+from .io import (ImageError, atomic_write_csv, atomic_write_json, atomic_write_text, fingerprint, read_image,
+                 sha256_file)
 from .schema import CHEXPERT_LABELS, FINDINGS, ORGANS, label_col
 
 MODELS = ["biomedjourney", "one_stage", "text_only", "copy_prior"]
@@ -143,14 +145,32 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def calibrate(pairs: pd.DataFrame, truth_images: pd.DataFrame, judges, truth: TruthMasks | None, size: int,
-              n: int, seed: int = 0) -> tuple[I.Interpreter, int]:
-    """Fit the interpreter on up to `n` train-split pairs: registered follow-up vs prior, true change."""
-    cal = pairs[(pairs["split"] == "train") & pairs["registered_path"].fillna("").astype(bool)]
+              n: int, seed: int = 0, truth_dir=None) -> tuple[I.Interpreter, int]:
+    """Fit the interpreter on up to `n` train-split pairs with their true change. Each pair contributes
+    its registered follow-up (a real image of the new state, registered onto the prior) and, on the
+    phantom, its true counterfactual (pixel-aligned with the prior, as a generated image is), so the
+    interpreter has seen both kinds of image. Never test pairs."""
+    cal = pairs[pairs["split"] == "train"]
     if len(cal) > n:
         cal = cal.sample(n, random_state=seed)
-    evs, kept, _ = collect_evidence(cal, cal["registered_path"].tolist(), judges, truth, size, desc="calibration")
+    parts = []
+    reg = cal[cal["registered_path"].fillna("").astype(bool)]
+    if len(reg):
+        parts.append((reg, reg["registered_path"].tolist()))
+    if truth_dir is not None and "counterfactual_path" in cal and cal["counterfactual_path"].notna().any():
+        tc = cal[cal["counterfactual_path"].notna()]
+        parts.append((tc, [str(Path(truth_dir) / p) for p in tc["counterfactual_path"]]))
+    evs, ids, kept_all = [], [], []
+    for k, (df, paths) in enumerate(parts):
+        e, kept, _ = collect_evidence(df, paths, judges, truth, size, desc="calibration")
+        evs += e
+        ids += [f"{pid}#{k}" for pid in kept["pair_id"]]
+        kept_all.append(kept.assign(pair_id=[f"{pid}#{k}" for pid in kept["pair_id"]]))
+    if not evs:
+        raise ValueError("calibration: no train pair has a registered follow-up or a true counterfactual")
+    kept = pd.concat(kept_all, ignore_index=True)
     t = I.truth_directions(kept, truth_images)
-    return I.Interpreter().fit(evs, t, kept["pair_id"].tolist()), len(kept)
+    return I.Interpreter().fit(evs, t, ids), len(evs)
 
 
 def interpret_rows(interp: I.Interpreter, evs: list[dict], kept: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -186,6 +206,13 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
 
     run, out = Path(run_dir), Path(out_dir)
     truth_dir = run / "00_phantom" / "truth"
+    key = _inputs_key(run, judges_dir, size, n_calibration, max_pairs, seed, models)
+    stamp = out / "run.json"
+    names = ("interpretations", "sentences", "direction_scores", "summary", "skipped", "consistency")
+    if stamp.exists() and json.loads(stamp.read_text()).get("key") == key and \
+            all((out / f"{k}.csv").exists() for k in names):
+        tables = {k: pd.read_csv(out / f"{k}.csv", keep_default_na=False, na_values=[""]) for k in names}
+        return {**tables, **{k: v for k, v in json.loads(stamp.read_text()).items() if k != "key"}}
     judges = None
     if judges_dir and (Path(judges_dir) / "finding").is_dir():
         judges = load_judges(judges_dir)
@@ -197,14 +224,22 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
     if images is None:
         raise FileNotFoundError(f"{truth_dir}/images.csv: calibration needs the true change (phantom truth)")
     pairs = pair_table(run)
-    interp, n_cal = calibrate(pairs, images, judges, truth, size, n_calibration, seed)
+    interp, n_cal = calibrate(pairs, images, judges, truth, size, n_calibration, seed, truth_dir)
     test = pairs[pairs["split"] == "test"]
     if max_pairs:
         test = test.head(max_pairs)
     truth_dirs = I.truth_directions(test, images)
-    longs, sents, skips, scores, cons = [], [], [], [], []
-    for model, paths in counterfactual_sources(run, test, models).items():
-        evs, kept, sk = collect_evidence(test, paths, judges, truth, size, desc=model)
+    longs, sents, skips, scores, cons, conss = [], [], [], [], [], []
+    # the reference (registered follow-up) is interpreted for every pair, so the ICG-CXR export has a
+    # changes-of-findings for each triple; only test pairs are scored (train pairs were calibration data)
+    others = pairs[(pairs["split"] != "test") & pairs["registered_path"].fillna("").astype(bool)]
+    if max_pairs:
+        others = others.head(0)
+    sources = counterfactual_sources(run, test, models)
+    sources["reference"] = sources["reference"] + others["registered_path"].tolist()
+    everyone = pd.concat([test, others], ignore_index=True)
+    for model, paths in sources.items():
+        evs, kept, sk = collect_evidence(everyone.head(len(paths)), paths, judges, truth, size, desc=model)
         sk["model"] = model
         skips.append(sk)
         if not evs:
@@ -212,9 +247,13 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
         lg, st = interpret_rows(interp, evs, kept, model)
         longs.append(lg)
         sents.append(st)
+        in_test = kept["pair_id"].isin(test["pair_id"]).to_numpy()
+        lg = lg[lg["pair_id"].isin(test["pair_id"])]
+        kept = kept[in_test]
         sc = I.direction_scores(lg, truth_dirs)
         scores.append(sc.assign(model=model))
         ct = I.consistency(lg, kept.set_index("pair_id")["description"])
+        conss.append(ct.assign(model=model))
         cons.append({"model": model, "n_pairs": len(kept), "n_skipped": len(sk),
                      **sc.set_index("finding").loc["mean", ["direction_acc", "coarse_acc", "changed_f1",
                                                             "macro_f1", "side_acc"]].to_dict(),
@@ -223,8 +262,147 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
               "sentences": pd.concat(sents, ignore_index=True),
               "direction_scores": pd.concat(scores, ignore_index=True),
               "summary": pd.DataFrame(cons), "skipped": pd.concat(skips, ignore_index=True),
+              "consistency": pd.concat(conss, ignore_index=True),
               "n_calibration": n_cal, "judges": judges is not None}
     out.mkdir(parents=True, exist_ok=True)
-    for k in ("interpretations", "sentences", "direction_scores", "summary", "skipped"):
+    for k in names:
         atomic_write_csv(out / f"{k}.csv", tables[k])
+    atomic_write_json(stamp, {"key": key, "n_calibration": n_cal, "judges": judges is not None})
     return tables
+
+
+def _inputs_key(run: Path, judges_dir, size, n_calibration, max_pairs, seed, models) -> str:
+    """Fingerprint of everything an interpretation run reads: parameters, pair tables, judges, and the
+    names and sizes of the counterfactual images (a regenerated image changes the key)."""
+    parts = ["interpret-v1", size, n_calibration, max_pairs, seed, list(models)]
+    for p in (run / "03_descriptions" / "pairs.csv", run / "02_registration" / "pairs.csv",
+              run / "00_phantom" / "truth" / "images.csv", Path(judges_dir or "/nonexistent") / "fingerprint.json"):
+        parts.append(sha256_file(p) if p.exists() else "")
+    for m in models:
+        d = run / "06_generate" / m
+        parts.append(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in d.glob("*.png"))
+                     if d.is_dir() else None)
+    return fingerprint(*parts)
+
+
+# --------------------------------------------------------------------------- tables, figure, export
+
+SUMMARY_COLS = ["model", "n_pairs", "direction_acc", "coarse_acc", "changed_f1", "macro_f1", "side_acc",
+                "hypothesis_consistency", "side_consistency", "spurious_change_rate"]
+
+
+def markdown(df: pd.DataFrame, fmt: str = "{:.3f}") -> str:
+    cols = list(df.columns)
+    cell = lambda v: fmt.format(v) if isinstance(v, (float, np.floating)) and not np.isnan(v) else \
+        ("" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: pd.DataFrame, fig_dir, name: str = "table_icg_interpretation") -> pd.DataFrame:
+    """The per-model table (Table 1's models + reference + true counterfactual) as CSV and Markdown."""
+    t = summary[[c for c in SUMMARY_COLS if c in summary]]
+    fig_dir = Path(fig_dir)
+    atomic_write_csv(fig_dir / f"{name}.csv", t)
+    note = ("\nDirection scores are against the phantom's true change (prior vs follow-up severity); "
+            "hypothesis consistency compares the interpretation with what the progression description asked "
+            "(parsed by bmjlib.reports); spurious = a finding the description did not mention that the image "
+            "changed.\n")
+    atomic_write_text(fig_dir / f"{name}.md", markdown(t) + note)
+    return t
+
+
+def pick_examples(sentences: pd.DataFrame, cons: pd.DataFrame, model: str, n_good: int = 3) -> list[tuple[str, bool]]:
+    """Pairs for the figure: the most consistent ones and the least consistent one (a failure)."""
+    c = cons[(cons["model"] == model) & (cons["expect"] != "")].copy()
+    c["consistent"] = c["consistent"].astype(float)
+    per = c.groupby("pair_id")["consistent"].agg(["mean", "size"]).sort_values(["mean", "size"], ascending=False)
+    if per.empty:
+        return []
+    good = [p for p in per.index[:n_good] if per.loc[p, "mean"] > 0.5]
+    worst = per.sort_values(["mean", "size"], ascending=[True, False]).index[0]
+    bad = [worst] if per.loc[worst, "mean"] < 1.0 and worst not in good else []
+    return [(p, float(per.loc[p, "mean"])) for p in good + bad]
+
+
+def interpretation_figure(run_dir, tables: dict, model: str, fig_dir, size: int, judges_dir: str = "",
+                          n_good: int = 3, name: str = "fig_icg_interpretations"):
+    """Prior | counterfactual | difference heat map | instruction and interpretation, for a few pairs
+    including the least consistent (a failure). PNG + PDF. Returns (figure, path)."""
+    import matplotlib.pyplot as plt
+    import textwrap
+
+    run = Path(run_dir)
+    pairs = pair_table(run)
+    test = pairs[pairs["split"] == "test"].set_index("pair_id", drop=False)
+    cons = tables["consistency"]
+    chosen = pick_examples(tables["sentences"], cons, model, n_good)
+    if not chosen:
+        raise ValueError(f"no interpreted pair of model {model!r} with a checkable description")
+    sources = counterfactual_sources(run, test.loc[[p for p, _ in chosen]], [model])
+    judges = None
+    if judges_dir and (Path(judges_dir) / "finding").is_dir():
+        from .judges import load_judges
+        judges = load_judges(judges_dir)
+    truth_dir = run / "00_phantom" / "truth"
+    truth = TruthMasks(truth_dir) if (truth_dir / "masks").is_dir() else None
+    sub = test.loc[[p for p, _ in chosen]]
+    evs, kept, _ = collect_evidence(sub, sources[model], judges, truth, size)
+    sent = tables["sentences"][tables["sentences"]["model"] == model].set_index("pair_id")
+    fig, axes = plt.subplots(len(kept), 4, figsize=(13, 3.1 * len(kept)),
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1.9]}, squeeze=False)
+    for i, (ev, r) in enumerate(zip(evs, kept.to_dict("records"))):
+        prior = _resize(read_image(r["prior_path"]), size)
+        cf = _resize(read_image(sources[model][list(sub["pair_id"]).index(r["pair_id"])]), size)
+        d = ev["heatmap"]
+        lim = max(0.05, float(np.abs(d).max()))
+        for ax, im, title in ((axes[i, 0], prior, "prior"), (axes[i, 1], cf, f"counterfactual ({model})")):
+            ax.imshow(im, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=9)
+        axes[i, 2].imshow(prior, cmap="gray", vmin=0, vmax=1)
+        hm = axes[i, 2].imshow(d, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=0.65)
+        axes[i, 2].set_title("difference (red = denser)", fontsize=9)
+        fig.colorbar(hm, ax=axes[i, 2], fraction=0.046, pad=0.02)
+        frac = dict(chosen)[r["pair_id"]]
+        asked = cons[(cons["model"] == model) & (cons["pair_id"] == r["pair_id"]) & (cons["expect"] != "")]
+        n_ok = int(asked["consistent"].astype(float).sum())
+        verdict = (f"[consistent: {n_ok} of {len(asked)} requested changes]" if frac > 0.5 else
+                   f"[FAILURE: {n_ok} of {len(asked)} requested changes]")
+        text = ("Instruction: " + textwrap.fill(str(r.get("description", "")), 62) + "\n\nInterpretation: "
+                + textwrap.fill(sent.loc[r["pair_id"], "changes_of_findings"], 62) + "\n\n" + verdict)
+        axes[i, 3].text(0.0, 1.0, text, va="top", ha="left", fontsize=8, family="monospace",
+                        color="black" if frac > 0.5 else "firebrick", transform=axes[i, 3].transAxes)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 3].axis("off")
+    fig.suptitle("Interpretable counterfactuals: what the image changed, measured (ProgEmu-style changes-of-findings)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(fig_dir / f"{name}.{ext}", dpi=130)
+    return fig, fig_dir / f"{name}.png"
+
+
+def export_icg(run_dir, out_dir, tables: dict, origin: str = "phantom") -> tuple[pd.DataFrame, dict]:
+    """Every registered triple of the run as ICG-CXR pair folders, with the reference interpretation
+    (registered follow-up vs prior) as changes-of-findings; read back and compared (nothing lost)."""
+    from .icg import read_icg, write_icg
+
+    pairs = pair_table(run_dir)
+    pairs = pairs[pairs["registered_path"].fillna("").astype(bool)].drop(columns=["affine", "counterfactual_path"],
+                                                                        errors="ignore")
+    s = tables["sentences"]
+    interp = s[s["model"] == "reference"][["pair_id", "changes_of_findings"]]
+    written = write_icg(pairs, out_dir, interpretations=interp, origin=origin)
+    _, back, skipped = read_icg(out_dir)
+    back = back.set_index("pair_id").loc[pairs["pair_id"]]
+    same = {c: bool((pairs.set_index("pair_id")[c].fillna("").astype(str) ==
+                     back[c].fillna("").astype(str)).all())
+            for c in ("subject_id", "split", "description", "prior_findings", "followup_impression", "sex", "race")}
+    check = {"written": len(written), "read_back": len(back), "skipped": len(skipped),
+             "interpretations": int((back["changes_of_findings"] != "").sum()), "identical_columns": same}
+    return written, check
