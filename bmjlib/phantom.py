@@ -88,7 +88,7 @@ def sample_patient(rng, subject_id: int) -> Patient:
         dome=float(rng.normal(0.40, 0.025)), dome_lr=float(rng.uniform(0.02, 0.06)),
         cp_drop=float(rng.uniform(0.13, 0.18)), ctr0=float(rng.uniform(0.42, 0.49)),
         ctr_jit=float(rng.uniform(-0.015, 0.015)), heart_b=float(rng.normal(0.31, 0.012)),
-        heart_shear=float(rng.uniform(0.35, 0.55)), mw=float(rng.normal(0.135, 0.01)),
+        heart_shear=float(rng.uniform(0.35, 0.55)), mw=float(rng.normal(0.155, 0.012)),
         unfold=float(old * rng.uniform(0.5, 1.0)),
         bone=float(np.clip(1.1 - (age - 30) / 200 * (1.6 if sex == "F" else 1.0), 0.6, 1.15)),
         soft=float(rng.uniform(0.85, 1.15)), breast=float(rng.uniform(0.5, 1.2)) if sex == "F" else 0.0,

@@ -75,7 +75,7 @@ class Patient:
     ctr_jit: float = 0.0        # fixed offset of the diseased CTR (|.| <= 0.015)
     heart_b: float = 0.31       # heart vertical semi-axis
     heart_shear: float = 0.45   # heart long axis tilt (down and to the left)
-    mw: float = 0.135           # upper mediastinum half-width
+    mw: float = 0.155           # upper mediastinum half-width
     unfold: float = 0.0         # aortic unfolding 0..1 (age)
     bone: float = 1.0           # bone density factor (age, sex)
     soft: float = 1.0           # soft-tissue thickness factor (habitus)
@@ -239,14 +239,15 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     z = v + 0.24 * x - 0.80 * x ** 3 - (apex - 0.06)
     psi = 11.0 * np.clip(z / 1.08, 0.0, None) ** 0.82 + p.rib_phase
     frac = psi - np.floor(psi)
-    rib_p = _tube(frac - 0.27, 0.27) * (psi < 15.0) * (psi > 0.3)
+    rib_p = (_tube(frac - 0.27, 0.27) + 0.6 * np.exp(-0.5 * ((frac - 0.50) / 0.03) ** 2)) \
+        * (psi < 15.0) * (psi > 0.3)  # rounded shaft with a bright inferior cortex
     rib_p *= np.clip((x - 0.05) / 0.04, 0, 1) * _inside(x - wall - 0.09, eps * 4)
     # Anterior ribs: descend medially, fade out before the sternum (costal cartilage).
     za = v - 0.40 * (tw - x) - (apex - 0.10)
     psa = 5.6 * np.clip(za / 0.95, 0, None) ** 0.95 + 0.35 + p.rib_phase
     fra = psa - np.floor(psa)
     rib_a = _tube(fra - 0.2, 0.2) * (psa < 6.2) * np.clip((x - 0.32 * tw) / 0.15, 0, 1) * (x < wall + 0.07)
-    bone += (0.14 * rib_p + 0.09 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
+    bone += (0.11 * rib_p + 0.08 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
     # Clavicles (higher and more horizontal in AP).
     cx = np.clip((x - 0.08) / 0.62, 0, 1.2)
     cv = p.clav - (0.07 if ap else 0.0) - 0.16 * cx + 0.04 * np.sin(np.clip(cx, 0, 1) * np.pi)
@@ -257,11 +258,16 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     if ap:  # scapulae projected over the lateral upper lung fields
         bone += 0.12 * _inside(np.abs((x - (tw - 0.02)) / 0.13) + np.abs((v + 0.35) / 0.3) - 1.0, eps * 3)
 
-    layers = {"body": (soft + 0.75 * p.bone * bone).astype(np.float32), "margin": m}
+    layers = {"margin": m}
     if shared is not None:  # all views of a patient share the lung texture
         layers.update(vessels=shared["vessels"], tex=shared["tex"])
     else:
         layers.update(_lung_texture(p, u, v, size, G))
+    # upper abdomen: soft-tissue mottle and bowel / colonic gas below the lowest diaphragm position
+    abd = np.clip((v - vd - 0.12) / 0.1, 0, 1) * _inside(x - wall - 0.05, eps * 4)
+    t = layers["tex"]
+    soft = soft + abd * (0.05 * t - 0.5 * np.clip(t - 0.2, 0, None))
+    layers["body"] = (soft + 0.75 * p.bone * bone).astype(np.float32)
     _LAYERS[key] = layers
     return layers
 
@@ -373,7 +379,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
     gy = (v - (p.dome + p.dome_lr + 0.07 * ins + 0.12 - lift_l)) / 0.055
     att -= 0.18 * _inside(gx * gx + gy * gy - 1.0, eps * 3)
 
-    air = 0.70 * lungs_soft * depth
+    air = 0.60 * lungs_soft * depth
     mark_w = lungs
     ed_g, _ = st.get("edema")
     tex = layer("tex") if (ed_g or at_g) else None
@@ -406,7 +412,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
         f = np.maximum(x - edge, apex_edge - v)  # > 0 outside the collapsed lung
         ptx_space = s * lungs * _inside(-f, eps)
         pleural_line = s * lungs * _tube(f, 1.6 * eps) * (f > -2 * eps)
-        air = air * (1.0 - ptx_space) + (0.70 * depth + 0.14) * ptx_space
+        air = air * (1.0 - ptx_space) + (0.60 * depth + 0.15) * ptx_space
         air -= 0.12 * PTX_RIM[px_g] / 0.35 * s * lungs * (1.0 - ptx_space) * 0.62
         mark_w = mark_w * (1.0 - ptx_space)
         att += 0.25 * pleural_line
