@@ -446,17 +446,19 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
                 continue
             sgn = -1 if side == "right" else 1
             s = (u < 0) if side == "right" else (u >= 0)
-            base = (p.dome + (0 if side == "right" else p.dome_lr)) + 0.07 * ins
+            base = p.dome + 0.07 * ins + (-lift_r if side == "right" else p.dome_lr - lift_l)
             band_v = base - 0.13 - 0.05 * (xr - 0.5)  # plate-like band, slightly tilted
-            op = 0.36 * _tube(v - band_v, 0.026 + 0.008 * at_g) * (np.abs(xr - 0.55) < 0.30)
+            band_v = band_v + 0.04 * (xr - 0.55) ** 2  # gently curved, tapering at both ends
+            op = 0.36 * _tube(v - band_v, 0.026 + 0.008 * at_g) * _tube(xr - 0.55, 0.34)
             if at_g >= 2:
-                seg = np.clip((v - (base - 0.18)) / 0.12, 0, 1) * np.clip(1 - np.abs(xr - 0.35) / 0.3, 0, 1)
-                op = op + 0.30 * seg * (0.85 + 0.6 * tex)
+                seg = np.clip((v - (base - 0.18)) / 0.12, 0, 1) * np.clip(1 - np.abs(xr - 0.45) / 0.35, 0, 1)
+                op = op + 0.42 * seg * (0.85 + 0.6 * tex)
             if at_g == 3:  # lower lobe collapse: triangle from the hilum to the medial hemidiaphragm
                 hil_v = vh - b * 0.95
                 tri = np.clip(1.0 - (x - (p.mw + 0.02)) / (0.05 + 0.35 * np.clip((v - hil_v) / 0.6, 0, 1)), 0, 1)
-                op = op + 0.45 * np.clip(tri * 2.5, 0, 1) * (v > hil_v) * (u * sgn > 0)
-            att += s * thorax * op
+                att += s * thorax * 0.40 * np.clip(tri * 1.6, 0, 1) ** 1.5 * np.clip((v - hil_v) / 0.15, 0, 1) \
+                    * (u * sgn > 0)  # seen through the heart (the "sail" behind it on the left)
+            att += s * lungs * op
 
     # ---- support devices (radio-opaque)
     for d in devices:
