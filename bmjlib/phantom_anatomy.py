@@ -212,7 +212,7 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     vd = np.where(u < 0, p.dome, p.dome + p.dome_lr) + (p.cp_drop / 0.3025) * np.clip(xr - 0.45, 0, None) ** 2
 
     # Soft tissue: a cylinder-like body with neck, shoulders, arms and (women) breasts.
-    bw = tw + 0.15 + 0.06 * p.soft
+    bw = tw + 0.20 + 0.06 * p.soft
     # shoulders slope from the neck (image top) down to the acromia; the body widens slightly downwards
     top = -1.12 + 0.22 * np.clip((x - 0.19) / 0.62, 0, 1) ** 1.3 + 0.5 * np.clip(x - 0.85, 0, None)
     body_w = bw + 0.04 * np.clip(v, 0, None) - 0.06 * np.clip((-0.55 - v) / 0.3, 0, 1)
@@ -231,9 +231,9 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     bone = np.zeros_like(u)
     spine_hw = 0.075
     vert = 0.5 + 0.5 * np.cos(2 * np.pi * (v * 9.5 + p.rib_phase))
-    spine = _tube(u, spine_hw) * (0.20 + 0.08 * vert)
+    spine = _tube(u, spine_hw) * (0.15 + 0.06 * vert)
     ped = _tube(np.abs(u) - spine_hw * 0.8, 0.018) * (vert > 0.6)
-    bone += (spine + 0.25 * ped) * _inside(-1.05 - v, eps)
+    bone += (spine + 0.2 * ped) * _inside(-1.05 - v, eps)
     # Posterior ribs: a phase field over arcs that rise from the spine then sweep down laterally,
     # spacing widening downwards.
     z = v + 0.24 * x - 0.80 * x ** 3 - (apex - 0.06)
@@ -362,7 +362,8 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
     # Upper mediastinum: trachea/SVC on the right, aortic knob on the left (unfolds with age).
     knob_v = -0.36 + 0.04 * p.unfold
     knob = 0.055 * (1 + 0.6 * p.unfold) * np.exp(-0.5 * ((v - knob_v) / 0.06) ** 2)
-    med_hw = p.mw + np.where(u > shift, knob + 0.02 * p.unfold, 0.04 * np.clip(v + 0.2, 0, None))
+    trunk = 0.06 * np.exp(-0.5 * ((v - (vh - 0.85 * b)) / 0.08) ** 2)  # pulmonary trunk / left atrial appendage
+    med_hw = p.mw + np.where(u > shift, knob + trunk + 0.02 * p.unfold, 0.04 * np.clip(v + 0.2, 0, None))
     # (below the heart's centre the column narrows to the spine / oesophagus / IVC and reaches the diaphragm)
     med_hw = np.where(v > vh, np.float32(p.mw * 0.8), med_hw)
     medias = _inside(np.abs(u - shift) - med_hw, eps) * _inside(-0.95 - v, eps)
@@ -373,7 +374,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
     # Lung air: thickest centrally, thin at the apices and laterally.
     depth = np.sqrt(np.clip(1.0 - (xr - 0.45) ** 2 / 0.42, 0.05, 1.0)) * np.clip((v - apex) / 0.25, 0.2, 1.0)
 
-    att = layer("body") + 0.22 * below * (x < wall + 0.08)
+    att = layer("body") + 0.22 * below * np.clip((tw + 0.24 - x) / 0.25, 0, 1)
     # Gastric bubble under the left hemidiaphragm.
     gx = (u - 0.36 * tw - 0.08) / 0.11
     gy = (v - (p.dome + p.dome_lr + 0.07 * ins + 0.12 - lift_l)) / 0.055
