@@ -14,11 +14,11 @@ from .phantom_anatomy import EDEMA_HAZE, EFFUSION_HEIGHT, Patient, Pose, State, 
 
 def lateral_body(p: Patient, u, v, eps):
     """Static part of a left lateral view (soft tissue, bones, great vessels) on canonical u, v."""
-    front_skin = -0.84 + 0.14 * ((v + 0.15) / 0.9) ** 2
-    back_skin = 0.92 - 0.05 * ((v + 0.1) / 0.9) ** 2
+    front_skin = -0.88 + 0.06 * ((v + 0.15) / 0.9) ** 2
+    back_skin = 0.96 - 0.03 * ((v + 0.1) / 0.9) ** 2
     body = _inside(front_skin - u, eps * 3) * _inside(u - back_skin, eps * 3) * (0.75 + 0.25 * _tube(u - 0.05, 0.9))
     shoulders = np.clip((-0.45 - v) / 0.45, 0, 1) * _inside(u - 0.5, eps * 8)
-    att = 0.95 * p.soft * body + 0.30 * shoulders
+    att = 0.88 * p.soft * body + 0.30 * shoulders
     arm_d = np.abs((u + 0.15) * 0.8 + (v + 0.95) * 0.6)  # humeri raised forwards
     bone = 0.25 * _tube(arm_d, 0.045) * (v < -0.5) * (u < 0.25) * (u > front_skin)
     arch_r = np.hypot((u - 0.08) / 0.28, (v + 0.28) / 0.2)  # aortic arch and descending aorta
@@ -32,7 +32,7 @@ def lateral_body(p: Patient, u, v, eps):
     stern = _tube(u - (front_skin + 0.07), 0.025) * (v > -0.62) * (v < 0.25)
     ribs = _tube(((v * 6.5 - 0.9 * u + p.rib_phase) % 1.0) - 0.5, 0.16) * np.clip((u + 0.1) / 0.5, 0, 1) * \
         (np.abs(u) < 0.6) * (np.abs(v) < 0.75)
-    bone += (bodies + post) * (v < 0.95) + 0.5 * stern + 0.15 * ribs
+    bone += (bodies + post) * (v < 0.95) + 0.3 * stern + 0.15 * ribs
     return att + 0.75 * p.bone * bone
 
 
@@ -43,7 +43,7 @@ def lateral(p: Patient, st: State, pose: Pose, u, v, eps, devices, layer):
     dome = p.dome + 0.07 * ins + 0.03
     vd = dome + 0.10 * ((u + 0.2) / 0.6) ** 2 + 0.12 * np.clip(u - 0.2, 0, None) / 0.4
     vd2 = vd + 0.035 + 0.02 * u  # the other hemidiaphragm, slightly lower
-    su, sv = ((u + 0.04) / 0.66) ** 2, ((v + 0.04) / (0.76 + 0.02 * ins)) ** 2
+    su, sv = ((u + 0.02) / 0.70) ** 2, ((v + 0.04) / (0.78 + 0.02 * ins)) ** 2
     shape = np.where(v < -0.04, su + sv, np.sqrt(su * su + sv * sv))  # round apex, squarer base
     lung = _inside(shape - 1.0, eps) * _inside(v - vd2, eps)
     ctr = image_ctr(p, st, "LATERAL")
@@ -52,7 +52,7 @@ def lateral(p: Patient, st: State, pose: Pose, u, v, eps, devices, layer):
     heart = _inside(hu * hu + hv * hv - 1.0, eps * 2) * _inside(v - vd, eps)
     lungs = lung * (1 - heart)
     below = _inside(vd - v, eps) * (np.abs(u - 0.04) < 0.86)
-    air = 0.66 * lungs * (0.75 + 0.25 * np.clip((v + 0.7) / 0.3, 0, 1)) * (1.0 - 0.35 * _inside(vd2 - v, eps))
+    air = 0.58 * lungs * (0.75 + 0.25 * np.clip((v + 0.7) / 0.3, 0, 1)) * (1.0 - 0.35 * _inside(vd2 - v, eps))
     tra_c = -0.05 + 0.12 * np.clip((v + 1.0) / 0.8, 0, 1)  # trachea running down and back to the carina
     air += 0.10 * _tube(u - tra_c, 0.045) * (v < -0.22)
     tex = layer("tex")
