@@ -19,12 +19,6 @@ from bmjlib.schema import CHEXPERT_LABELS, FINDING_KEYS
 
 phantom = pytest.importorskip("bmjlib.phantom")
 
-# The phantom's phrase "<side> basilar opacity may represent mild atelectasis" labels only Atelectasis;
-# the CheXpert labeler (and this extractor) also label the opacity as Lung Opacity = 1. Reported to the
-# phantom's author; every other column is compared.
-SKIP_LABELS = {"Lung Opacity"}
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
@@ -48,8 +42,7 @@ def test_labels_equal_the_labels_csv(cohort):
     wrong = []
     for row in labels.to_dict("records"):
         got = chexpert_labels(reports[row["study_id"]])
-        wrong += [(row["study_id"], k, row[k], got[k]) for k in CHEXPERT_LABELS
-                  if k not in SKIP_LABELS and not _same(float(row[k]), got[k])]
+        wrong += [(row["study_id"], k, row[k], got[k]) for k in CHEXPERT_LABELS if not _same(float(row[k]), got[k])]
     assert not wrong, f"{len(wrong)} labels differ, e.g. {wrong[:5]}"
 
 
