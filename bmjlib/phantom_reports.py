@@ -203,9 +203,11 @@ def compose_report(study: dict, prior: dict | None, rng) -> tuple[str, dict]:
             findings.insert(0, (DEVICE_PHRASES[d], {"Support Devices": 1}))
             if rng.random() < 0.5:
                 impression.append((DEVICE_PHRASES[d], {"Support Devices": 1}))
-    for label, val, text in FILLERS:
-        if rng.random() < 0.3:
+    used = set()
+    for label, val, text in FILLERS:  # at most one sentence per label
+        if rng.random() < 0.3 and (label is None or label not in used):
             findings.append((text, {label: val} if label else {}))
+            used.add(label)
     if not impression:
         impression.append((_pick(NORMAL_IMPRESSION, rng), {}))
 
