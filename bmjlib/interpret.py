@@ -26,6 +26,7 @@ did what the description asked.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -505,18 +506,29 @@ def direction_scores(pred: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+_RESOLVED_RE = re.compile(r"\b(?:resolv\w*|clear(?:ed|ing)|no\s+longer|disappear\w*|gone)\b", re.I)
+_CLAUSE_SPLIT = re.compile(r"[.;,]\s*|\s+and\s+|\s+but\s+", re.I)
+
+
 def parse_hypothesis(description: str) -> dict[str, dict]:
     """What a progression description asks for, per finding it mentions: {'expect': 'increase' |
-    'decrease' | 'unchanged' | 'absent' | 'present', 'side': str} (bmjlib.reports.extract_findings)."""
+    'decrease' | 'unchanged' | 'absent' | 'present', 'side': str} (bmjlib.reports.extract_findings).
+
+    A finding said to have resolved ("the left pneumothorax has resolved", "resolved pulmonary edema")
+    asks for a decrease; one merely denied ("no pneumothorax") asks for it to be absent."""
     from .reports import extract_findings
 
     out = {}
+    resolved = set()
+    for clause in _CLAUSE_SPLIT.split(description):
+        if _RESOLVED_RE.search(clause):
+            resolved |= {f for f, r in extract_findings(clause).items() if r["status"] == "absent"}
     for f, r in extract_findings(description).items():
         if f not in FINDINGS:
             continue
         ch = r.get("change")
         if r["status"] == "absent":
-            expect = "absent"
+            expect = "decrease" if f in resolved else "absent"
         elif ch in ("new", "worse"):
             expect = "increase"
         elif ch == "better":

@@ -402,7 +402,8 @@ def export_icg(run_dir, out_dir, tables: dict, origin: str = "phantom") -> tuple
     back = back.set_index("pair_id").loc[pairs["pair_id"]]
     same = {c: bool((pairs.set_index("pair_id")[c].fillna("").astype(str) ==
                      back[c].fillna("").astype(str)).all())
-            for c in ("subject_id", "split", "description", "prior_findings", "followup_impression", "sex", "race")}
+            for c in ("subject_id", "split", "description", "prior_findings", "followup_impression", "sex", "race",
+                      "prior_study_id", "followup_dicom_id") if c in pairs}
     check = {"written": len(written), "read_back": len(back), "skipped": len(skipped),
              "interpretations": int((back["changes_of_findings"] != "").sum()), "identical_columns": same}
     return written, check

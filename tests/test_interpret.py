@@ -174,7 +174,9 @@ def test_truth_directions_and_scores_known_answer():
 
 @pytest.mark.parametrize("text, finding, expect, side", [
     ("New moderate right pleural effusion.", "Pleural Effusion", "increase", "right"),
-    ("The left pneumothorax has resolved.", "Pneumothorax", "absent", "left"),
+    ("The left pneumothorax has resolved.", "Pneumothorax", "decrease", "left"),
+    ("New small right pleural effusion, resolved pulmonary edema.", "Edema", "decrease", ""),
+    ("No pneumothorax.", "Pneumothorax", "absent", ""),
     ("Cardiomegaly is unchanged.", "Cardiomegaly", "unchanged", ""),
     ("Pulmonary edema has improved.", "Edema", "decrease", "bilateral"),
     ("Worsening left basilar atelectasis.", "Atelectasis", "increase", "left"),
