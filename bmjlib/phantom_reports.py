@@ -27,6 +27,8 @@ Phrase table conventions (what an extractor must understand):
 * Support devices are mentioned by name (endotracheal tube, central venous catheter, nasogastric tube,
   pacemaker); ECG electrodes are drawn but never reported and carry no label.
 * "No acute cardiopulmonary process." alone means No Finding = 1.
+* The INDICATION line may name a finding as a question ("r/o pneumothorax", "eval for effusion"); it
+  carries no label (the CheXpert labeler, like MIMIC's, reads only IMPRESSION / FINDINGS).
 
 Labels follow MIMIC-CXR's rule: they are read from the IMPRESSION section, or from FINDINGS when a
 report has no impression. Mentions combine as in CheXpert: positive beats uncertain beats negative;
