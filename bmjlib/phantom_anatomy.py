@@ -254,9 +254,10 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     head = np.clip(1 - cx * 3, 0, 1)  # the sternal end is thicker
     bone += (0.26 + 0.12 * head) * _tube(v - cv, 0.019 + 0.012 * head) * (x > 0.07) * (x < 0.78)
     hum = _tube(np.hypot(x - (bw + 0.02), v + 0.80), 0.11)
-    bone += 0.55 * hum * _inside(top - 0.05 - v, eps * 3)
+    bone += 0.45 * hum * _inside(top - 0.05 - v, eps * 3)
     if ap:  # scapulae projected over the lateral upper lung fields
-        bone += 0.12 * _inside(np.abs((x - (tw - 0.02)) / 0.13) + np.abs((v + 0.35) / 0.3) - 1.0, eps * 3)
+        sx, sy = (x - (tw - 0.01)) / 0.14, (v + 0.38) / 0.30
+        bone += 0.10 * _inside(sx * sx + sy * sy - 1.0, eps * 5) * (1.0 + 0.5 * _tube(np.abs(sx) - 0.8, 0.25))
 
     layers = {"margin": m}
     if shared is not None:  # all views of a patient share the lung texture
