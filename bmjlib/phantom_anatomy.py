@@ -239,15 +239,17 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     z = v + 0.24 * x - 0.80 * x ** 3 - (apex - 0.06)
     psi = 11.0 * np.clip(z / 1.08, 0.0, None) ** 0.82 + p.rib_phase
     frac = psi - np.floor(psi)
-    rib_p = (_tube(frac - 0.27, 0.27) + 0.6 * np.exp(-0.5 * ((frac - 0.50) / 0.03) ** 2)) \
-        * (psi < 15.0) * (psi > 0.3)  # rounded shaft with a bright inferior cortex
+    k = np.floor(psi)
+    hw = 0.25 + 0.025 * np.sin(2.1 * k + 7.0 * p.rib_phase)  # ribs differ a little in width
+    rib_p = (_tube(frac - 0.27, hw) + 0.6 * np.exp(-0.5 * ((frac - 0.27 - hw) / 0.03) ** 2)) \
+        * (psi < 15.0) * (psi > 0.3) * (1.0 - 0.35 * np.clip(x / tw, 0, 1))  # bright inferior cortex
     rib_p *= np.clip((x - 0.05) / 0.04, 0, 1) * _inside(x - wall - 0.09, eps * 4)
     # Anterior ribs: descend medially, fade out before the sternum (costal cartilage).
     za = v - 0.40 * (tw - x) - (apex - 0.10)
     psa = 5.6 * np.clip(za / 0.95, 0, None) ** 0.95 + 0.35 + p.rib_phase
     fra = psa - np.floor(psa)
     rib_a = _tube(fra - 0.2, 0.2) * (psa < 6.2) * np.clip((x - 0.32 * tw) / 0.15, 0, 1) * (x < wall + 0.07)
-    bone += (0.11 * rib_p + 0.08 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
+    bone += (0.16 * rib_p + 0.10 * rib_a) * (1.0 - 0.6 * _inside(vd - v, eps * 3))
     # Clavicles (higher and more horizontal in AP).
     cx = np.clip((x - 0.08) / 0.62, 0, 1.2)
     cv = p.clav - (0.07 if ap else 0.0) - 0.16 * cx + 0.04 * np.sin(np.clip(cx, 0, 1) * np.pi)
@@ -287,7 +289,7 @@ def _lung_texture(p: Patient, u, v, size: int, G: int) -> dict:
         dv = v - hil_v
         r = np.sqrt(du * du + dv * dv) + 1e-3
         th = np.arctan2(dv, du)
-        ang = th + 0.11 * np.sin(7.0 * r + 2.0 * th)
+        ang = th + 0.16 * np.sin(6.0 * r + 3.0 * th) + 0.06 * np.sin(17.0 * r + 5.0 * th)  # curving vessels
         idx = ((ang + np.pi) * (n / (2 * np.pi))).astype(np.int32) % n
         tab1 = _spikes(p.texture_seed + seed_off, n, 46, 2.2)
         tab2 = _spikes(p.texture_seed + seed_off + 1, n, 140, 1.2)
@@ -399,7 +401,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
             level = cp - EFFUSION_HEIGHT[ef_g] * H  # top of the meniscus, at the lateral chest wall
             surf = level + (0.08 + 0.25 * EFFUSION_HEIGHT[ef_g]) * (1.0 - np.clip(xr, 0, 1) ** 3)
             layer_f = np.clip((v - surf) / 0.07, 0.0, 1.0)
-            fluid = np.maximum(fluid, s * layer_f * _inside(x - wall - 0.01, eps) * (v < vd + 0.15))
+            fluid = np.maximum(fluid, s * layer_f * _inside(x - wall - 0.01, eps) * _inside(v - vd, eps))
         air = air * (1.0 - fluid)
         mark_w = mark_w * (1.0 - fluid)
         att += 0.22 * fluid
