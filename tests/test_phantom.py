@@ -259,3 +259,23 @@ def test_deterministic_for_any_worker_count_and_rerun_is_noop(cohort, tmp_path):
     assert third["key"] != again["key"]
     summary = json.loads((other / "summary.json").read_text())
     assert summary["images"] == again["images"]
+
+
+def test_reports_look_like_mimic():
+    plans = [phantom.plan_patient(4, i, 128) for i in range(300)]
+    studies = [st for pl in plans for st in pl["studies"]]
+    texts = [st["report"] for st in studies]
+    no_find = np.mean(["FINDINGS:" not in t for t in texts])
+    no_imp = np.mean(["IMPRESSION:" not in t for t in texts])
+    assert 0.03 < no_find < 0.15 and 0.03 < no_imp < 0.15, (no_find, no_imp)
+    assert not any("FINDINGS:" not in t and "IMPRESSION:" not in t for t in texts)
+    assert all("___" in t and "FINAL REPORT" in t for t in texts)
+    follow = [st["report"] for pl in plans for st in pl["studies"][1:]]
+    assert np.mean([("compared to" in t.lower()) for t in follow]) > 0.5
+    labels = pd.DataFrame([st["labels"] for st in studies])
+    for lab in ("Atelectasis", "Cardiomegaly", "Edema", "Pleural Effusion", "Pneumothorax"):
+        counts = labels[lab].value_counts(dropna=False)
+        assert counts.get(1.0, 0) > 0 and counts.get(0.0, 0) > 0 and labels[lab].isna().any(), lab
+    assert (labels[["Atelectasis", "Cardiomegaly", "Edema", "Pleural Effusion", "Pneumothorax"]] == -1).any().any()
+    assert (labels["No Finding"] == 1).any() and (labels["Support Devices"] == 1).any()
+    assert len(set(texts)) == len(texts)  # varied phrasing, no two reports identical
