@@ -172,12 +172,15 @@ def plot_demographics(c: Cohort, fig_dir: str | Path, name: str = "fig7_demograp
                  bins=15, ax=axes[0])
     axes[0].set_title("(a) age per split (patients in pairs)")
     for ax, col, tag in zip(axes[1:], panels[1:], "bc"):
-        frac = (p.assign(v=p[col].replace("", "unknown")).groupby("split", observed=False)["v"]
+        short = p[col].fillna("").replace("", "unknown").str.split("/").str[0].str.title()  # "BLACK/AFRICAN ..." -> "Black"
+        frac = (p.assign(v=short).groupby("split", observed=False)["v"]
                 .value_counts(normalize=True).rename("fraction").reset_index())
         sns.barplot(data=frac, x="v", y="fraction", hue="split", ax=ax)
         ax.set_xlabel(col)
         ax.set_title(f"({tag}) {col} per split")
         ax.tick_params(axis="x", rotation=30)
+        for t in ax.get_xticklabels():
+            t.set_ha("right")
     fig.tight_layout()
     return save_figure(fig, fig_dir, name)
 

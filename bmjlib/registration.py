@@ -7,7 +7,9 @@ registration score is below a threshold, thus indicating misaligned views" (misl
 Method (`RegConfig`, defaults): the prior is the fixed image, the follow-up the moving one, both resized to
 `size` x `size`. A similarity transform (rotation, isotropic scale, translation; `transform="affine"` for
 six parameters) starts from the geometric centres, and is optimised by regular-step gradient descent on
-the normalised-correlation metric (insensitive to the exposure differences between studies) over a
+Mattes mutual information (32 bins; insensitive to exposure differences between studies and more robust
+than correlation to the large intensity changes of disease: on the phantom's 400-patient demo cohort
+correlation left a tail of pairs misregistered by tens of pixels where a lung field whitens) over a
 three-level pyramid (shrink 4/2/1, smoothing 2/1/0 px), each level evaluating the metric on a fixed-seed
 random 20 % sample of the pixels. Image physical coordinates are set so that a point's coordinates are
 its pixel position (x = column, y = row, pixel centres at integers) in the ORIGINAL image, so the
@@ -50,7 +52,7 @@ FLOAT_FMT = "{:.6g}"
 class RegConfig:
     size: int = 256                        # both images resized to size x size for the optimisation
     transform: str = "similarity"          # similarity | affine
-    metric: str = "correlation"            # correlation | mattes | meansquares
+    metric: str = "mattes"                 # mattes (mutual information) | correlation | ants | meansquares
     shrink: tuple[int, ...] = (4, 2, 1)    # pyramid levels
     smooth: tuple[float, ...] = (2.0, 1.0, 0.0)  # Gaussian sigma per level, in pixels of that level's input
     sampling: float | tuple[float, ...] = 0.2  # fraction of pixels sampled (random), one value or one per level
@@ -70,6 +72,8 @@ PROGEMU = RegConfig(size=512, transform="affine", metric="meansquares", shrink=(
                     sampling=0.25, optimizer="gradient_descent", learning_rate=1.0, iterations=200,
                     intensity=255.0)
 
+RESULT_COLUMNS = ["pair_id", "status", "reason", "score_before", "score_after", "affine", "overlap", "iterations",
+                  "seconds"]
 LIMITS = {"scale": (1 / 1.5, 1.5), "anisotropy": 1.5, "rotation_deg": 30.0, "shift_frac": 0.3, "overlap": 0.6}
 
 
@@ -186,6 +190,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, cfg: RegConfig = RegC
         R.SetMetricAsCorrelation()
     elif cfg.metric == "mattes":
         R.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    elif cfg.metric == "ants":
+        R.SetMetricAsANTSNeighborhoodCorrelation(radius=2)  # local correlation; ~5x slower
     elif cfg.metric == "meansquares":
         R.SetMetricAsMeanSquares()
     else:
@@ -341,7 +347,7 @@ def register_pairs(pairs: pd.DataFrame, out_dir: str | Path, cfg: RegConfig = Re
     bar.close()
     man.save()
     rows = [json.loads((out_dir / f"results/{p}.json").read_text()) for p in pairs["pair_id"]]
-    reg = pd.DataFrame(rows)
+    reg = pd.DataFrame(rows, columns=list(rows[0]) if rows else RESULT_COLUMNS)
     reg = reg[["pair_id"] + [c for c in reg.columns if c != "pair_id"]]
     threshold = score_threshold(reg.loc[reg["status"] == "ok", "score_after"], threshold)
     reg.attrs["threshold"] = threshold
