@@ -354,11 +354,11 @@ class Interpreter:
         self.n_calibration = len(evs)
         return self
 
-    def _predict(self, f: str, x: list[float]) -> tuple[int, float]:
+    def _predict(self, f: str, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m = self.models[f]
-        p = m.predict_proba(np.asarray([x]))[0]
-        i = int(np.argmax(p))
-        return int(m.classes_[i]), float(p[i])
+        p = m.predict_proba(X)
+        i = p.argmax(1)
+        return m.classes_[i].astype(int), p[np.arange(len(X)), i]
 
     def interpret(self, ev: dict, prior_labels: dict | None = None) -> list[dict]:
         """One row per finding: direction, side, confidence, and the measurement text behind it.
@@ -366,35 +366,42 @@ class Interpreter:
         `prior_labels` ({finding: 1/0/-1/NaN}, the prior report's) says whether a finding was present
         before when no judge probability on the prior is in the evidence.
         """
+        return self.interpret_many([ev], [prior_labels])[0]
+
+    def interpret_many(self, evs: list[dict], prior_labels: list | None = None) -> list[list[dict]]:
+        """`interpret` for many pairs at once (one classifier call per finding and side)."""
         if not self.models:
             raise RuntimeError("Interpreter is not calibrated: call fit() on pairs with known change")
-        rows = []
+        prior_labels = prior_labels or [None] * len(evs)
+        out = [[] for _ in evs]
         for f in FINDINGS:
-            xs = {None: features(ev, f)} if f not in LATERAL else {s: features(ev, f, s) for s in ("left", "right")}
-            per = {s: self._predict(f, x) for s, x in xs.items()}
-            moving = {s: v for s, v in per.items() if v[0] != 0}
-            if not moving:
-                coarse, conf, side, x = 0, min(v[1] for v in per.values()), "", None
-            else:
-                best = max(moving, key=lambda s: moving[s][1])
-                coarse, conf = moving[best]
-                x = xs[best]
-                same = [s for s, v in moving.items() if v[0] == coarse]
-                side = ("bilateral" if f == "Edema" else "") if best is None else \
-                    ("bilateral" if len(same) == 2 else best)
-            before = _present_before(ev, f, prior_labels)
-            after = _present_after(ev, f)
-            if after is None and coarse < 0 and f in self.resolved_models:
-                after = not bool(self.resolved_models[f].predict(np.asarray([x]))[0])
-            if coarse > 0:
-                d = "worse" if before else "new"
-            elif coarse < 0:
-                d = "resolved" if after is False else "better"
-            else:
-                d = "unchanged"
-            rows.append({"finding": f, "direction": d, "side": side, "confidence": conf,
-                         "present_before": before, "measure": _measure_text(ev, f, side, coarse)})
-        return rows
+            sides = ("left", "right") if f in LATERAL else (None,)
+            X = {s: np.asarray([features(ev, f, s) for ev in evs]) for s in sides}
+            pred = {s: self._predict(f, X[s]) for s in sides}
+            for i, ev in enumerate(evs):
+                moving = {s: (int(pred[s][0][i]), float(pred[s][1][i])) for s in sides if pred[s][0][i] != 0}
+                if not moving:
+                    coarse, conf, side, x = 0, float(min(pred[s][1][i] for s in sides)), "", None
+                else:
+                    best = max(moving, key=lambda s: moving[s][1])
+                    coarse, conf = moving[best]
+                    x = X[best][i]
+                    same = [s for s, v in moving.items() if v[0] == coarse]
+                    side = ("bilateral" if f == "Edema" else "") if best is None else \
+                        ("bilateral" if len(same) == 2 else best)
+                before = _present_before(ev, f, prior_labels[i])
+                after = _present_after(ev, f)
+                if after is None and coarse < 0 and f in self.resolved_models:
+                    after = not bool(self.resolved_models[f].predict(x[None])[0])
+                if coarse > 0:
+                    d = "worse" if before else "new"
+                elif coarse < 0:
+                    d = "resolved" if after is False else "better"
+                else:
+                    d = "unchanged"
+                out[i].append({"finding": f, "direction": d, "side": side, "confidence": conf,
+                               "present_before": before, "measure": _measure_text(ev, f, side, coarse)})
+        return out
 
 
 def _present_before(ev: dict, f: str, prior_labels: dict | None) -> bool:

@@ -176,8 +176,8 @@ def calibrate(pairs: pd.DataFrame, truth_images: pd.DataFrame, judges, truth: Tr
 def interpret_rows(interp: I.Interpreter, evs: list[dict], kept: pd.DataFrame, model: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Long table (one row per pair and finding) and sentences (one per pair) for one model."""
     long, sent = [], []
-    for ev, r in zip(evs, kept.to_dict("records")):
-        rows = interp.interpret(ev, _labels(r))
+    recs = kept.to_dict("records")
+    for rows, r in zip(interp.interpret_many(evs, [_labels(r) for r in recs]), recs):
         for x in rows:
             long.append({"model": model, "pair_id": r["pair_id"], **x})
         sent.append({"model": model, "pair_id": r["pair_id"], "description": r.get("description", ""),
