@@ -188,7 +188,7 @@ def read_icg(root, check_images: bool = False) -> tuple[pd.DataFrame, pd.DataFra
     `check_images`, undecodable or blank), is skipped and listed in `skipped` (path, problem), never
     half-read. Records are one row per image (dicom id), the first pair that shows it supplying its path.
     """
-    root = Path(root)
+    root = Path(root).resolve()  # image paths in the records are absolute, like every other source's
     if not root.is_dir():
         raise FileNotFoundError(f"ICG-CXR root {root} is not a folder")
     counts = {"placeholder_report_sections": 0}
