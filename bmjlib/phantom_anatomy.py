@@ -536,7 +536,9 @@ def render(patient: Patient, state: State, pose: Pose, exposure: Exposure, view:
     if e.blur > 0:
         att = gaussian_filter(att, e.blur * size / 256.0, mode="nearest", truncate=2.5)
     heel = 1.0 + e.heel * (gx / size - 0.5)
-    img = 0.10 + 0.92 * (1.0 - np.exp(-0.8 * e.k * heel * np.clip(att + 0.05, 0, None)))
+    a_ = e.k * heel * np.clip(att + 0.05, 0, None)
+    # film-like response: a soft shoulder compresses soft tissue, a linear tail keeps metal and bone white
+    img = 0.06 + 0.40 * (1.0 - np.exp(-2.2 * a_)) + 0.13 * a_
     # unsharp masking of the large scale, as CR/DR post-processing does (local contrast)
     f = max(1, size // 64)
     low = gaussian_filter(img[::f, ::f], 2.0, mode="nearest")

@@ -195,3 +195,53 @@ def benchmark(size: int = 256, n: int = 200, workers: int = 2, seed: int = 0) ->
           f"{done / dt:.1f} images/s wall-clock; {1000 * cpu / done:.1f} ms CPU per image -> "
           f"{workers * done / cpu:.1f} images/s on {workers} idle cores")
     return res
+
+
+HANNOVER_CREDIT = ("Real images: Hannover Medical School, Inst. Diagnostic & Interventional Radiology; "
+                   "DOI 10.6084/m9.figshare.12275009; CC BY 3.0")
+
+
+def compare_with_real(real_dir: str | Path, size: int = 256, n: int = 3, seed: int = 0,
+                      path: str | Path | None = None):
+    """Real PA radiographs (a folder of PNGs, with data.csv's `projection` when present) beside
+    phantom PAs at the same size, with the grey-level histograms of both: how close the simulator is."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from .io import read_image
+    from .phantom import sample_patient
+
+    real_dir = Path(real_dir)
+    files = sorted((real_dir / "png").glob("*.png")) or sorted(real_dir.glob("*.png"))
+    meta = real_dir / "data.csv"
+    if meta.exists():
+        d = pd.read_csv(meta, dtype=str)
+        pa = set(d.loc[d["projection"].str.lower() == "pa", "image_id"])
+        files = [f for f in files if f.stem in pa] or files
+    if not files:
+        raise FileNotFoundError(f"{real_dir}: no PNG radiographs to compare with")
+    from PIL import Image
+
+    real = [np.asarray(Image.fromarray((read_image(f) * 255).astype(np.uint8)).resize((size, size)),
+                       dtype=np.float32) / 255 for f in files[:n]]
+    rng = np.random.default_rng(seed)
+    ph = []
+    for i in range(n):
+        p = sample_patient(rng, 10000000 + i)
+        ph.append(render(p, State(), Pose(), Exposure(), size=size, noise_seed=i) / 255.0)
+    fig, axes = plt.subplots(2, n + 1, figsize=(2.6 * (n + 1), 5.6))
+    for j in range(n):
+        for row, (imgs, name) in enumerate(((real, "real"), (ph, "phantom"))):
+            axes[row, j].imshow(imgs[j], cmap="gray", vmin=0, vmax=1)
+            axes[row, j].set_title(f"{name} PA {j + 1}", fontsize=8)
+            axes[row, j].axis("off")
+    for row, (imgs, name) in enumerate(((real, "real"), (ph, "phantom"))):
+        ax = axes[row, n]
+        ax.hist(np.concatenate([i.ravel() for i in imgs]), bins=64, range=(0, 1), color="0.3")
+        ax.set_title(f"{name}: grey levels", fontsize=8)
+        ax.set_yticks([])
+    fig.text(0.5, 0.005, HANNOVER_CREDIT, ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
