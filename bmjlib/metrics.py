@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 
 
 # --------------------------------------------------------------------------- CMIG
@@ -60,7 +60,12 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     y, s = y[keep], s[keep]
     if y.size == 0 or np.unique(y).size < 2:
         return float("nan")
-    return float(roc_auc_score(y, s))
+    # Mann-Whitney U from mid-ranks (ties count one half): equals sklearn's roc_auc_score, ~20x faster,
+    # which matters inside the bootstrap.
+    r = rankdata(s)
+    pos = y == 1
+    n1, n0 = pos.sum(), (~pos).sum()
+    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def binarize_labels(labels: np.ndarray) -> np.ndarray:

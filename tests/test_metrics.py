@@ -38,6 +38,10 @@ def test_auroc_perfect_inverted_and_undefined():
     assert M.auroc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
     assert M.auroc(y, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
     assert math.isnan(M.auroc(np.ones(4), np.arange(4.0)))
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(3)
+    yy, ss = rng.integers(0, 2, 300), rng.integers(0, 10, 300) / 10  # many ties
+    assert M.auroc(yy, ss) == pytest.approx(roc_auc_score(yy, ss))
 
 
 def test_binarize_labels_chexpert_policy():
