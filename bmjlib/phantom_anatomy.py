@@ -56,6 +56,7 @@ EFFUSION_HEIGHT = {1: 0.18, 2: 0.36, 3: 0.60}
 PTX_RIM = {1: 0.10, 2: 0.20, 3: 0.35}
 EDEMA_HAZE = {1: 0.16, 2: 0.27, 3: 0.40}
 AP_MAGNIFICATION = 1.12
+LAYER_SCALE = 0.75  # resolution of the per-patient static layers relative to the image
 DEVICES = ["ett", "central_line", "ng_tube", "pacemaker", "ecg_leads"]
 
 
@@ -190,8 +191,11 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     ap = view == "AP"
     shared = next((v for k, v in _LAYERS.items() if k[:3] == key[:3]), None)
     m = size // 9
-    G = size + 2 * m
-    half = size / 2.0
+    # the layers are drawn at LAYER_SCALE of the output resolution (bilinear resampling makes up the
+    # difference; the exposure blur is of the same order) and cover the image plus a margin of m px
+    G = int(round((size + 2 * m) * LAYER_SCALE))
+    r = G / (size + 2 * m)
+    half = size / 2.0 * r
     i = (np.arange(G, dtype=np.float32) - (G - 1) / 2.0) / half
     u = np.repeat(i[None, :], G, 0)
     v = np.repeat(i[:, None], G, 1)
@@ -199,8 +203,8 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     if view == "LATERAL":
         from .phantom_lateral import lateral_body
 
-        layers = {"body": lateral_body(p, u, v, eps).astype(np.float32), "margin": m}
-        layers.update({k: shared[k] for k in ("vessels", "tex")} if shared else _lung_texture(p, u, v, size, G))
+        layers = {"body": lateral_body(p, u, v, eps).astype(np.float32), "margin": m, "scale": r}
+        layers.update({k: shared[k] for k in ("vessels", "tex")} if shared else _lung_texture(p, u, v, size * r))
         _LAYERS[key] = layers
         return layers
     x = np.abs(u)
@@ -261,11 +265,11 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
         sx, sy = (x - (tw - 0.01)) / 0.14, (v + 0.38) / 0.30
         bone += 0.10 * _inside(sx * sx + sy * sy - 1.0, eps * 5) * (1.0 + 0.5 * _tube(np.abs(sx) - 0.8, 0.25))
 
-    layers = {"margin": m}
+    layers = {"margin": m, "scale": r}
     if shared is not None:  # all views of a patient share the lung texture
         layers.update(vessels=shared["vessels"], tex=shared["tex"])
     else:
-        layers.update(_lung_texture(p, u, v, size, G))
+        layers.update(_lung_texture(p, u, v, size * r))
     # upper abdomen: soft-tissue mottle and bowel / colonic gas below the lowest diaphragm position
     abd = np.clip((v - vd - 0.12) / 0.1, 0, 1) * _inside(x - wall - 0.05, eps * 4)
     t = layers["tex"]
@@ -275,7 +279,7 @@ def _static_layers(p: Patient, size: int, view: str) -> dict:
     return layers
 
 
-def _lung_texture(p: Patient, u, v, size: int, G: int) -> dict:
+def _lung_texture(p: Patient, u, v, size: float) -> dict:
     """Lung markings (vessels radiating from the hila, tapering to the periphery, plus a fine
     parenchymal grain) and a coarse texture for patchy opacities, on the canonical layer grid."""
     from PIL import Image
@@ -296,6 +300,7 @@ def _lung_texture(p: Patient, u, v, size: int, G: int) -> dict:
         vessels += tab1[idx] * np.exp(-r / 0.32) * 1.3 + tab2[idx] * np.exp(-r / 0.55) * 0.45 * np.clip(r / 0.2, 0, 1)
         vessels += 0.9 * np.exp(-0.5 * ((du / 0.06) ** 2 + (dv / 0.10) ** 2))  # hilar vessels and bronchi
     rng = np.random.default_rng(p.texture_seed)
+    G = u.shape[0]
     g4 = G // 4 + 1
     coarse = gaussian_filter(rng.standard_normal((g4, g4)).astype(np.float32), size / 112.0, mode="wrap")
     tex = np.asarray(Image.fromarray(coarse).resize((G, G), Image.Resampling.BILINEAR), dtype=np.float32)
@@ -305,13 +310,14 @@ def _lung_texture(p: Patient, u, v, size: int, G: int) -> dict:
             "tex": (0.25 * tex / (tex.std() + 1e-6)).astype(np.float32)}
 
 
-def _sample(layer: np.ndarray, minv: np.ndarray, size: int, margin: int) -> np.ndarray:
+def _sample(layer: np.ndarray, minv: np.ndarray, size: int, margin: int, scale: float) -> np.ndarray:
     """Bilinear resampling of a canonical layer at the canonical position of every output pixel."""
     from PIL import Image
 
     a, b, c = minv[0]
     d, e, f = minv[1]
     c, f = c + margin + 0.5 - 0.5 * a - 0.5 * b, f + margin + 0.5 - 0.5 * d - 0.5 * e  # PIL: pixel corners
+    a, b, c, d, e, f = (scale * z for z in (a, b, c, d, e, f))  # onto the layer's coarser grid
     im = Image.fromarray(layer).transform((size, size), Image.Transform.AFFINE, (a, b, c, d, e, f),
                                                      resample=Image.Resampling.BILINEAR)
     return np.array(im, dtype=np.float32)  # writable copy
@@ -523,7 +529,7 @@ def render(patient: Patient, state: State, pose: Pose, exposure: Exposure, view:
     layers = _static_layers(patient, size, view)
 
     def layer(name):
-        return _sample(layers[name], m, size, layers["margin"])
+        return _sample(layers[name], m, size, layers["margin"], layers["scale"])
 
     if view == "LATERAL":
         from .phantom_lateral import lateral
