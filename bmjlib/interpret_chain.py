@@ -26,6 +26,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import interpret as I
+from .chain import resolve
 from .io import (ImageError, atomic_write_csv, atomic_write_json, atomic_write_text, fingerprint, read_image,
                  sha256_file)
 from .schema import CHEXPERT_LABELS, FINDINGS, ORGANS, label_col
@@ -71,7 +72,7 @@ def _labels(row) -> dict:
 def pair_table(run_dir) -> pd.DataFrame:
     """Pairs with descriptions (03, else 02), joined with the phantom truth's affine and true
     counterfactual path when the run has a phantom."""
-    run = Path(run_dir)
+    run = resolve(run_dir)
     for p in (run / "03_descriptions" / "pairs.csv", run / "02_registration" / "pairs.csv"):
         if p.exists():
             pairs = pd.read_csv(p, dtype={"subject_id": str, "prior_study_id": str, "followup_study_id": str,
@@ -187,7 +188,7 @@ def interpret_rows(interp: I.Interpreter, evs: list[dict], kept: pd.DataFrame, m
 
 def counterfactual_sources(run_dir, pairs: pd.DataFrame, models=MODELS) -> dict[str, list[str]]:
     """model -> one image path per pair (missing files stay in the list; they are skipped and counted)."""
-    run = Path(run_dir)
+    run = resolve(run_dir)
     out = {"reference": pairs["registered_path"].fillna("").tolist()}
     if "counterfactual_path" in pairs and pairs["counterfactual_path"].notna().all():
         truth = run / "00_phantom" / "truth"
@@ -204,7 +205,7 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
     """Interpret every counterfactual of the run's test pairs, score, write CSVs; return the tables."""
     from .judges import load_judges
 
-    run, out = Path(run_dir), Path(out_dir)
+    run, out = resolve(run_dir), resolve(out_dir)
     truth_dir = run / "00_phantom" / "truth"
     key = _inputs_key(run, judges_dir, size, n_calibration, max_pairs, seed, models)
     stamp = out / "run.json"
@@ -333,7 +334,7 @@ def interpretation_figure(run_dir, tables: dict, model: str, fig_dir, size: int,
     import matplotlib.pyplot as plt
     import textwrap
 
-    run = Path(run_dir)
+    run = resolve(run_dir)
     pairs = pair_table(run)
     test = pairs[pairs["split"] == "test"].set_index("pair_id", drop=False)
     cons = tables["consistency"]
