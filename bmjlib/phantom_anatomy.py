@@ -25,7 +25,7 @@ Findings, severity grade 1 / 2 / 3 (0 = absent), defined physically:
   costophrenic angle and hides the hemidiaphragm; soft upper edge (layering fluid thins upwards).
 * Edema (always bilateral): grade 1 interstitial = thickened vessels, Kerley B septal lines at the
   lateral bases and a faint perihilar haze; 2 = dense perihilar (bat-wing) haze; 3 = plus widespread
-  patchy airspace opacity. Haze amplitude 0.16 / 0.27 / 0.40 of soft-tissue attenuation.
+  patchy airspace opacity. Haze amplitude 0.18 / 0.30 / 0.42 of soft-tissue attenuation.
 * Atelectasis (left / right / bilateral = bibasilar): grade 1 plate-like (discoid) band in the lower
   zone; 2 = segmental basal opacity plus 4 % (of half the image) elevation of the hemidiaphragm;
   3 = lower-lobe collapse (triangular retro-/para-cardiac opacity) with 8 % hemidiaphragm elevation
@@ -54,7 +54,7 @@ from .schema import ORGANS
 CTR_BY_GRADE = {1: 0.55, 2: 0.60, 3: 0.67}
 EFFUSION_HEIGHT = {1: 0.18, 2: 0.36, 3: 0.60}
 PTX_RIM = {1: 0.10, 2: 0.20, 3: 0.35}
-EDEMA_HAZE = {1: 0.16, 2: 0.27, 3: 0.40}
+EDEMA_HAZE = {1: 0.18, 2: 0.30, 3: 0.42}
 AP_MAGNIFICATION = 1.12
 LAYER_SCALE = 0.75  # resolution of the per-patient static layers relative to the image
 DEVICES = ["ett", "central_line", "ng_tube", "pacemaker", "ecg_leads"]
@@ -410,7 +410,7 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
             fluid = np.maximum(fluid, s * layer_f * _inside(x - wall - 0.01, eps) * _inside(v - vd, eps))
         air = air * (1.0 - fluid)
         mark_w = mark_w * (1.0 - fluid)
-        att += 0.22 * fluid
+        att += 0.30 * fluid
 
     px_g, px_side = st.get("pneumothorax")
     ptx_space = np.zeros_like(u)
