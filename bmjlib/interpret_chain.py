@@ -212,7 +212,7 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
     names = ("interpretations", "sentences", "direction_scores", "summary", "skipped", "consistency")
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key and \
             all((out / f"{k}.csv").exists() for k in names):
-        tables = {k: pd.read_csv(out / f"{k}.csv", keep_default_na=False, na_values=[""]) for k in names}
+        tables = {k: _read_table(out / f"{k}.csv") for k in names}
         return {**tables, **{k: v for k, v in json.loads(stamp.read_text()).items() if k != "key"}}
     judges = None
     if judges_dir and (Path(judges_dir) / "finding").is_dir():
@@ -270,6 +270,14 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
         atomic_write_csv(out / f"{k}.csv", tables[k])
     atomic_write_json(stamp, {"key": key, "n_calibration": n_cal, "judges": judges is not None})
     return tables
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A table written by run_interpretation, with its empty text cells as "" (not NaN) again."""
+    t = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    text = [c for c in ("expect", "side", "measure", "description", "changes_of_findings", "path", "problem")
+            if c in t]
+    return t.fillna({c: "" for c in text})
 
 
 def _inputs_key(run: Path, judges_dir, size, n_calibration, max_pairs, seed, models) -> str:
