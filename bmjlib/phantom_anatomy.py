@@ -402,7 +402,8 @@ def _frontal(p: Patient, st: State, pose: Pose, view: str, u, v, eps, devices, l
         for side in ("right", "left"):
             if ef_side not in (side, "bilateral"):
                 continue
-            s = (u < 0) if side == "right" else (u >= 0)
+            sgn = -1.0 if side == "right" else 1.0
+            s = np.clip((sgn * (u - shift) - 0.02) / 0.12, 0, 1) * (1.0 - 0.6 * central)  # fades at the mediastinum
             cp = p.dome + p.cp_drop + 0.07 * ins + (0 if side == "right" else p.dome_lr)
             level = cp - EFFUSION_HEIGHT[ef_g] * H  # top of the meniscus, at the lateral chest wall
             surf = level + (0.08 + 0.25 * EFFUSION_HEIGHT[ef_g]) * (1.0 - np.clip(xr, 0, 1) ** 3)
