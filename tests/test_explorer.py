@@ -1,0 +1,96 @@
+"""The counterfactual explorer's logic (issue 10), without a browser (see test_explorer_browser.py)."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bmjlib import explorer as E
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from bmjlib.bench_steps import random_pipeline
+
+    d = tmp_path_factory.mktemp("model") / "model"
+    random_pipeline(64).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    from bmjlib.pipeline import BiomedJourneyPipeline
+
+    return BiomedJourneyPipeline.from_pretrained(model_dir)
+
+
+def _png_size(data: bytes):
+    return Image.open(io.BytesIO(data)).size
+
+
+def test_sample_with_progress_is_the_pipelines_own_sampling(pipe):
+    prior = E.phantom_prior(3, size=128).image
+    prompts = ["New small left pleural effusion.", "Resolved right pneumothorax."]
+    steps = []
+    ours = E.sample(pipe, prior, prompts, 7.5, 1.5, steps=4, seed=11, callback=lambda k, n: steps.append((k, n)))
+    ref = pipe(prior, prompts, text_scale=7.5, image_scale=1.5, steps=4, scheduler="dpm", seed=11)
+    assert ours.shape == (2, 64, 64)
+    np.testing.assert_array_equal(ours, ref)
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_sweep_prompts_follow_the_training_wording():
+    assert E.sweep_prompts("Pleural Effusion", "right") == [
+        "New small right pleural effusion.", "New moderate right pleural effusion.", "New large right pleural effusion."]
+    assert E.sweep_prompts("Cardiomegaly") == ["New mild cardiomegaly.", "New moderate cardiomegaly.",
+                                               "New severe cardiomegaly."]
+    with pytest.raises(ValueError, match="unknown finding 'Fracture'"):
+        E.sweep_prompts("Fracture")
+
+
+def test_priors_phantom_with_true_masks_and_real_with_attribution():
+    p = E.phantom_prior(3, size=128)
+    assert p.image.shape == (128, 128) and p.image.dtype == np.float32 and p.image.std() > 0.05
+    assert set(p.masks) >= {"left_lung", "right_lung", "heart"} and p.masks["left_lung"].any()
+    assert E.phantom_prior(3, size=128).image.tobytes() == p.image.tobytes()  # deterministic
+    reals = E.real_images()
+    if not reals:
+        pytest.skip("../shared/real_cxr/hannover is not beside the repository")
+    r = E.real_prior(reals[0][1])
+    assert "CC BY 3.0" in r.attribution and "Hannover" in r.attribution and r.masks is None
+
+
+def test_heatmap_is_red_where_the_counterfactual_is_more_opaque():
+    prior = np.full((64, 64), 0.4, np.float32)
+    cf = prior.copy()
+    cf[40:56, 8:24] += 0.3  # a new opacity, lower image-left
+    rgb = E.heatmap_rgb(prior, cf).astype(int)
+    assert rgb[48, 16, 0] > rgb[48, 16, 2] + 50 and rgb[48, 16, 1] < 60   # (dark) red inside
+    assert abs(rgb[10, 50, 0] - rgb[10, 50, 2]) < 30             # neutral far away
+    text = E.describe_change(prior, cf, None)
+    assert "No organ masks" in text
+
+
+def test_widgets_generate_in_a_thread_and_show_the_images(model_dir):
+    app = E.Explorer(model=str(model_dir), phantom_size=128, interpreter=None)
+    app.load_prior()
+    assert _png_size(app.img_prior.value) == (128, 128)
+    app.steps.value = 3
+    app.start([app.prompt.value]).join(120)
+    assert app.status.value.startswith("done: 1 image"), app.status.value
+    assert _png_size(app.img_cf.value) == (64, 64) and _png_size(app.img_diff.value) == (64, 64)
+    assert app.progress.value == 3 and app.progress.max == 3
+    assert "What changed" in app.interpretation.value and not app.go.disabled
+    app.start(E.sweep_prompts("Pneumothorax", "left"), sweep=True).join(120)
+    assert len(app.sweep_box.children) == 4  # prior + small / moderate / large
+
+
+def test_a_bad_prior_file_is_named_in_the_app(model_dir, tmp_path):
+    app = E.Explorer(model=str(model_dir), interpreter=None)
+    app.source.value = "file"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    app.path.value = str(bad)
+    with pytest.raises(Exception):
+        app.load_prior()
+    assert "broken.png" in app.status.value
