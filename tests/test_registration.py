@@ -71,7 +71,7 @@ def test_divergence_reasons():
     assert "rotation" in R.divergence(rot, shape, 1.0, 0.5, 0.9)
     assert "centre shift" in R.divergence(eye + [[0, 0, 40], [0, 0, 0]], shape, 1.0, 0.5, 0.9)
     assert "overlap" in R.divergence(eye, shape, 0.3, 0.5, 0.9)
-    assert "score fell" in R.divergence(eye, shape, 1.0, 0.5, 0.4)
+    assert R.divergence(eye, shape, 1.0, 0.5, 0.4) == ""  # a lower score is for the threshold to judge
     assert "non-finite" in R.divergence(eye * np.nan, shape, 1.0, 0.5, 0.9)
 
 
