@@ -94,3 +94,49 @@ def test_corrupt_prior_is_skipped_and_counted(run, tmp_path):
 def test_no_test_pairs_is_an_error(run, tmp_path):
     with pytest.raises(ValueError, match="no 'nope' pairs"):
         C.test_pairs(run, split="nope")
+
+
+def untrained_judges():
+    import torch
+
+    from bmjlib import judges as J
+    torch.manual_seed(0)
+    return {"finding": J.FindingJudge(32, 4), "sex": J.SexJudge(32, 4), "age": J.AgeJudge(32, 4),
+            "anatomy": J.AnatomyJudge(32, 4)}
+
+
+def test_evaluate_known_identities_and_tables(run, tmp_path):
+    """Whatever the judges, the reference against itself has KL 0 and Dice 1; copying the prior keeps the
+    prior's segmentation; every summary number has an interval; the tables render."""
+    from bmjlib import evaluation as E, tables as T
+    pairs = C.test_pairs(run)
+    C.generate_model("copy_prior", C.model_specs(run)["copy_prior"], pairs, tmp_path, size=32)
+    summary, per_pair = E.evaluate(run, tmp_path, untrained_judges(), ["copy_prior", "absent_model"], size=32,
+                                   n_boot=20, seed=0)
+    s = summary.set_index("source")
+    assert list(s.index) == ["copy_prior", "reference"]  # a model without outputs is left out
+    assert s.loc["reference", "kl"] == pytest.approx(0.0, abs=1e-12)
+    assert s.loc["reference", "dice_vs_reference"] == 1.0
+    assert s.loc["copy_prior", "dice_vs_prior"] > 0.95
+    assert "cmig_lo" in s and "pathology_auroc_hi" in s
+    assert {"ssim", "ms_ssim", "psnr"} <= set(per_pair)  # the fake run has true counterfactuals
+    assert len(T.table1(summary)) == 2 and len(T.table4(summary)) == 2
+
+
+def test_figures_write_png_and_pdf(run, tmp_path):
+    from bmjlib import figures as F
+    from bmjlib.pipeline import BiomedJourneyPipeline
+    pairs = C.test_pairs(run)
+    C.generate_model("copy_prior", C.model_specs(run)["copy_prior"], pairs, tmp_path, size=32)
+    pair = F.pick_pair(pairs)
+    j = untrained_judges()
+    pipe = BiomedJourneyPipeline.from_pretrained(run / "05_stage2" / "model")
+    prior = read_image(pair["prior_path"])
+    F.model_row(run, tmp_path, pair, ["copy_prior"], tmp_path / "f", name="fig4")
+    F.fig5(run, tmp_path, pair, ["copy_prior"], j["anatomy"], tmp_path / "f", size=32)
+    F.fig3(pipe, j["finding"], prior, tmp_path / "f", settings={"steps": 1})
+    _, sweep = F.fig9(pipe, prior, fig_dir=tmp_path / "f", settings={"steps": 1}, finding_judge=j["finding"])
+    assert sweep.shape == (3, 32, 32)
+    names = {p.name for p in (tmp_path / "f").iterdir()}
+    for n in ("fig4", "fig5_segmentations", "fig3_counterfactuals_attention", "fig9_severity_sweep"):
+        assert {f"{n}.png", f"{n}.pdf"} <= names
