@@ -239,11 +239,11 @@ def write_table(df: pd.DataFrame, fig_dir: str | Path, name: str) -> list[Path]:
 
 
 def write_data_manifest(pairs: pd.DataFrame, records: pd.DataFrame, manifest_dir: str | Path, tag: str,
-                        root: str | Path | None = None, extra_files: dict[str, str] | None = None) -> list[Path]:
+                        root: str | Path | None = None) -> list[Path]:
     """Committed, reviewable lists (DESIGN: data_manifest/): pairs with sha256 of inputs, splits by patient.
 
     Paths are written relative to `root` (the data root) so the lists do not depend on where a run lives.
-    `extra_files` maps a pair_id to an output file (e.g. the registered image) whose sha256 is added.
+    The registered images' sha256 are listed by notebook 02 (`registration.write_registration_manifest`).
     Files are rewritten only when their content changes.
     """
     d = Path(manifest_dir)
@@ -255,9 +255,6 @@ def write_data_manifest(pairs: pd.DataFrame, records: pd.DataFrame, manifest_dir
     pl["followup_sha256"] = [h(p) for p in pl["followup_path"]]
     pl["prior_path"] = [rel(p) for p in pl["prior_path"]]
     pl["followup_path"] = [rel(p) for p in pl["followup_path"]]
-    if extra_files is not None:
-        pl["registered_sha256"] = [sha256_file(extra_files[i]) if i in extra_files and Path(extra_files[i]).exists()
-                                   else "" for i in pl["pair_id"]]
     sp = records.groupby("subject_id")["split"].first().reset_index().sort_values("subject_id")
     written = []
     for name, df in ((f"{tag}_pairs.csv", pl.sort_values("pair_id")), (f"{tag}_splits.csv", sp)):
