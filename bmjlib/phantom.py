@@ -12,7 +12,7 @@ pairs, reports, CheXpert labels, p19 = test) and adds the ground truth no real d
 
 Each patient gets 2-6 studies; each finding evolves between studies (new / worse / better / resolved
 / stable), and pose (shift, rotation <= 7 deg, scale, inspiration) and exposure change every image.
-Studies are "PA and lateral" (PA + LATERAL), "PA only", or "portable AP". About 1.5 % of images are
+Studies are "PA and lateral" (PA + LATERAL), "PA only", or "portable AP". About 1.5-2 % of images are
 mislabelled: a study whose only image is a lateral (or an AP) recorded as PA, so that the cohort's
 PA filter lets it through and the registration score has something to catch.
 

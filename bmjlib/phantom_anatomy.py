@@ -39,8 +39,8 @@ pacemaker with lead, ECG electrodes.
 
 Speed: the pose- and disease-independent anatomy of a patient (soft tissue, bones, vessel markings)
 is drawn once on a canonical grid and resampled per pose; the rest is closed-form numpy per pixel.
-A 256 px PA image with masks costs about 10 ms of CPU, plus 20-40 ms per patient and view type for
-the static layers (`phantom.benchmark` prints the rate).
+A 256 px PA image with masks costs about 10 ms of CPU, plus 10-20 ms per patient and view type for
+the static layers, drawn at 3/4 resolution (`phantom.benchmark` prints the rate).
 """
 from __future__ import annotations
 
