@@ -128,7 +128,11 @@ def collect_evidence(pairs: pd.DataFrame, cf_paths: list[str], judges: dict | No
                                                     _shape_of(truth, r["prior_dicom_id"])), (size, size))
                           for r in chunk]
         for j, r in enumerate(chunk):
-            evs.append(I.evidence(P[j], C[j], masks0[j], masks1[j], probs0[j], probs1[j]))
+            try:
+                evs.append(I.evidence(P[j], C[j], masks0[j], masks1[j], probs0[j], probs1[j]))
+            except ValueError as e:  # e.g. the anatomy judge finds no lung in a generated image
+                skipped.append({"pair_id": r["pair_id"], "path": "", "problem": f"no evidence: {e}"})
+                continue
             kept.append(r)
     return evs, pd.DataFrame(kept), pd.DataFrame(skipped, columns=["pair_id", "path", "problem"])
 

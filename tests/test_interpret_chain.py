@@ -116,3 +116,21 @@ def test_pipeline_on_a_phantom_run(run, tmp_path):
     assert check["interpretations"] == check["written"] and all(check["identical_columns"].values())
     fig, path = interpretation_figure(run, tables, "true_counterfactual", tmp_path, size=64)
     assert path.exists() and path.with_suffix(".pdf").exists()
+
+
+def test_unmeasurable_counterfactual_is_skipped_and_counted(run, tmp_path):
+    from bmjlib.interpret_chain import collect_evidence, pair_table
+
+    pairs = pair_table(run)
+    test = pairs[pairs["split"] == "test"].head(3)
+
+    class NoLungs:  # an anatomy judge that finds no lung (as on a broken generated image)
+        def predict(self, images):
+            return np.zeros((len(images), 6) + images.shape[1:], bool)
+
+    evs, kept, skipped = collect_evidence(test, test["registered_path"].tolist(), {"anatomy": NoLungs()}, None, 64)
+    assert evs == [] and len(skipped) == 3 and skipped["problem"].str.contains("lung is empty").all()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    evs, kept, skipped = collect_evidence(test, [str(broken)] * 3, None, TruthMasks(run / "00_phantom" / "truth"), 64)
+    assert len(skipped) == 3 and skipped["path"].eq(str(broken)).all()
