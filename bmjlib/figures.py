@@ -4,7 +4,7 @@
   Grad-CAM attention map for the finding each description names;
 - Fig. 4: one prior and description, every model's output beside the real (registered) follow-up;
 - Fig. 5: the anatomy judge's organ masks on the prior, the reference and every output;
-- Fig. 9: a severity sweep (slight / moderate / large) of one finding from one prior.
+- Fig. 9: a severity sweep (slight / moderate / large; our grade-1 word is "small") of one finding from one prior.
 
 Pairs are picked by a rule fixed before looking at outputs (the test pair whose labels change most,
 ties by pair_id), never by how good a model's output looks. Figures are written as PNG and PDF.
@@ -24,7 +24,8 @@ from .schema import FINDINGS, ORGANS
 CAPTION = "Phantom cohort (synthetic; no patient data)."
 ORGAN_COLOURS = np.array([[0.12, 0.47, 0.71], [1.0, 0.5, 0.05], [0.84, 0.15, 0.16], [0.17, 0.63, 0.17],
                           [0.58, 0.4, 0.74], [0.55, 0.34, 0.29]])
-SWEEP_WORDS = ("slight", "moderate", "large")
+# The paper sweeps slight / moderate / large; grade 1 is worded "small" in our descriptions (schema.SEVERITY_WORDS).
+SWEEP_WORDS = ("small", "moderate", "large")
 FIG3_PROMPTS = ("new large left pleural effusion", "new moderate cardiomegaly",
                 "new moderate pulmonary edema", "new large right pneumothorax")
 FIG3_FINDING = ("Pleural Effusion", "Cardiomegaly", "Edema", "Pneumothorax")

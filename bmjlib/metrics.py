@@ -109,9 +109,15 @@ def retention_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels)
     if scores.ndim == 1:
         return auroc(labels, scores)
+    keep = ~pd_isna(labels)  # e.g. races outside the model's classes are left out, not counted negative
+    scores, labels = scores[keep], labels[keep].astype(float)
     per = [auroc((labels == c).astype(float), scores[:, c]) for c in range(scores.shape[1])]
     per = [p for p in per if not np.isnan(p)]
     return float(np.mean(per)) if per else float("nan")
+
+
+def pd_isna(a: np.ndarray) -> np.ndarray:
+    return np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in np.asarray(a, dtype=object)])
 
 
 def pearson_r(pred: np.ndarray, true: np.ndarray) -> float:

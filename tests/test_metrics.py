@@ -78,6 +78,9 @@ def test_retention_auroc_binary_and_multiclass():
     probs = np.eye(3)[[0, 1, 2, 0, 1, 2]] * 0.9 + 0.03
     assert M.retention_auroc(probs, np.array([0, 1, 2, 0, 1, 2])) == 1.0
     assert M.retention_auroc(probs, np.array([1, 2, 0, 1, 2, 0])) < 0.5
+    # a patient of another race (NaN) is left out, not counted as a negative of every class
+    probs7 = np.vstack([probs, [[0.9, 0.05, 0.05]]])
+    assert M.retention_auroc(probs7, np.array([0, 1, 2, 0, 1, 2, np.nan])) == 1.0
 
 
 def test_pearson_r_known():
