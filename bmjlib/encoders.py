@@ -102,9 +102,6 @@ class TextEncoder(nn.Module):
         self.model_cfg = copy.deepcopy(model_cfg)
         self.spec = spec
         self.tokenizer_dir = tokenizer_dir
-        tower = getattr(model, "text", None)
-        if tower is not None and hasattr(tower, "output_tokens"):
-            tower.output_tokens = True
         self.context_length = int(getattr(tokenizer, "context_length", 0) or self.model_cfg["text_cfg"].get(
             "context_length", 77))
         with torch.no_grad():
@@ -137,7 +134,11 @@ class TextEncoder(nn.Module):
         m = self.model
         ids = ids.to(next(m.parameters()).device)
         if hasattr(m, "text"):  # CustomTextCLIP (TextTransformer or HFTextEncoder, e.g. BiomedCLIP's PubMedBERT)
-            return m.text(ids)[1]
+            prev, m.text.output_tokens = m.text.output_tokens, True  # leave the wrapped model as it was
+            try:
+                return m.text(ids)[1]
+            finally:
+                m.text.output_tokens = prev
         cast = m.transformer.get_cast_dtype()  # plain CLIP: encode_text without the pooling
         x = m.token_embedding(ids).to(cast) + m.positional_embedding.to(cast)
         return m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
@@ -167,6 +168,18 @@ class TextEncoder(nn.Module):
 
 
 # =========================================================================== demo CLIP
+
+def _warmup_cosine(opt, total: int, warm_frac: float):
+    """Linear warm-up, then cosine decay to 10 % of the peak lr (any total >= 1)."""
+    warm = max(1, int(total * warm_frac))
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
 
 def _clip_images(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Grey [0,1] N,H,W -> N,3,H,W normalised to [-1, 1] (the demo CLIP's own preprocessing)."""
@@ -198,6 +211,9 @@ def train_demo_clip(images: np.ndarray, texts: Sequence[str], val_images: np.nda
     from open_clip.loss import ClipLoss
     from tqdm.auto import tqdm
 
+    from .pipeline import fit_cpu_threads
+
+    fit_cpu_threads()
     torch.manual_seed(seed)
     cfg = copy.deepcopy(config or DEMO_CLIP_CONFIG)
     cfg["vision_cfg"]["image_size"] = int(images.shape[-1])
@@ -209,7 +225,7 @@ def train_demo_clip(images: np.ndarray, texts: Sequence[str], val_images: np.nda
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     n = len(x_all)
     steps = epochs * max(1, n // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = _warmup_cosine(opt, steps, 0.1)
     g = torch.Generator().manual_seed(seed)
     t0, step, losses = time.time(), 0, []
     bar = tqdm(total=steps, desc="CLIP", unit="step")
@@ -271,12 +287,15 @@ def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
+    from .pipeline import fit_cpu_threads
+
+    fit_cpu_threads()
     torch.manual_seed(seed)
     cfg = dict(copy.deepcopy(config or DEMO_VAE_CONFIG), sample_size=int(images.shape[-1]))
     vae = AutoencoderKL(**cfg)
     x_all = torch.as_tensor(images, dtype=torch.float32)[:, None] * 2 - 1
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = _warmup_cosine(opt, steps, 0.05)
     g = torch.Generator().manual_seed(seed)
     t0, losses = time.time(), []
     vae.train()

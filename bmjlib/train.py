@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .io import atomic_write_csv, atomic_write_json, fingerprint, sha256_file
 from .latents import CachedData, build_cache, module_fingerprint
-from .pipeline import BiomedJourneyPipeline, atomic_dir, train_scheduler
+from .pipeline import BiomedJourneyPipeline, atomic_dir, fit_cpu_threads, train_scheduler
 
 PRIOR_MODES = ("dummy", "registered", "unregistered")
 TARGET_COLUMN = {"dummy": "image_path", "registered": "registered_path", "unregistered": "followup_path"}
@@ -177,10 +177,15 @@ def _mixed_precision(cfg: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_available() else "no"
 
 
-def init_pipeline(init_from=None, vae=None, text_encoder=None, unet_config=None, image_size=64):
+def init_pipeline(init_from=None, vae=None, text_encoder=None, unet_config=None, image_size=64, unet_init=None):
     """Stage 2 continues a saved pipeline (init_from); otherwise a new one around a VAE and text encoder
-    (objects or folders / open_clip specs) with a fresh UNet (stage 1, or one-stage training)."""
+    (objects or folders / open_clip specs) with a fresh UNet (stage 1, or one-stage training), or with
+    `unet_init` = a (4-channel) UNet folder such as Stable Diffusion v1.5's unet/, widened to 8 input
+    channels with zero weights on the prior's channels (paper scale)."""
+    from diffusers import UNet2DConditionModel
+
     from .encoders import TextEncoder, load_vae
+    from .pipeline import expand_unet_in_channels
 
     if init_from is not None:
         pipe = BiomedJourneyPipeline.from_pretrained(init_from)
@@ -191,17 +196,21 @@ def init_pipeline(init_from=None, vae=None, text_encoder=None, unet_config=None,
         raise ValueError("a new model needs vae= and text_encoder= (or init_from= a saved model)")
     vae = load_vae(vae) if isinstance(vae, (str, os.PathLike)) else vae
     te = TextEncoder.load(str(text_encoder)) if isinstance(text_encoder, (str, os.PathLike)) else text_encoder
-    return BiomedJourneyPipeline.build(vae.eval().requires_grad_(False), te, unet_config, image_size)
+    unet = None
+    if unet_init:
+        unet = expand_unet_in_channels(UNet2DConditionModel.from_pretrained(unet_init), 8)
+    return BiomedJourneyPipeline.build(vae.eval().requires_grad_(False), te, unet_config, image_size, unet=unet)
 
 
 def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | os.PathLike, init_from=None,
                 text_column: str = "impression", prior: str = "dummy", vae=None, text_encoder=None,
                 cache_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
-                split: str | None = "train", progress: bool = True) -> Path:
+                split: str | None = "train", progress: bool = True, unet_init=None) -> Path:
     """Train one stage and return the saved model folder (out_dir/model).
 
     `table`: stage1.csv rows (prior="dummy", image column `image_path`) or pair rows (prior_path +
     registered_path / followup_path). `text_column`: impression, description, instruction_impression...
+    `unet_init`: a 4-channel UNet folder to start a new model from (SD v1.5's unet/ at paper scale).
     Writes out_dir/{model/, loss.csv, train.json, checkpoints/}. A rerun with the same inputs returns at
     once; an interrupted one resumes from its newest complete checkpoint.
     """
@@ -209,14 +218,17 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     from tqdm.auto import tqdm
 
     cfg = TrainConfig.from_dict(config)
+    if not torch.cuda.is_available():
+        fit_cpu_threads()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = stage_rows(table, prior, text_column, split, root)
     if rows.empty:
         raise ValueError(f"no training rows (prior={prior!r}, text={text_column!r}, split={split!r})")
-    pipe = init_pipeline(init_from, vae, text_encoder, cfg.unet_config, cfg.image_size)
+    pipe = init_pipeline(init_from, vae, text_encoder, cfg.unet_config, cfg.image_size, unet_init)
     pipe.image_size = cfg.image_size
-    init_fp = sha256_file(Path(init_from) / "unet" / "diffusion_pytorch_model.safetensors") if init_from else None
+    init_fp = (sha256_file(Path(init_from) / "unet" / "diffusion_pytorch_model.safetensors") if init_from
+               else module_fingerprint(pipe.unet) if unet_init else None)
     data_fp = fingerprint(rows.to_dict("list"), prior)
     key = fingerprint(asdict(cfg), data_fp, init_fp, module_fingerprint(pipe.vae),
                       module_fingerprint(pipe.text_encoder.model))
@@ -345,3 +357,52 @@ def read_loss(out_dir: str | os.PathLike) -> pd.DataFrame:
     df = pd.read_csv(Path(out_dir) / "loss.csv")
     df["smoothed"] = df["loss"].ewm(alpha=0.05).mean()
     return df
+
+
+def paper_dry_run(batch_size: int = 1, steps: int = 2, device: str | None = None, bf16: bool | None = None) -> dict:
+    """Build the paper-scale model (SD v1.5 UNet with 8 input channels, SD v1.5 VAE, a 768-wide projection of
+    256 BiomedCLIP-sized token states) from the config literals with random weights, and run `steps` training
+    steps on random 256 px tensors. No weights are needed; this exercises the paper-scale code path.
+    Returns parameter count, per-step seconds, losses and (on CUDA) peak GPU memory."""
+    from torch import nn
+
+    from .pipeline import SD15_UNET_CONFIG, SD15_VAE_CONFIG, build_unet, build_vae
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = (device == "cuda") if bf16 is None else bf16
+    torch.manual_seed(0)
+    vae = build_vae(SD15_VAE_CONFIG).to(device).eval().requires_grad_(False)
+    unet = build_unet(SD15_UNET_CONFIG).to(device).train()
+    proj = nn.Linear(768, SD15_UNET_CONFIG["cross_attention_dim"]).to(device)
+    params = list(unet.parameters()) + list(proj.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    sched = train_scheduler()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        imgs = torch.rand(2 * batch_size, 3, 256, 256, generator=g).to(device) * 2 - 1
+        lat = vae.encode(imgs).latent_dist.mode() * SD15_VAE_CONFIG["scaling_factor"]
+    batch = {"target": lat[:batch_size], "prior": lat[batch_size:],
+             "text": torch.randn(batch_size, 256, 768, generator=g).to(device),
+             "null": torch.zeros(1, 256, 768, device=device)}
+    times, losses = [], []
+    for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = diffusion_loss(unet, proj, sched, batch, g, 0.05)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t0)
+        losses.append(float(loss))
+    return {"unet_params_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+            "vae_params_M": round(sum(p.numel() for p in vae.parameters()) / 1e6, 1),
+            "latent_shape": list(lat.shape[1:]), "batch_size": batch_size, "device": device, "bf16": bf16,
+            "step_seconds": [round(t, 3) for t in times], "losses": losses,
+            "peak_gpu_mem_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}

@@ -1,0 +1,119 @@
+"""Text tower loading (open_clip local-dir / hf-hub), token states, retrieval metric, demo VAE / CLIP training."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bmjlib.encoders import (DEMO_VAE_CONFIG, TextEncoder, load_images, psnr_ssim, retrieval_topk,
+                             train_demo_clip, train_demo_vae)
+from bmjlib.io import atomic_write_png
+
+from test_pipeline import TINY_CLIP
+
+PLAIN_CLIP = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+              "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def save_open_clip_folder(model, cfg, folder):
+    """The layout of an open_clip model on the Hugging Face hub (what local-dir: reads)."""
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+
+
+@pytest.mark.parametrize("kind", ["custom_text", "plain"])
+def test_text_tower_from_local_dir_matches_open_clip(tmp_path, kind):
+    import open_clip
+
+    torch.manual_seed(0)
+    cfg = copy.deepcopy(TINY_CLIP if kind == "custom_text" else PLAIN_CLIP)
+    args = {k: v for k, v in cfg.items() if k != "custom_text"}
+    model = (open_clip.CustomTextCLIP(**args) if kind == "custom_text" else open_clip.CLIP(**args)).eval()
+    save_open_clip_folder(model, cfg, tmp_path / "clip")
+
+    enc = TextEncoder.load(f"local-dir:{tmp_path / 'clip'}")
+    ctx = cfg["text_cfg"]["context_length"]
+    prompts = ["new large left pleural effusion", "no acute cardiopulmonary process", ""]
+    states = enc.encode(prompts)
+    assert states.shape == (3, ctx, 32) and enc.width == 32 and enc.context_length == ctx
+    # the pooled (EOT) token state, projected, is exactly open_clip's own text embedding
+    ids = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'clip'}")(prompts)
+    eot = ids.argmax(-1)
+    proj = model.text.text_projection if kind == "custom_text" else model.text_projection
+    with torch.no_grad():
+        ref = model.encode_text(ids)
+    torch.testing.assert_close(states[torch.arange(3), eot] @ proj, ref, atol=1e-5, rtol=1e-5)
+    assert (states[0] - states[1]).abs().max() > 1e-3  # different sentences, different states
+    assert not any(p.requires_grad for p in enc.parameters())  # frozen
+
+    # TextEncoder.save writes a folder open_clip (and TextEncoder) loads back identically
+    enc.save(tmp_path / "again")
+    torch.testing.assert_close(TextEncoder.load(str(tmp_path / "again")).encode(prompts), states)
+
+
+def test_text_tower_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no open_clip_config.json"):
+        TextEncoder.load(f"local-dir:{tmp_path}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="could not load the text encoder 'hf-hub:nobody/no-such-model'"):
+        TextEncoder.load("hf-hub:nobody/no-such-model")
+
+
+def test_retrieval_topk_known_answer():
+    texts = ["a", "b", "c", "a"]  # duplicate report text: retrieval ranks the 3 unique reports
+    tf = {"a": torch.tensor([1.0, 0, 0]), "b": torch.tensor([0, 1.0, 0]), "c": torch.tensor([0, 0, 1.0])}
+    img = torch.tensor([[1.0, 0.1, 0], [0.9, 0.5, 0], [0, 0.2, 1.0], [0.1, 1.0, 0.3]])
+    r = retrieval_topk(img, texts, tf, ks=(1, 2))
+    # image 0 -> a (hit), image 1 -> a first, b second (top-2 hit), image 2 -> c (hit), image 3 -> b, c, a (miss)
+    assert r["top1"] == pytest.approx(2 / 4) and r["top2"] == pytest.approx(3 / 4)
+    assert r["n_reports"] == 3 and r["chance_top1"] == pytest.approx(1 / 3)
+
+
+def _blobs(n, size=32, seed=0):
+    """Images with a bright blob on the left or right; the 'report' names the side."""
+    rng = np.random.default_rng(seed)
+    imgs, texts = [], []
+    for _ in range(n):
+        side = rng.choice(["left", "right"])
+        x = np.full((size, size), 0.2, np.float32) + rng.normal(0, 0.02, (size, size)).astype(np.float32)
+        c = size * 3 // 4 if side == "left" else size // 4  # patient's left = image right
+        yy, xx = np.mgrid[:size, :size]
+        x[(yy - size * 0.6) ** 2 + (xx - c) ** 2 < (size / 6) ** 2] = 0.9
+        imgs.append(np.clip(x, 0, 1))
+        texts.append(f"{side} effusion")
+    return np.stack(imgs), texts
+
+
+def test_demo_clip_learns_side(tmp_path):
+    x, t = _blobs(64)
+    xv, tv = _blobs(32, seed=1)
+    cfg = copy.deepcopy(TINY_CLIP)
+    m = train_demo_clip(x, t, xv, tv, tmp_path / "clip", epochs=8, batch_size=32, lr=2e-3, config=cfg)
+    assert m["n_reports"] == 2
+    assert m["top1"] >= 0.9  # chance 0.5: the contrastive model reads the image's side
+    enc = TextEncoder.load(f"local-dir:{tmp_path / 'clip'}")
+    assert enc.encode(["left effusion"]).shape == (1, 16, 32)
+
+
+def test_demo_vae_reconstructs(tmp_path):
+    x, _ = _blobs(64, size=16)
+    xv, _ = _blobs(16, size=16, seed=2)
+    cfg = dict(DEMO_VAE_CONFIG, block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+               up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4)
+    m = train_demo_vae(x, xv, tmp_path / "vae", steps=80, batch_size=8, lr=3e-3, config=cfg)
+    base_psnr, _ = psnr_ssim(xv, np.full_like(xv, xv.mean()))
+    assert m["psnr"] > base_psnr + 5  # far better than predicting the mean grey
+    assert m["scaling_factor"] > 0 and (tmp_path / "vae" / "config.json").is_file()
+
+
+def test_load_images_skips_and_names_bad_files(tmp_path):
+    atomic_write_png(tmp_path / "ok.png", np.tile(np.arange(40, dtype=np.uint8) * 5, (40, 1)))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    paths = [tmp_path / "ok.png", tmp_path / "bad.png", tmp_path / "missing.png"]
+    arr, kept = load_images(paths, 32, skip_bad=True)
+    assert arr.shape == (1, 32, 32) and kept == [0] and arr.std() > 0.1
+    from bmjlib.io import ImageError
+    with pytest.raises(ImageError, match="bad.png"):
+        load_images(paths, 32)
