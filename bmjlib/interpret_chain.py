@@ -150,7 +150,7 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def calibrate(pairs: pd.DataFrame, truth_images: pd.DataFrame, judges, truth: TruthMasks | None, size: int,
-              n: int, seed: int = 0, truth_dir=None) -> tuple[I.Interpreter, int]:
+              n: int, seed: int = 0, truth_dir=None, cf_masks_from_truth: bool = False) -> tuple[I.Interpreter, int]:
     """Fit the interpreter on up to `n` train-split pairs with their true change. Each pair contributes
     its registered follow-up (a real image of the new state, registered onto the prior) and, on the
     phantom, its true counterfactual (pixel-aligned with the prior, as a generated image is), so the
@@ -167,7 +167,8 @@ def calibrate(pairs: pd.DataFrame, truth_images: pd.DataFrame, judges, truth: Tr
         parts.append((tc, [str(Path(truth_dir) / p) for p in tc["counterfactual_path"]]))
     evs, ids, kept_all = [], [], []
     for k, (df, paths) in enumerate(parts):
-        e, kept, _ = collect_evidence(df, paths, judges, truth, size, desc="calibration")
+        e, kept, _ = collect_evidence(df, paths, judges, truth, size, desc="calibration",
+                                      cf_masks_from_truth=cf_masks_from_truth)
         evs += e
         ids += [f"{pid}#{k}" for pid in kept["pair_id"]]
         kept_all.append(kept.assign(pair_id=[f"{pid}#{k}" for pid in kept["pair_id"]]))
@@ -205,13 +206,17 @@ def counterfactual_sources(run_dir, pairs: pd.DataFrame, models=MODELS) -> dict[
 
 
 def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n_calibration: int = 300,
-                       max_pairs: int = 0, seed: int = 0, models=MODELS) -> dict:
-    """Interpret every counterfactual of the run's test pairs, score, write CSVs; return the tables."""
+                       max_pairs: int = 0, seed: int = 0, models=MODELS, truth_masks_row: bool = False) -> dict:
+    """Interpret every counterfactual of the run's test pairs, score, write CSVs; return the tables.
+
+    `truth_masks_row` (phantom, no judges) adds 'true_counterfactual+true_masks': the true counterfactual
+    measured with its true organ masks, by an interpreter calibrated with true masks (the measurement
+    ceiling); off by default as it costs a second calibration."""
     from .judges import load_judges
 
     run, out = resolve(run_dir), resolve(out_dir)
     truth_dir = run / "00_phantom" / "truth"
-    key = _inputs_key(run, judges_dir, size, n_calibration, max_pairs, seed, models)
+    key = fingerprint(_inputs_key(run, judges_dir, size, n_calibration, max_pairs, seed, models), truth_masks_row)
     stamp = out / "run.json"
     names = ("interpretations", "sentences", "direction_scores", "summary", "skipped", "consistency")
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key and \
@@ -243,13 +248,14 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
     sources = counterfactual_sources(run, test, models)
     sources["reference"] = sources["reference"] + others["registered_path"].tolist()
     everyone = pd.concat([test, others], ignore_index=True)
-    for model, paths in sources.items():
-        evs, kept, sk = collect_evidence(everyone.head(len(paths)), paths, judges, truth, size, desc=model)
+    def one(model, paths, interpreter, true_masks=False):
+        evs, kept, sk = collect_evidence(everyone.head(len(paths)), paths, judges, truth, size, desc=model,
+                                         cf_masks_from_truth=true_masks)
         sk["model"] = model
         skips.append(sk)
         if not evs:
-            continue
-        lg, st = interpret_rows(interp, evs, kept, model)
+            return
+        lg, st = interpret_rows(interpreter, evs, kept, model)
         longs.append(lg)
         sents.append(st)
         in_test = kept["pair_id"].isin(test["pair_id"]).to_numpy()
@@ -263,6 +269,15 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
                      **sc.set_index("finding").loc["mean", ["direction_acc", "coarse_acc", "changed_f1",
                                                             "macro_f1", "side_acc"]].to_dict(),
                      **I.consistency_summary(ct)})
+
+    for model, paths in sources.items():
+        one(model, paths, interp)
+    if truth_masks_row and judges is None and "true_counterfactual" in sources:
+        # the measurement ceiling: the true counterfactual with its true masks (the follow-up's, moved
+        # into the prior's frame by the true transform), interpreter calibrated the same way
+        interp_tm, _ = calibrate(pairs, images, None, truth, size, n_calibration, seed, truth_dir,
+                                 cf_masks_from_truth=True)
+        one("true_counterfactual+true_masks", sources["true_counterfactual"], interp_tm, true_masks=True)
     tables = {"interpretations": pd.concat(longs, ignore_index=True),
               "sentences": pd.concat(sents, ignore_index=True),
               "direction_scores": pd.concat(scores, ignore_index=True),
