@@ -225,6 +225,7 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     rows = stage_rows(table, prior, text_column, split, root)
     if rows.empty:
         raise ValueError(f"no training rows (prior={prior!r}, text={text_column!r}, split={split!r})")
+    torch.manual_seed(cfg.seed)  # the new UNet's and projection's initial weights
     pipe = init_pipeline(init_from, vae, text_encoder, cfg.unet_config, cfg.image_size, unet_init)
     pipe.image_size = cfg.image_size
     init_fp = (sha256_file(Path(init_from) / "unet" / "diffusion_pytorch_model.safetensors") if init_from

@@ -62,10 +62,12 @@ def test_cache_augmentation_is_identical_for_prior_and_target(tmp_path, parts):
     tab = parts["table"]
     rows = T.stage_rows(tab.assign(prior_path=tab["registered_path"]), "registered", "description")
     data = build_cache(pipe, rows, tmp_path / "cache", 32, margin=1, dummy_prior=False, progress=False)
-    assert data.target.shape == (10, 2, 4, 10, 10)  # (32 + 2*1*4 px) / 4, two orientations
+    f = pipe.latent_factor
+    side = (32 + 2 * f) // f  # encoded at image_size + 2 x margin latent px, both orientations
+    assert data.target.shape == (10, 2, 4, side, side)
     g = torch.Generator().manual_seed(0)
     b = data.batch(torch.arange(10), g, hflip=True, device="cpu")
-    assert b["target"].shape == (10, 4, 8, 8)
+    assert b["target"].shape == (10, 4, side - 2, side - 2)
     torch.testing.assert_close(b["prior"], b["target"])  # same image -> same flip and crop
     # flipped samples get the sentence with left/right swapped
     g = torch.Generator().manual_seed(0)
