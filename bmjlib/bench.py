@@ -63,7 +63,7 @@ class BenchConfig:
     """Sizes of every measurement. `quick()` fits the 2-core CPU budget (< 3 min); `full()` is steadier."""
     phantom_images: int = 24           # images rendered for the phantom rate
     phantom_size: int = 256
-    reg_pairs: int = 4
+    reg_pairs: int = 2
     reg_size: int = 256
     descriptions: int = 200
     train_steps: int = 4               # timed optimisation steps per arm (after one warm-up step)
@@ -74,7 +74,7 @@ class BenchConfig:
     fast_steps: int = 20               # DPM-Solver++
     slow_steps: int = 100              # InstructPix2Pix's sampling length
     scale_sizes: tuple[int, ...] = (128, 256, 512)
-    scale_reg_pairs: int = 2
+    scale_reg_pairs: int = 1
     scale_gen_steps: int = 4           # generation scaling: a few steps, reported per image of `fast_steps`
     chain_json: str = "runs/demo/chain.json"
     model: str = "demo"                # trained model for the sampler comparison ("demo" = shipped)
@@ -82,6 +82,7 @@ class BenchConfig:
     gpu_steps: int = 20
     gpu_batch: int = 32
     gpu_size: int = 256
+    gpu_sample_steps: int = 20
 
     @classmethod
     def quick(cls) -> "BenchConfig":
@@ -89,7 +90,7 @@ class BenchConfig:
 
     @classmethod
     def full(cls) -> "BenchConfig":
-        return cls(phantom_images=96, reg_pairs=16, descriptions=2000, train_steps=12, gen_pairs=8,
+        return cls(phantom_images=96, reg_pairs=12, descriptions=2000, train_steps=12, gen_pairs=8,
                    scale_reg_pairs=4, scale_gen_steps=8, gpu_steps=50)
 
 

@@ -7,12 +7,12 @@ bmjlib.train. A function raises `NotAvailable` with the reason when its code has
 """
 from __future__ import annotations
 
-import inspect
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from .bench import BenchConfig, NotAvailable, Result, _optional
+from .bench import BenchConfig, Result, _optional
 
 
 class Context:
@@ -30,95 +30,286 @@ class Context:
         return Path(self._tmp.name)
 
 
-def _call(fn, **kwargs):
-    """Call another module's benchmark() with the keyword arguments it declares (it may take fewer)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
+# --------------------------------------------------------------------------- shared inputs
+
+def cohort(ctx: Context) -> Path:
+    """A small phantom cohort (bmjlib.phantom.write_cohort) in the bench's temporary folder; its own
+    summary is the phantom row's measurement."""
+    if "cohort" not in ctx._cache:
+        write_cohort = _optional("bmjlib.phantom", "write_cohort", "lands with the phantom issue")
+        cfg = ctx.cfg
+        n_patients = max(3, cfg.phantom_images // 4)
+        out = ctx.tmp / "phantom"
+        summary = write_cohort(out, n_patients=n_patients, size=cfg.phantom_size, seed=cfg.seed, workers=None)
+        ctx._cache["cohort"] = (out, summary)
+    return ctx._cache["cohort"][0]
 
 
-def _rate(res: Any, *keys: str) -> float:
-    """The items/s figure in another module's benchmark() result (a number, or a dict holding one)."""
-    if isinstance(res, (int, float)):
-        return float(res)
-    if isinstance(res, dict):
-        for k in keys:
-            if k in res and res[k] is not None:
-                return float(res[k])
-    raise NotAvailable(f"benchmark() returned {type(res).__name__} without any of {keys}: {res!r:.200}")
+def truth_pairs(ctx: Context):
+    """Truly-PA phantom pairs with image paths, the progression sentence (offline synthesiser, from the
+    two reports) and the path of the true counterfactual."""
+    if "pairs" not in ctx._cache:
+        phantom_pairs = _optional("bmjlib.registration_eval", "phantom_pairs", "lands with the registration issue")
+        synthesise = _optional("bmjlib.progression", "synthesise", "lands with the progression issue")
+        from .sources import mimic_report_path
+
+        root = cohort(ctx)
+        tp = phantom_pairs(root)
+        tp = tp[~tp["any_mislabeled"].astype(str).str.lower().isin(["true", "1"])].reset_index(drop=True)
+        rep = lambda s, st: mimic_report_path(root / "mimic", s, st).read_text()
+        tp["description"] = [synthesise(rep(s, a), rep(s, b)) for s, a, b in
+                             zip(tp["subject_id"], tp["prior_study_id"], tp["followup_study_id"])]
+        tp["truth_path"] = [str(root / "truth" / c) for c in tp["counterfactual_path"]]
+        ctx._cache["pairs"] = tp
+    return ctx._cache["pairs"]
 
 
 # --------------------------------------------------------------------------- other modules' benchmarks
 
 def phantom_rate(ctx: Context) -> Result:
-    cfg = ctx.cfg
-    bench = _optional("bmjlib.phantom", "benchmark", "lands with the phantom issue")
-    res = _call(bench, n_images=cfg.phantom_images, n=cfg.phantom_images, size=cfg.phantom_size,
-                seed=cfg.seed, workers=None)
-    r = Result("Throughput", "phantom images/s", _rate(res, "images_per_s", "images_per_second", "rate"),
-               "images/s", note=f"{cfg.phantom_images} images at {cfg.phantom_size} px")
-    r.extra = res if isinstance(res, dict) else {}
-    return r
+    cohort(ctx)
+    s = ctx._cache["cohort"][1]
+    return Result("Throughput", "phantom images/s", float(s["images_per_s"]), "images/s",
+                  note=f"bmjlib.phantom.write_cohort: {s['images']} images ({s['patients']} patients, "
+                       f"masks and true counterfactuals included) at {s['size']} px, all cores, {s['seconds']} s",
+                  extra=dict(s))
 
 
 def registration_rate(ctx: Context) -> Result:
     cfg = ctx.cfg
-    bench = _optional("bmjlib.registration", "benchmark", "lands with the cohort/registration issue")
-    res = _call(bench, n_pairs=cfg.reg_pairs, size=cfg.reg_size, seed=cfg.seed)
-    ours = _rate(res, "pairs_per_s", "ours_pairs_per_s", "rate")
-    other = None
-    if isinstance(res, dict):
-        for k in ("progemu_pairs_per_s", "baseline_pairs_per_s", "reference_pairs_per_s"):
-            if res.get(k) is not None:
-                other = float(res[k])
-    compare = f"ProgEmu config {other:.3g} pairs/s ({ours / other:.1f}x)" if other else ""
-    return Result("Throughput", "registration pairs/s", ours, "pairs/s", compare=compare,
-                  note=f"{cfg.reg_pairs} pairs at {cfg.reg_size} px, same pairs for both",
-                  extra=res if isinstance(res, dict) else {})
+    bench = _optional("bmjlib.registration_eval", "benchmark", "lands with the registration issue")
+    res = bench(phantom_dir=cohort(ctx), n_pairs=cfg.reg_pairs, seed=cfg.seed, log=None)
+    ours, pe = res["ours"], res["progemu"]
+    return Result("Throughput", "registration pairs/s", ours["pairs_per_s"], "pairs/s",
+                  compare=f"ProgEmu config {pe['pairs_per_s']:.3g} pairs/s (ours {res['speedup']:.1f}x)",
+                  note=f"bmjlib.registration_eval.benchmark: the same {res['pairs']} truly-PA pairs, 1 ITK thread; "
+                       f"TRE ours {ours['tre_mean_px256']:.2f} vs ProgEmu {pe['tre_mean_px256']:.2f} px @256",
+                  extra=res)
 
 
 def description_rate(ctx: Context) -> Result:
     cfg = ctx.cfg
     bench = _optional("bmjlib.progression", "benchmark", "lands with the reports/progression issue")
-    res = _call(bench, n=cfg.descriptions, n_pairs=cfg.descriptions, seed=cfg.seed)
-    return Result("Throughput", "offline descriptions/s",
-                  _rate(res, "descriptions_per_s", "per_s", "rate"), "descriptions/s",
-                  note=f"{cfg.descriptions} report pairs, offline synthesiser (no network)",
-                  extra=res if isinstance(res, dict) else {})
+    res = bench(n_offline=cfg.descriptions, n_api=max(8, cfg.descriptions // 50), log=lambda m: None)
+    return Result("Throughput", "offline descriptions/s", res["offline_pairs_per_s"], "descriptions/s",
+                  compare=(f"API path {res['api_pairs_per_s']:.3g}/s (openai client -> loopback server, "
+                           f"{res['api_latency_s'] * 1000:.0f} ms/answer, {res['api_concurrency']} in flight)"),
+                  note=f"bmjlib.progression.benchmark: {cfg.descriptions} distinct report pairs, offline synthesiser",
+                  extra=res)
 
 
 def registration_scaling(ctx: Context) -> list[Result]:
+    from dataclasses import replace
+
     cfg = ctx.cfg
-    bench = _optional("bmjlib.registration", "benchmark", "lands with the cohort/registration issue")
+    register_pair = _optional("bmjlib.registration", "register_pair", "lands with the registration issue")
+    from .registration import RegConfig, set_itk_threads
+
+    tp = truth_pairs(ctx).head(cfg.scale_reg_pairs)
+    set_itk_threads(1)
     rows = []
     for size in cfg.scale_sizes:
-        res = _call(bench, n_pairs=cfg.scale_reg_pairs, size=size, seed=cfg.seed)
-        rate = _rate(res, "pairs_per_s", "ours_pairs_per_s", "rate")
-        rows.append(Result("Scaling", f"registration at {size} px", 1.0 / rate, "s/pair",
-                           note=f"{cfg.scale_reg_pairs} pairs"))
+        rc = replace(RegConfig(), size=size)
+        t0 = time.perf_counter()
+        for r in tp.itertuples(index=False):
+            register_pair(r.prior_path, r.followup_path, rc)
+        dt = (time.perf_counter() - t0) / len(tp)
+        rows.append(Result("Scaling", f"registration at {size} px", dt, "s/pair",
+                           note=f"our configuration at {size} px ({len(tp)} pairs, 1 ITK thread)"))
     return rows
 
 
-# --------------------------------------------------------------------------- the model (filled in below)
+# --------------------------------------------------------------------------- the model
+
+def random_pipeline(image_size: int = 64, seed: int = 0):
+    """The demo-scale model (demo VAE, demo CLIP text tower, demo UNet) with random weights: the same
+    computation as the trained model, for timings that must not depend on a training run."""
+    import open_clip
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .encoders import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG, TextEncoder
+    from .pipeline import BiomedJourneyPipeline
+
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in DEMO_CLIP_CONFIG.items() if k != "custom_text"}
+    enc = TextEncoder(open_clip.CustomTextCLIP(**cfg),
+                      open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"]),
+                      DEMO_CLIP_CONFIG, "demo-clip")
+    vae = AutoencoderKL(**DEMO_VAE_CONFIG).eval().requires_grad_(False)
+    return BiomedJourneyPipeline.build(vae, enc, image_size=image_size)
+
+
+def trained_model(ctx: Context):
+    """(pipeline, where from) for the fidelity comparison: the configured model, else None."""
+    from .demo_model import DemoModelError, resolve_model
+    from .pipeline import BiomedJourneyPipeline
+
+    name = ctx.cfg.model
+    try:
+        path = resolve_model(name)
+    except DemoModelError as e:
+        return None, str(e)
+    if not (path / "bmj_pipeline.json").is_file():
+        return None, f"{path} is not a saved pipeline"
+    return BiomedJourneyPipeline.from_pretrained(path), f"model '{name}'"
+
+
+def _train_arm(pipe, rows, batch: int, steps: int, cached: bool, tmp: Path) -> tuple[float, float, float]:
+    """Samples/s of `steps` optimisation steps (after one warm-up), the last loss, and the cache build time."""
+    import torch
+
+    from .latents import _read, build_cache
+    from .pipeline import train_scheduler
+    from .train import diffusion_loss
+
+    unet, proj = pipe.unet.train().requires_grad_(True), pipe.projection.train().requires_grad_(True)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(proj.parameters()), lr=1e-4)
+    sched = train_scheduler(pipe.scheduler_config)
+    size = pipe.image_size
+    t0 = time.perf_counter()
+    data = build_cache(pipe, rows, tmp, size, margin=0, dummy_prior=False, progress=False) if cached else None
+    cache_s = time.perf_counter() - t0
+    null = pipe.text_encoder.encode([pipe.null_prompt])
+    n = len(rows)
+
+    def step(k: int) -> float:
+        g = torch.Generator().manual_seed(k)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        if cached:
+            b = data.batch(idx, g, hflip=True, device="cpu")
+        else:  # what training without the cache does: read, resize and encode every image and sentence
+            sel = rows.iloc[idx.tolist()]
+            tg = torch.cat([_read(p, size) for p in sel["target_path"]])
+            pr = torch.cat([_read(p, size) for p in sel["prior_path"]])
+            b = {"target": pipe.encode_images(tg), "prior": pipe.encode_images(pr),
+                 "text": pipe.text_encoder.encode(list(sel["text"]))}
+        b["null"] = null
+        loss = diffusion_loss(unet, proj, sched, b, g, 0.05)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    step(-1)
+    t0 = time.perf_counter()
+    for k in range(steps):
+        loss = step(k)
+    dt = time.perf_counter() - t0
+    unet.eval().requires_grad_(False)
+    proj.eval().requires_grad_(False)
+    return batch * steps / dt, loss, cache_s
+
+
+def _train_rows(ctx: Context):
+    import pandas as pd
+
+    tp = truth_pairs(ctx)
+    return pd.DataFrame({"prior_path": tp["prior_path"], "target_path": tp["followup_path"],
+                         "text": tp["description"]})
+
 
 def training_cached(ctx: Context) -> list[Result]:
-    raise NotAvailable("bmjlib.pipeline / bmjlib.train have not landed (model issue)")
-
-
-def sampler_rates(ctx: Context) -> list[Result]:
-    raise NotAvailable("bmjlib.pipeline has not landed (model issue)")
-
-
-def generation_scaling(ctx: Context) -> list[Result]:
-    raise NotAvailable("bmjlib.pipeline has not landed (model issue)")
+    cfg = ctx.cfg
+    _optional("bmjlib.train", "diffusion_loss", "lands with the model issue")
+    rows = _train_rows(ctx)
+    pipe = random_pipeline(cfg.image_size, cfg.seed)
+    cached, loss_c, cache_s = _train_arm(pipe, rows, cfg.train_batch, cfg.train_steps, True, ctx.tmp / "lat")
+    fly, loss_f, _ = _train_arm(pipe, rows, cfg.train_batch, cfg.train_steps, False, ctx.tmp / "lat")
+    note = (f"demo model (random weights), {cfg.image_size} px, batch {cfg.train_batch}, {cfg.train_steps} steps "
+            f"each, stage-2 triples from the phantom; cache of {len(rows)} pairs built once in {cache_s:.1f} s")
+    return [Result("Throughput", "training samples/s, cached latents + text states", cached, "samples/s",
+                   compare=f"on the fly {fly:.3g} samples/s (cached {cached / fly:.1f}x)", note=note,
+                   extra={"cached": cached, "on_the_fly": fly, "cache_seconds": cache_s,
+                          "loss_cached": loss_c, "loss_on_the_fly": loss_f}),
+            Result("Throughput", "training samples/s, VAE + text encoder on the fly", fly, "samples/s",
+                   note="same model, same run, same pairs")]
 
 
 def training_batch_scaling(ctx: Context) -> list[Result]:
-    raise NotAvailable("bmjlib.train has not landed (model issue)")
+    cfg = ctx.cfg
+    _optional("bmjlib.train", "diffusion_loss", "lands with the model issue")
+    rows = _train_rows(ctx)
+    pipe = random_pipeline(cfg.image_size, cfg.seed)
+    out = []
+    for b in cfg.train_batches:
+        rate, _, _ = _train_arm(pipe, rows, b, max(2, cfg.train_steps // 2), True, ctx.tmp / "lat")
+        out.append(Result("Scaling", f"training samples/s at batch {b}", rate, "samples/s",
+                          note=f"cached latents, demo model, {cfg.image_size} px"))
+    return out
+
+
+def sampler_rates(ctx: Context) -> list[Result]:
+    """DPM-Solver++ (fast_steps) vs Euler (slow_steps) on the same priors, with SSIM to the true counterfactual."""
+    import numpy as np
+    from skimage.metrics import structural_similarity
+
+    from .io import read_image
+
+    cfg = ctx.cfg
+    pipe, source = trained_model(ctx)
+    trained = pipe is not None
+    if not trained:
+        pipe = random_pipeline(cfg.image_size, cfg.seed)
+    tp = truth_pairs(ctx).head(cfg.gen_pairs)
+    priors = np.stack([read_image(p) for p in tp["prior_path"]])
+    size = pipe.image_size
+    truth = np.stack([_resize(read_image(p), size) for p in tp["truth_path"]])
+    rows = []
+    for sched, steps in (("dpm", cfg.fast_steps), ("euler", cfg.slow_steps)):
+        pipe(priors[:1], list(tp["description"])[:1], steps=2, scheduler=sched)  # warm-up
+        t0 = time.perf_counter()
+        out = pipe(priors, list(tp["description"]), steps=steps, scheduler=sched, seed=cfg.seed)
+        rate = len(out) / (time.perf_counter() - t0)
+        ssim = float(np.mean([structural_similarity(a, b, data_range=1.0) for a, b in zip(out, truth)]))
+        rows.append((sched, steps, rate, ssim))
+    (_, fs, fr, fss), (_, ss, sr, sss) = rows
+    fid = (lambda x: f"SSIM to true counterfactual {x:.3f}") if trained else \
+          (lambda x: f"SSIM {x:.3f} (random weights: {source}; not a fidelity figure)")
+    what = f"{source}, {size} px, {len(tp)} phantom pairs, batch {len(tp)}, dual guidance 7.5 / 1.5"
+    return [Result("Throughput", f"counterfactuals/s, DPM-Solver++ {fs} steps", fr, "images/s",
+                   compare=f"{sr:.3g}/s at {ss} steps ({fr / sr:.1f}x)", note=f"{fid(fss)}; {what}",
+                   extra={"ssim": fss, "trained": trained}),
+            Result("Throughput", f"counterfactuals/s, Euler {ss} steps (InstructPix2Pix length)", sr, "images/s",
+                   note=f"{fid(sss)}; same priors, sentences and seeds", extra={"ssim": sss, "trained": trained})]
+
+
+def _resize(img, size: int):
+    import numpy as np
+    from skimage.transform import resize
+
+    return resize(img, (size, size), order=1, anti_aliasing=True).astype(np.float32)
+
+
+def generation_scaling(ctx: Context) -> list[Result]:
+    """Seconds per counterfactual at each image size (random-weight demo model: the UNet is convolutional,
+    so the same network runs at any size; the cost, not the picture, is the point)."""
+    import numpy as np
+
+    cfg = ctx.cfg
+    rows = []
+    pipe = random_pipeline(64, cfg.seed)
+    for size in cfg.scale_sizes:
+        pipe.image_size = size
+        prior = np.full((size, size), 0.5, np.float32)
+        pipe(prior, "x", steps=1)  # warm-up
+        t0 = time.perf_counter()
+        pipe(prior, "new small left pleural effusion", steps=cfg.scale_gen_steps, seed=cfg.seed)
+        dt = time.perf_counter() - t0
+        rows.append(Result("Scaling", f"generation at {size} px", dt, "s/image",
+                           note=f"{cfg.scale_gen_steps} DPM-Solver++ steps (3 UNet evaluations each) + VAE, "
+                                f"demo model architecture, batch 1"))
+    return rows
 
 
 def gpu_section(cfg: BenchConfig, requested: bool) -> list[Result]:
-    from .bench_gpu import gpu_rows
+    """The FLOP count (no GPU needed), then the GPU timings or a row that says why there are none."""
+    from .bench import NotAvailable
+    from .bench_gpu import flops_row, gpu_rows
 
-    return gpu_rows(cfg, requested)
+    rows = [flops_row(cfg)]
+    try:
+        rows += gpu_rows(cfg, requested)
+    except NotAvailable as e:
+        rows.append(Result("GPU", "GPU training and sampling timings", note=f"not available: {e}"))
+    return rows
