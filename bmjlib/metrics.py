@@ -160,20 +160,26 @@ def bernoulli_kl(p_scores: np.ndarray, q_scores: np.ndarray, eps: float = 1e-6) 
 # --------------------------------------------------------------------------- Dice (Table 4)
 
 def dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Dice per mask over the last two axes of two boolean arrays (..., H, W); 1 where both are empty."""
+    """Dice per mask over the last two axes of two boolean arrays (..., H, W). NaN where both masks are
+    empty: an organ neither segmentation finds says nothing about agreement (and a judge that finds
+    nothing anywhere must not score a perfect 1)."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     if a.shape != b.shape:
         raise ValueError(f"dice: mask shapes differ {a.shape} vs {b.shape}")
     inter = (a & b).sum(axis=(-2, -1)).astype(float)
     total = a.sum(axis=(-2, -1)).astype(float) + b.sum(axis=(-2, -1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        d = np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
-    return d
+        return np.where(total == 0, np.nan, 2 * inter / np.maximum(total, 1))
 
 
 def mean_dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image Dice averaged over organs, for arrays N x organs x H x W -> N values."""
-    return dice(a, b).mean(axis=-1)
+    """Per-image Dice averaged over the organs where it is defined, for N x organs x H x W -> N values."""
+    d = dice(a, b)
+    with np.errstate(invalid="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(d, axis=-1)
 
 
 # --------------------------------------------------------------------------- pixel fidelity (phantom)

@@ -104,7 +104,7 @@ def table3(summary: pd.DataFrame) -> pd.DataFrame:
         row = {"Source": LABEL.get(r["source"], r["source"])}
         row.update({FINDING_ABBREV[f]: fmt(r, f"auroc_{f}") for f in FINDINGS})
         row["Mean"] = fmt(r, "pathology_auroc")
-        row["KL (nats)"] = fmt(r, "kl", 1.0, 3)
+        row["KL (nats)"] = fmt(r, "kl", 1.0, 4)
         row.update({f"{FINDING_ABBREV[f]} {PAPER}": _paper(PAPER_T3, p, i) for i, f in enumerate(FINDINGS)})
         row[f"Mean {PAPER}"] = _paper(PAPER_T3, p, 5)
         row[f"KL {PAPER}"] = _paper(PAPER_T3, p, 6)
