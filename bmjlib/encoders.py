@@ -280,10 +280,11 @@ def psnr_ssim(ref: np.ndarray, test: np.ndarray) -> tuple[float, float]:
 
 def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os.PathLike, steps: int = 600,
                    batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0,
-                   config: dict | None = None, max_seconds: float | None = None) -> dict:
+                   config: dict | None = None, max_seconds: float | None = None, crop: int | None = None) -> dict:
     """Train a small AutoencoderKL (L1 + MSE reconstruction + a small KL term; no GAN/LPIPS at this scale),
     set its `scaling_factor` to 1 / std of the training latents (as SD does), save it, and return held-out
-    PSNR / SSIM."""
+    PSNR / SSIM on whole images. `crop`: train on random crop x crop patches (the VAE is convolutional, so
+    half-size crops cost a quarter and still teach it whole images)."""
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
@@ -303,6 +304,9 @@ def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os
     for step in tqdm(range(steps), desc="VAE", unit="step"):
         b = torch.randint(0, len(x_all), (batch_size,), generator=g)
         xb = x_all[b]
+        if crop and crop < xb.shape[-1]:
+            oy, ox = torch.randint(0, xb.shape[-1] - crop + 1, (2,), generator=g).tolist()
+            xb = xb[..., oy:oy + crop, ox:ox + crop]
         post = vae.encode(xb).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
         loss = F.l1_loss(rec, xb) + F.mse_loss(rec, xb) + kl_weight * post.kl().mean()
@@ -340,3 +344,17 @@ def load_vae(folder: str | os.PathLike):
         raise FileNotFoundError(f"VAE folder {folder} has no config.json (train one with train_demo_vae, or "
                                 "point to Stable Diffusion v1.5's vae/ folder)")
     return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+
+
+def untrained_text_encoder(like: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """A text encoder of the same architecture and size as `like` (spec or folder) with random frozen weights,
+    saved to out_dir; returns its 'local-dir:' spec. A control arm for Table 5 (text encoder without
+    image-text pretraining); a text-only *pretrained* encoder of the same size is the paper's other arm."""
+    import open_clip
+
+    src = TextEncoder.load(str(like))
+    torch.manual_seed(seed)
+    args = {k: v for k, v in src.model_cfg.items() if k != "custom_text"}
+    model = (open_clip.CustomTextCLIP(**args) if src.model_cfg.get("custom_text") else open_clip.CLIP(**args))
+    TextEncoder(model, src.tokenizer, src.model_cfg, "untrained").save(out_dir)
+    return f"local-dir:{out_dir}"

@@ -55,7 +55,7 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
         val, train = rows[rows["subject_id"].astype(str).isin(held)], rows[~rows["subject_id"].astype(str).isin(held)]
     val = val.iloc[:max_val]
     key = fingerprint(list(train["image_path"]), list(train["impression"]), list(val["image_path"]), image_size,
-                      vae_steps, vae_batch, clip_epochs, clip_batch, seed)
+                      vae_steps, vae_batch, clip_epochs, clip_batch, seed, "vae-crop-half")
     done = _done(out, key)
     if done:
         print("components up to date: nothing to do")
@@ -65,7 +65,8 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
     x_val, kept_v = load_images(list(val["image_path"]), image_size, skip_bad=True)
     t_val = list(val["impression"].iloc[kept_v])
     skipped = (len(train) - len(kept)) + (len(val) - len(kept_v))
-    vae = train_demo_vae(x_train, x_val, out / "vae", steps=vae_steps, batch_size=vae_batch, seed=seed)
+    vae = train_demo_vae(x_train, x_val, out / "vae", steps=vae_steps, batch_size=vae_batch, seed=seed,
+                         crop=max(16, image_size // 2))
     clip = train_demo_clip(x_train, t_train, x_val, t_val, out / "text_encoder", epochs=clip_epochs,
                            batch_size=clip_batch, seed=seed)
     res = {"key": key, "vae": str(out / "vae"), "text_encoder": f"local-dir:{out / 'text_encoder'}",
