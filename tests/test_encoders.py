@@ -117,3 +117,16 @@ def test_load_images_skips_and_names_bad_files(tmp_path):
     from bmjlib.io import ImageError
     with pytest.raises(ImageError, match="bad.png"):
         load_images(paths, 32)
+
+
+def test_untrained_text_encoder_same_size(tmp_path):
+    from bmjlib.encoders import untrained_text_encoder
+
+    from test_pipeline import tiny_text_encoder
+
+    tiny_text_encoder(seed=3).save(tmp_path / "trained")
+    spec = untrained_text_encoder(tmp_path / "trained", tmp_path / "random", seed=1)
+    a, b = TextEncoder.load(str(tmp_path / "trained")), TextEncoder.load(spec)
+    assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters())
+    x, y = a.encode(["left effusion"]), b.encode(["left effusion"])
+    assert x.shape == y.shape and (x - y).abs().max() > 1e-2
