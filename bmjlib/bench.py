@@ -256,6 +256,8 @@ def machine_info() -> dict[str, str]:
         "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
         "os": platform.platform(),
         "python": platform.python_version(),
+        "load average (1/5/15 min) at the end": " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        if hasattr(os, "getloadavg") else "unknown",
     }
     try:
         import torch

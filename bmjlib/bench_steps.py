@@ -149,7 +149,7 @@ def trained_model(ctx: Context):
     try:
         path = resolve_model(name)
     except DemoModelError as e:
-        return None, str(e)
+        return None, f"no trained model ({type(e).__name__}: the shipped demo model is missing or changed)"
     if not (path / "bmj_pipeline.json").is_file():
         return None, f"{path} is not a saved pipeline"
     return BiomedJourneyPipeline.from_pretrained(path), f"model '{name}'"
