@@ -294,8 +294,8 @@ class Explorer:
         self.img_prior, self.img_cf, self.img_diff = (
             W.Image(value=blank, format="png", layout=W.Layout(width=self.px, height=self.px)) for _ in range(3))
         self.img_cf.add_class("bmj-counterfactual")
-        self.cap_prior, self.cap_cf, self.cap_diff = W.HTML("prior"), W.HTML("counterfactual"), \
-            W.HTML("difference (red = more opaque)")
+        self.cap_prior, self.cap_cf, self.cap_diff = (W.HTML(t, layout=W.Layout(width=self.px)) for t in
+                                                      ("prior", "counterfactual", "difference (red = more opaque)"))
         self.interpretation = W.HTML("")
         self.sweep_box = W.HBox([])
         self.load_btn.on_click(lambda _: self.load_prior())
