@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def export_from_run(run: str | os.PathLike, out: Path = DEMO_DIR) -> dict:
+def export_from_run(run: str | os.PathLike, out: Path = DEMO_DIR, provenance: str = "", check_steps: int = 20) -> dict:
     """Export `run`/05_stage2/model; training texts from 01_cohort/stage1.csv and 03_descriptions/pairs.csv."""
     import pandas as pd
 
@@ -298,9 +298,9 @@ def export_from_run(run: str | os.PathLike, out: Path = DEMO_DIR) -> dict:
     test = pairs[pairs["split"] == "test"].head(4) if "split" in pairs else pairs.head(4)
     priors = np.stack([read_image(p) for p in test["prior_path"]])
     chain = json.loads((run / "chain.json").read_text()) if (run / "chain.json").is_file() else {}
-    prov = (f"Trained by the demo chain (`bmj reproduce --profile demo`) in `{run.name}/`: stage 1 + stage 2 "
+    prov = provenance or (f"Trained by the demo chain (`bmj reproduce --profile demo`) in `{run.name}/`: stage 1 + stage 2 "
             f"(05_stage2/model); step 05 finished {chain.get('05_stage2', {}).get('finished', '?')}.")
-    return export(model, texts, out, provenance=prov, check_priors=priors,
+    return export(model, texts, out, provenance=prov, check_priors=priors, check_steps=check_steps,
                   check_prompts=list(test["description"]) if "description" in test else None)
 
 

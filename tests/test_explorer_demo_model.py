@@ -88,3 +88,16 @@ def test_a_changed_or_missing_file_is_named(exported, tmp_path):
 
 def test_other_names_are_paths():
     assert str(dm.resolve_model("runs/demo/05_stage2/model")) == "runs/demo/05_stage2/model"
+
+
+def test_the_shipped_demo_model_matches_its_sha256_and_generates(tmp_path):
+    """bmjlib/models/demo/ as committed: every file matches SHA256SUMS, it loads by name and generates."""
+    from bmjlib.pipeline import BiomedJourneyPipeline
+
+    sums = dm.verify()
+    assert {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/open_clip_model.safetensors", "projection.safetensors"} <= set(sums)
+    assert sum((dm.DEMO_DIR / r).stat().st_size for r in sums) < 12 * 2**20  # small enough to keep in git
+    pipe = BiomedJourneyPipeline.from_pretrained(dm.materialise(cache=tmp_path))
+    out = pipe(np.full((64, 64), 0.5, np.float32), "New small left pleural effusion.", steps=2)
+    assert out.shape == (1, pipe.image_size, pipe.image_size) and np.isfinite(out).all() and out.std() > 0
