@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .io import atomic_write_csv
+from .chain import resolve
 
 ARMS = [(d, r, t) for r in (False, True) for t in (False, True) for d in ("impression", "description")]
 TEXT_COLUMN = {"impression": "instruction_impression", "description": "description"}
@@ -58,7 +59,7 @@ def train_arm(name: str, desc: str, reg: bool, two: bool, pairs: pd.DataFrame, r
     """Train one arm (resumable / no-op when done: train_stage's own fingerprint)."""
     from .train import train_stage
 
-    stage1 = Path(run_dir) / "04_stage1"
+    stage1 = resolve(run_dir) / "04_stage1"
     kw = dict(prior="registered" if reg else "unregistered", text_column=TEXT_COLUMN[desc],
               cache_dir=cache_dir or stage1 / "latents", progress=False)
     if two and text_encoder is None:
@@ -74,7 +75,7 @@ def run_arms(arms: list[tuple], run_dir, out_dir, config, judges: dict, size: in
     from .counterfactuals import generate_model, test_pairs
     from .evaluation import evaluate
 
-    run, out = Path(run_dir), Path(out_dir)
+    run, out = resolve(run_dir), Path(out_dir)
     pairs = pd.read_csv(run / "03_descriptions" / "pairs.csv")
     test = test_pairs(run, max_pairs=max_pairs)
     rows = []

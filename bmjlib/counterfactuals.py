@@ -25,6 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .io import Manifest, atomic_write_csv, atomic_write_png, fingerprint, read_image, sha256_file, to_uint8
+from .chain import resolve
 
 DEMO_MODELS = ["biomedjourney", "one_stage", "text_only", "copy_prior"]
 PAPER_MODELS = ["sd15", "ip2p"] + DEMO_MODELS
@@ -37,7 +38,7 @@ class ModelMissing(FileNotFoundError):
 
 def test_pairs(run_dir: str | Path, split: str = "test", max_pairs: int | None = None) -> pd.DataFrame:
     """The evaluation pairs: 03_descriptions/pairs.csv rows of `split`, sorted by pair_id (stable seeds)."""
-    f = Path(run_dir) / "03_descriptions" / "pairs.csv"
+    f = resolve(run_dir) / "03_descriptions" / "pairs.csv"
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no pairs with descriptions (run notebook 03 first)")
     pairs = pd.read_csv(f, dtype={"subject_id": str, "prior_study_id": str, "followup_study_id": str})
@@ -52,7 +53,7 @@ def test_pairs(run_dir: str | Path, split: str = "test", max_pairs: int | None =
 def model_specs(run_dir: str | Path, scale: str = "demo", sd_dir: str = "", ip2p_dir: str = "",
                 text_column: str = "description") -> dict[str, dict]:
     """name -> {kind, path, prior ('prior' | 'dummy'), text (pair column)} for the models of a scale."""
-    run = Path(run_dir)
+    run = resolve(run_dir)
     imp = "instruction_impression"
     specs = {
         "biomedjourney": {"kind": "pipeline", "path": run / "05_stage2" / "model", "prior": "prior", "text": text_column},

@@ -27,6 +27,7 @@ from . import metrics as M
 from .counterfactuals import _resize, load_outputs
 from .io import read_image
 from .schema import FINDINGS
+from .chain import resolve
 
 REFERENCE = "reference"
 RACE_GROUPS = {"ASIAN": 0, "BLACK": 1, "WHITE": 2}
@@ -64,7 +65,7 @@ def load_sources(run_dir: str | Path, gen_dir: str | Path, pairs: pd.DataFrame, 
                  root: str | Path | None = None) -> dict:
     """Images N,size,size per source: every model, the reference (registered follow-up), the prior,
     and the phantom's true counterfactual when the run has one ('truth', else absent)."""
-    run = Path(run_dir)
+    run = resolve(run_dir)
     ids = pairs["pair_id"].tolist()
     out = {m: _resize(load_outputs(gen_dir, m, ids), size) for m in models}
     ref_col = "registered_path" if "registered_path" in pairs else "followup_path"

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .io import atomic_path, atomic_write_json, fingerprint, read_image, sha256_file
 from .schema import FINDING_KEYS, FINDINGS, ORGANS
+from .chain import resolve
 
 JUDGE_FILE = "judge.json"
 WEIGHTS_FILE = "weights.pt"
@@ -238,7 +239,7 @@ def judge_data(run_dir: str | Path, size: int, max_images: int | None = None, se
     findings N x 5 (truth severity > 0), male N, age N, masks N x organs x size x size, and `dicom_id`.
     Unreadable images are skipped and counted (`skipped`).
     """
-    run = Path(run_dir)
+    run = resolve(run_dir)
     truth = run / "00_phantom" / "truth"
     images = pd.read_csv(truth / "images.csv", dtype={"dicom_id": str, "subject_id": str, "study_id": str})
     patients = pd.read_csv(truth / "patients.csv", dtype={"subject_id": str})
@@ -359,9 +360,9 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
     """Train (or reuse, when `out_dir` holds judges trained from the same data and settings) the four
     demo judges; write `out_dir/<kind>/` and `out_dir/heldout.csv` (one row per judge and metric)."""
     out_dir = Path(out_dir)
-    truth = Path(run_dir) / "00_phantom" / "truth"
+    truth = resolve(run_dir) / "00_phantom" / "truth"
     key = fingerprint("judges-v1", size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
-                      sha256_file(Path(run_dir) / "01_cohort" / "pairs.csv"))
+                      sha256_file(resolve(run_dir) / "01_cohort" / "pairs.csv"))
     stamp = out_dir / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         try:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .schema import CHEXPERT_LABELS, RECORD_COLUMNS
+from .chain import resolve
 
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 MIMIC_CHEXPERT = "mimic-cxr-2.0.0-chexpert.csv"
@@ -274,7 +275,7 @@ def _conform(df: pd.DataFrame, source: str) -> pd.DataFrame:
 def source_root(source: str, data_root: str | Path, run_dir: str | Path) -> Path:
     """Where a notebook reads its data: the phantom written by step 00 in the run folder, else `data_root`."""
     if source == "phantom":
-        return Path(run_dir) / "00_phantom" / "mimic"
+        return resolve(run_dir) / "00_phantom" / "mimic"
     if not str(data_root):
         raise ValueError(f"source={source!r} needs data_root (the dataset folder, or the cohort CSV for 'csv')")
     return Path(data_root)
