@@ -22,14 +22,18 @@ class GenerateError(ValueError):
 
 
 def resolve_model(model: str) -> Path:
-    """'demo' -> the demo chain's stage-2 model (runs/demo/05_stage2/model); else the folder given."""
+    """'demo' -> the shipped demo model (bmjlib/models/demo, verified against its sha256 and expanded);
+    anything else -> the saved pipeline folder given."""
     from .chain import resolve
 
-    path = resolve("runs/demo/05_stage2/model") if model == "demo" else resolve(model)
+    if model == "demo":
+        from .demo_model import resolve_model as shipped
+
+        return shipped("demo")
+    path = resolve(model)
     if not (path / "bmj_pipeline.json").is_file():
         why = "does not exist" if not path.exists() else "is not a saved BiomedJourney model (no bmj_pipeline.json)"
-        hint = " (run `bmj reproduce --profile demo --to 05` first)" if model == "demo" else ""
-        raise GenerateError(f"model {path} {why}{hint}")
+        raise GenerateError(f"model {path} {why}")
     return path
 
 

@@ -81,3 +81,21 @@ def test_generate_errors(tmp_path, model, capsys):
         err = capsys.readouterr().err
         assert msg in err and err.startswith("bmj generate:")
         assert not out.exists()
+
+
+def test_bmj_generate_model_demo_uses_the_shipped_model(tmp_path, monkeypatch):
+    """`bmj generate --model demo` works on a fresh install: no run folder, only bmjlib/models/demo."""
+    from PIL import Image
+
+    from bmjlib.cli import main
+
+    monkeypatch.setenv("BMJ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    prior = tmp_path / "prior.png"
+    yy, xx = np.mgrid[:96, :96]
+    Image.fromarray((100 + 80 * np.sin(xx / 9.0) * np.cos(yy / 13.0)).astype(np.uint8)).save(prior)
+    out = tmp_path / "cf.png"
+    assert main(["generate", "--model", "demo", "--prior", str(prior), "--prompt", "New small left pleural effusion.",
+                 "--steps", "2", "--out", str(out)]) == 0
+    img = np.asarray(Image.open(out))
+    assert img.shape == (96, 96) and img.dtype == np.uint8 and img.std() > 0
