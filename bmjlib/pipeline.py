@@ -408,11 +408,17 @@ class BiomedJourneyPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         text_encoder=None) -> "BiomedJourneyPipeline":
-        """Load a folder written by `save_pretrained`. `text_encoder` overrides the stored one."""
+        """Load a folder written by `save_pretrained` ('demo' = the shipped demo model, bmjlib/models/demo).
+        `text_encoder` overrides the stored one."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import load_file
 
         from .encoders import TextEncoder
+
+        if str(path) == "demo":
+            from .demo_model import resolve_model
+
+            path = resolve_model("demo")
 
         path = Path(path)
         meta_file = path / PIPELINE_FILE

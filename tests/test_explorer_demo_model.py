@@ -101,3 +101,15 @@ def test_the_shipped_demo_model_matches_its_sha256_and_generates(tmp_path):
     pipe = BiomedJourneyPipeline.from_pretrained(dm.materialise(cache=tmp_path))
     out = pipe(np.full((64, 64), 0.5, np.float32), "New small left pleural effusion.", steps=2)
     assert out.shape == (1, pipe.image_size, pipe.image_size) and np.isfinite(out).all() and out.std() > 0
+
+
+def test_from_pretrained_by_name_is_the_shipped_model(tmp_path, monkeypatch):
+    from bmjlib.pipeline import BiomedJourneyPipeline
+
+    monkeypatch.setenv("BMJ_CACHE", str(tmp_path))
+    by_name = BiomedJourneyPipeline.from_pretrained("demo")
+    by_path = BiomedJourneyPipeline.from_pretrained(dm.materialise(cache=tmp_path))
+    prior = np.full((64, 64), 0.4, np.float32)
+    a = by_name(prior, "No change.", steps=2, seed=3)
+    b = by_path(prior, "No change.", steps=2, seed=3)
+    np.testing.assert_array_equal(a, b)
