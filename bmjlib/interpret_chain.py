@@ -134,7 +134,7 @@ def collect_evidence(pairs: pd.DataFrame, cf_paths: list[str], judges: dict | No
                 skipped.append({"pair_id": r["pair_id"], "path": "", "problem": f"no evidence: {e}"})
                 continue
             kept.append(r)
-    return evs, pd.DataFrame(kept), pd.DataFrame(skipped, columns=["pair_id", "path", "problem"])
+    return evs, pd.DataFrame(kept, columns=pairs.columns), pd.DataFrame(skipped, columns=["pair_id", "path", "problem"])
 
 
 def _shape_of(truth: TruthMasks, dicom_id: str):
@@ -165,15 +165,19 @@ def calibrate(pairs: pd.DataFrame, truth_images: pd.DataFrame, judges, truth: Tr
     if truth_dir is not None and "counterfactual_path" in cal and cal["counterfactual_path"].notna().any():
         tc = cal[cal["counterfactual_path"].notna()]
         parts.append((tc, [str(Path(truth_dir) / p) for p in tc["counterfactual_path"]]))
-    evs, ids, kept_all = [], [], []
+    evs, ids, kept_all, problems = [], [], [], []
     for k, (df, paths) in enumerate(parts):
-        e, kept, _ = collect_evidence(df, paths, judges, truth, size, desc="calibration",
-                                      cf_masks_from_truth=cf_masks_from_truth)
+        e, kept, skipped = collect_evidence(df, paths, judges, truth, size, desc="calibration",
+                                            cf_masks_from_truth=cf_masks_from_truth)
+        problems += skipped["problem"].tolist()
         evs += e
         ids += [f"{pid}#{k}" for pid in kept["pair_id"]]
         kept_all.append(kept.assign(pair_id=[f"{pid}#{k}" for pid in kept["pair_id"]]))
     if not evs:
-        raise ValueError("calibration: no train pair has a registered follow-up or a true counterfactual")
+        why = (f"all {len(problems)} calibration images were skipped (first problem: {problems[0]}); "
+               "an anatomy judge that finds no lungs cannot calibrate, so train it longer or run without judges"
+               if problems else "no train pair has a registered follow-up or a true counterfactual")
+        raise ValueError(f"calibration: {why}")
     kept = pd.concat(kept_all, ignore_index=True)
     t = I.truth_directions(kept, truth_images)
     return I.Interpreter().fit(evs, t, ids), len(evs)
