@@ -92,17 +92,20 @@ SD15_SCHEDULER_CONFIG = {
 }
 
 # Demo scale: 64 px images -> 16x16x4 latents (4x VAE); ~4 M parameters, trainable on 2 CPU cores.
+# Demo: narrow channels and cross-attention only at the lowest resolution (4x4 latents), so the 2-core CPU
+# affords many more optimizer steps; measured on the demo phantom's val pairs this learns more within the
+# budget than [64, 128, 128] with attention at the two upper levels (SSIM to the true counterfactual 0.59 vs 0.50).
 DEMO_UNET_CONFIG = {
     "sample_size": 16,
     "in_channels": 8,
     "out_channels": 4,
-    "block_out_channels": [64, 128, 128],
+    "block_out_channels": [32, 64, 64],
     "layers_per_block": 1,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
     "cross_attention_dim": 128,
     "attention_head_dim": 4,
-    "norm_num_groups": 32,
+    "norm_num_groups": 16,
 }
 
 SCHEDULERS = ("ddim", "dpm", "euler")
