@@ -124,31 +124,9 @@ def sample(pipe, prior: np.ndarray, prompts: list[str], text_scale: float = 7.5,
            steps: int = 20, scheduler: str = "dpm", seed: int = 0,
            callback: Callable[[int, int], None] | None = None) -> np.ndarray:
     """One batch of counterfactuals (one prior, N prompts) -> N,H,W in [0,1]; callback(step, steps) after
-    each step. The same computation as `pipe(prior, prompts, ...)` (BiomedJourneyPipeline._sample)."""
-    import torch
-
-    from .pipeline import make_scheduler, to_batch
-
-    with torch.no_grad():
-        n = len(prompts)
-        priors = to_batch(prior, pipe.image_size).expand(n, -1, -1, -1)
-        dev = pipe.device
-        sched = make_scheduler(scheduler, pipe.scheduler_config)
-        sched.set_timesteps(steps, device=dev)
-        prior_lat = pipe.encode_images(priors).to(dev)
-        dtype = pipe.projection.weight.dtype
-        text_emb = pipe.projection(pipe.text_states(prompts).to(dev, dtype)).float()
-        null_emb = pipe.projection(pipe.text_states([pipe.null_prompt]).to(dev, dtype)).float().expand(n, -1, -1)
-        shape = prior_lat.shape[1:]
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
-        latents = noise.to(dev) * sched.init_noise_sigma
-        for k, t in enumerate(sched.timesteps):
-            inp = sched.scale_model_input(latents, t)
-            eps = pipe.guided_eps(inp, t, prior_lat, text_emb, null_emb, text_scale, image_scale)
-            latents = sched.step(eps, t, latents).prev_sample
-            if callback:
-                callback(k + 1, len(sched.timesteps))
-        return pipe.decode_latents(latents)[:, 0].numpy().astype(np.float32)
+    each denoising step, so the widget's progress bar moves while the pipeline samples."""
+    return pipe(prior, list(prompts), text_scale=text_scale, image_scale=image_scale, steps=steps,
+                scheduler=scheduler, seed=seed, batch_size=max(1, len(prompts)), callback=callback)
 
 
 # --------------------------------------------------------------------------- what changed

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -318,14 +318,16 @@ class BiomedJourneyPipeline:
     @torch.no_grad()
     def __call__(self, prior, prompt: str | Sequence[str], text_scale: float = 7.5, image_scale: float = 1.5,
                  steps: int = 20, scheduler: str = "dpm", seed: int = 0, batch_size: int = 16,
-                 out_size: int | None = None, progress: bool = False) -> np.ndarray:
+                 out_size: int | None = None, progress: bool = False,
+                 callback: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Generate counterfactual follow-ups. Returns float32 N,H,W in [0,1] at `out_size` (default the
         model's image_size).
 
         `prior`: H,W or N,H,W float array in [0,1] (resized to the model's size); `prompt`: one string
         (broadcast) or N strings; a single prior with N prompts is broadcast too. Sample i's starting
         noise comes from seed + i, so a sample does not depend on the batch it is generated in.
-        `text_scale` = s_text, `image_scale` = s_image.
+        `text_scale` = s_text, `image_scale` = s_image. `callback(done, total)` is called after every
+        denoising step (total = steps x batches), e.g. for a progress bar in a widget.
         """
         if self.device.type == "cpu":
             fit_cpu_threads()
@@ -349,9 +351,13 @@ class BiomedJourneyPipeline:
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc="generate", unit="batch")
-        outs = [self._sample(priors[i:i + batch_size], prompts[i:i + batch_size], text_scale, image_scale,
-                             steps, scheduler, [seed + j for j in range(i, min(i + batch_size, n))])
-                for i in it]
+        n_batches = len(range(0, n, batch_size))
+        outs = []
+        for b, i in enumerate(it):
+            step_done = (lambda k, total, b=b: callback(b * total + k, n_batches * total)) if callback else None
+            outs.append(self._sample(priors[i:i + batch_size], prompts[i:i + batch_size], text_scale, image_scale,
+                                     steps, scheduler, [seed + j for j in range(i, min(i + batch_size, n))],
+                                     step_done))
         x = torch.cat(outs)
         if out_size and out_size != x.shape[-1]:
             x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True).clamp(0, 1)
@@ -368,7 +374,7 @@ class BiomedJourneyPipeline:
         e_ti, e_i, e_u = eps.chunk(3)
         return e_u + text_scale * (e_ti - e_i) + image_scale * (e_i - e_u)
 
-    def _sample(self, priors, prompts, text_scale, image_scale, steps, scheduler, seeds):
+    def _sample(self, priors, prompts, text_scale, image_scale, steps, scheduler, seeds, step_done=None):
         dev = self.device
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=dev)
@@ -380,10 +386,12 @@ class BiomedJourneyPipeline:
         shape = prior_lat.shape[1:]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         latents = noise.to(dev) * sched.init_noise_sigma
-        for t in sched.timesteps:
+        for k, t in enumerate(sched.timesteps):
             inp = sched.scale_model_input(latents, t)  # only the noisy latent is scaled, not the prior's
             eps = self.guided_eps(inp, t, prior_lat, text_emb, null_emb, text_scale, image_scale)
             latents = sched.step(eps, t, latents).prev_sample
+            if step_done:
+                step_done(k + 1, len(sched.timesteps))
         return self.decode_latents(latents)
 
     # ---- persistence --------------------------------------------------------------------------

@@ -156,3 +156,11 @@ def test_bad_inputs(pipe):
 def test_dummy_prior_is_constant_128(pipe):
     d = pipe.dummy_prior(2)
     assert d.shape == (2, 32, 32) and np.all(np.rint(d * 255) == 128)
+
+
+def test_callback_reports_every_denoising_step_across_batches():
+    pipe = tiny_pipeline()
+    seen = []
+    pipe(np.full((32, 32), 0.5, np.float32), ["a", "b", "c"], steps=3, batch_size=2,
+         callback=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 6) for k in range(1, 7)]  # 2 batches x 3 steps, counted monotonically
