@@ -345,7 +345,8 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
         atomic_write_json(done_file, {
             "key": key, "steps": step, "skipped_steps": skipped, "examples": n, "prior": prior,
             "text_column": text_column, "init_from": str(init_from) if init_from else None,
-            "config": asdict(cfg), "seconds_this_run": round(seconds, 1),
+            # the UNet actually trained: with init_from, its saved config wins over cfg.unet_config
+            "config": {**asdict(cfg), "unet_config": dict(pipe.unet.config)}, "seconds_this_run": round(seconds, 1),
             "samples_per_s": round(trained * cfg.batch_size / seconds, 1) if trained and seconds > 0 else None,
             "model_sha256": sha256_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")})
         shutil.rmtree(ckpt_root, ignore_errors=True)

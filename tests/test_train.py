@@ -107,6 +107,12 @@ def test_stage1_then_stage2_and_rerun_is_noop(tmp_path, parts, capsys):
     assert list(loss["step"]) == [1, 2, 3] and np.isfinite(loss["loss"]).all()
     m2 = T.train_stage(dict(CFG, max_steps=2, ema=True), tab, tmp_path / "s2", init_from=m1, prior="registered",
                        text_column="description", cache_dir=tmp_path / "s1" / "latents", progress=False)
+    # stage 2 continues stage 1's UNet; train.json records that one, not a config argument it did not use
+    wide = dict(CFG, max_steps=1, unet_config=dict(TINY_UNET, block_out_channels=[32, 32]))
+    T.train_stage(wide, tab, tmp_path / "s2w", init_from=m1, prior="registered", text_column="description",
+                  cache_dir=tmp_path / "s1" / "latents", progress=False)
+    rec = json.loads((tmp_path / "s2w" / "train.json").read_text())["config"]["unet_config"]
+    assert rec["block_out_channels"] == [16, 32] == list(BiomedJourneyPipeline.from_pretrained(m1).unet.config.block_out_channels)
     a = BiomedJourneyPipeline.from_pretrained(m1).unet.conv_in.weight
     b = BiomedJourneyPipeline.from_pretrained(m2).unet.conv_in.weight
     assert 0 < (a - b).abs().max() < 0.1  # continued from stage 1, and changed
