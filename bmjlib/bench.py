@@ -61,7 +61,7 @@ class NotAvailable(Exception):
 @dataclass
 class BenchConfig:
     """Sizes of every measurement. `quick()` fits the 2-core CPU budget (< 3 min); `full()` is steadier."""
-    phantom_images: int = 24           # images rendered for the phantom rate
+    phantom_images: int = 400          # images rendered for the phantom rate (fewer mostly time the pool start)
     phantom_size: int = 256
     reg_pairs: int = 2
     reg_size: int = 256
@@ -90,7 +90,7 @@ class BenchConfig:
 
     @classmethod
     def full(cls) -> "BenchConfig":
-        return cls(phantom_images=96, reg_pairs=12, descriptions=2000, train_steps=12, gen_pairs=8,
+        return cls(phantom_images=2000, reg_pairs=12, descriptions=2000, train_steps=12, gen_pairs=8,
                    scale_reg_pairs=4, scale_gen_steps=8, gpu_steps=50)
 
 
