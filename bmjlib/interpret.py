@@ -332,6 +332,8 @@ class Interpreter:
         for f in FINDINGS:
             X, y, Xr, yr = [], [], [], []
             for ev, pid in zip(evs, pair_ids):
+                if (pid, f) not in t.index:  # change unknown (a report pair that does not mention f)
+                    continue
                 row = t.loc[(pid, f)]
                 for s in (("left", "right") if f in LATERAL else (None,)):
                     x = features(ev, f, s)
@@ -342,7 +344,7 @@ class Interpreter:
                         Xr.append(x)
                         yr.append(int(row["direction"] == "resolved"))
             if not X:
-                raise ValueError("calibration: no pairs")
+                raise ValueError(f"calibration: no calibration pair with a known change of {f}")
             if len(set(y)) < 2:  # e.g. a tiny smoke cohort: say so, and predict the only class seen
                 warnings.warn(f"calibration: {f} is always {y[0]:+d} among {len(evs)} pairs; "
                               "its direction cannot be learned and is reported as that", stacklevel=2)

@@ -134,3 +134,65 @@ def test_unmeasurable_counterfactual_is_skipped_and_counted(run, tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     evs, kept, skipped = collect_evidence(test, [str(broken)] * 3, None, TruthMasks(run / "00_phantom" / "truth"), 64)
     assert len(skipped) == 3 and skipped["path"].eq(str(broken)).all()
+
+
+def _report_pairs(run):
+    """The run's phantom pairs as notebook 01 builds them, with both reports' sections."""
+    from bmjlib.cohort import build_cohort
+    from bmjlib.sources import load_source
+
+    return build_cohort(load_source("phantom", run / "00_phantom" / "mimic"), require_positive=False).pairs
+
+
+def test_report_directions_known_sentences():
+    from bmjlib.interpret_chain import report_directions
+
+    pairs = pd.DataFrame([
+        {"pair_id": "a", "prior_findings": "", "prior_impression": "Small left pleural effusion. No pneumothorax.",
+         "followup_findings": "", "followup_impression": "Compared to ___, the left pleural effusion has increased. "
+                                                         "No pneumothorax."},
+        {"pair_id": "b", "prior_findings": "", "prior_impression": "Moderate right pneumothorax.",
+         "followup_findings": "", "followup_impression": "No pneumothorax. New mild pulmonary edema."},
+    ])
+    d = report_directions(pairs).set_index(["pair_id", "finding"])
+    assert tuple(d.loc[("a", "Pleural Effusion"), ["direction", "side"]]) == ("worse", "left")
+    assert tuple(d.loc[("a", "Pneumothorax"), ["direction", "side"]]) == ("unchanged", "")
+    assert tuple(d.loc[("b", "Pneumothorax"), ["direction", "side"]]) == ("resolved", "right")
+    assert d.loc[("b", "Edema"), "direction"] == "new"
+    # a finding the follow-up report does not mention is unknown, not "unchanged"
+    assert ("a", "Edema") not in d.index and ("b", "Cardiomegaly") not in d.index
+
+
+def test_report_directions_agree_with_the_phantom_truth(run):
+    from bmjlib.interpret_chain import report_directions
+
+    pairs = _report_pairs(run)
+    images = pd.read_csv(run / "00_phantom" / "truth" / "images.csv", dtype={"dicom_id": str})
+    said, true = report_directions(pairs), I.truth_directions(pairs, images)
+    m = said.merge(true, on=["pair_id", "finding"], suffixes=("", "_true"))
+    assert len(m) == len(said) > 0.5 * len(true)   # the reports speak about most (pair, finding) cells
+    assert (m["direction"] == m["direction_true"]).mean() > 0.9
+    changed = m[(m["direction"] != "unchanged") & (m["direction_true"] != "unchanged") & m["finding"].isin(I.LATERAL)]
+    assert len(changed) > 10 and (changed["side"] == changed["side_true"]).mean() > 0.9
+
+
+def test_pipeline_without_phantom_truth_calibrates_on_the_reports(run, tmp_path):
+    """Real data (MIMIC-CXR, ICG-CXR) has no truth/images.csv: the known change comes from the two reports.
+    Organ masks still come from truth/masks here, standing in for the anatomy judge."""
+    import shutil
+
+    real = tmp_path / "run"
+    shutil.copytree(run / "00_phantom" / "truth" / "masks", real / "00_phantom" / "truth" / "masks")
+    shutil.copytree(run / "06_generate", real / "06_generate")
+    pairs = pd.read_csv(run / "03_descriptions" / "pairs.csv", dtype=str)
+    reports = _report_pairs(run)[["pair_id", "prior_findings", "prior_impression", "followup_findings",
+                                  "followup_impression"]]
+    (real / "03_descriptions").mkdir()
+    pairs.merge(reports, on="pair_id").to_csv(real / "03_descriptions" / "pairs.csv", index=False)
+    tables = run_interpretation(real, real / "10_icg", size=64, n_calibration=300)
+    assert tables["directions_from"] == "reports"
+    s = tables["summary"].set_index("model")
+    assert "true_counterfactual" not in s.index   # nothing to build it from without the phantom truth
+    assert (tables["interpretations"].query("model == 'copy_prior'")["direction"] == "unchanged").all()
+    # the registered follow-up is scored against what its reports say
+    assert s.loc["reference", "changed_f1"] > 0.5
