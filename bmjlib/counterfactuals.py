@@ -248,3 +248,71 @@ def load_outputs(gen_dir: str | Path, model: str, pair_ids: list[str]) -> np.nda
     """A model's generated images for `pair_ids`, N,H,W float in [0, 1]; a missing one raises naming it."""
     d = Path(gen_dir) / model
     return np.stack([read_image(d / f"{pid}.png") for pid in pair_ids])
+
+
+# --------------------------------------------------------------------------- guidance scales
+
+# (text scale, image scale) candidates; InstructPix2Pix's defaults 7.5 / 1.5 are among them.
+GUIDANCE_GRID = [(t, i) for t in (1.5, 2.0, 3.0, 4.5, 7.5) for i in (1.5, 2.5, 4.0)]
+GUIDANCE_FILE = "guidance.json"
+
+
+def select_guidance(run_dir: str | Path, out_dir: str | Path, size: int, settings: dict | None = None,
+                    grid=GUIDANCE_GRID, seed: int = 0, max_pairs: int | None = 64,
+                    batch_size: int = 16) -> tuple[pd.DataFrame, dict]:
+    """Choose the two guidance scales of §5.1's sampler on the VALIDATION pairs (never the test pairs).
+
+    InstructPix2Pix's defaults (7.5 / 1.5) suit a well-trained model; a small demo model trained for minutes
+    is not one. Every (text, image) pair of `grid` generates BiomedJourney's counterfactual of each
+    validation pair (same seeds), scored by the mean SSIM to the phantom's true counterfactual (the prior
+    patient in the prior's pose with the follow-up's disease: the image a perfect model would make). The
+    best is written to out_dir/guidance.json, which `resolve_guidance` reads for "auto". Needs the phantom
+    truth; on other data give the scales as numbers. Returns (table, choice)."""
+    from .io import atomic_write_json
+    from .metrics import ssim
+
+    run, out = resolve(run_dir), Path(out_dir)
+    truth = run / "00_phantom" / "truth"
+    if not (truth / "pairs.csv").is_file():
+        raise FileNotFoundError(f"{truth / 'pairs.csv'}: choosing the guidance scales needs the phantom's true "
+                                "counterfactuals; give text_scale and image_scale as numbers")
+    pairs = test_pairs(run_dir, split="val", max_pairs=max_pairs)
+    cf = pd.read_csv(truth / "pairs.csv", dtype=str).set_index("pair_id")["counterfactual_path"]
+    target = np.stack([_resize(read_image(truth / cf[p])[None], size)[0] for p in pairs["pair_id"]])
+    spec = model_specs(run_dir)["biomedjourney"]
+    gen = load_generator("biomedjourney", spec)
+    rows = []
+    for ts, im in tqdm(grid, desc="guidance on val pairs", unit="setting"):
+        arm = out / f"text{ts:g}_image{im:g}"
+        s = dict(settings or {}, text_scale=float(ts), image_scale=float(im))
+        generate_model("biomedjourney", spec, pairs, arm, size, seed, batch_size, s, generator=gen)
+        scores = ssim(load_outputs(arm, "biomedjourney", list(pairs["pair_id"])), target)
+        rows.append({"text_scale": float(ts), "image_scale": float(im), "val_ssim": float(scores.mean()),
+                     "n_pairs": len(pairs)})
+    table = pd.DataFrame(rows)
+    best = table.loc[table["val_ssim"].idxmax()]
+    choice = {"text_scale": float(best["text_scale"]), "image_scale": float(best["image_scale"]),
+              "val_ssim": float(best["val_ssim"]), "n_val_pairs": len(pairs), "criterion":
+              "mean SSIM to the true counterfactual on validation pairs", "settings": settings or {}}
+    atomic_write_json(out / GUIDANCE_FILE, choice)
+    atomic_write_csv(out / "guidance_val.csv", table)
+    return table, choice
+
+
+def resolve_guidance(run_dir: str | Path, text_scale, image_scale) -> tuple[float, float]:
+    """The sampler's (text, image) guidance scales: numbers as given; "auto" = the choice notebook 05 made on
+    validation pairs (05_stage2/guidance/guidance.json, `select_guidance`)."""
+    import json
+
+    if not any(isinstance(v, str) for v in (text_scale, image_scale)):
+        return float(text_scale), float(image_scale)
+    bad = [v for v in (text_scale, image_scale) if isinstance(v, str) and v != "auto"]
+    if bad:
+        raise ValueError(f"guidance scale {bad[0]!r}: a number or 'auto'")
+    f = resolve(run_dir) / "05_stage2" / "guidance" / GUIDANCE_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: guidance 'auto' but no scales were chosen on validation pairs yet "
+                                "(notebook 05 chooses them); or give text_scale and image_scale as numbers")
+    choice = json.loads(f.read_text())
+    return (choice["text_scale"] if text_scale == "auto" else float(text_scale),
+            choice["image_scale"] if image_scale == "auto" else float(image_scale))

@@ -45,11 +45,13 @@ def test_pipeline_generation_is_seeded_per_pair_and_resumable(run, tmp_path):
     # rerun: nothing is made again
     C.generate_model("biomedjourney", spec, pairs, tmp_path, size=32, seed=3, batch_size=2, settings=settings)
     assert all((d / f"{p}.png").stat().st_mtime_ns == mtimes[p] for p in pairs["pair_id"])
-    # lose the middle one: only it is regenerated, in a batch of its own, and comes out identical
+    # lose the middle one: only it is regenerated, in a batch of its own, and comes out the same up to float
+    # reduction order (a batch of 1 vs 2 sums in another order: at most one grey level, seen on 2 idle threads)
     mid = pairs["pair_id"][1]
+    before = read_image(d / f"{mid}.png")
     (d / f"{mid}.png").unlink()
     idx = C.generate_model("biomedjourney", spec, pairs, tmp_path, size=32, seed=3, batch_size=2, settings=settings)
-    assert (d / f"{mid}.png").read_bytes() == first[mid]
+    assert np.abs(read_image(d / f"{mid}.png") - before).max() <= 1 / 255 + 1e-6
     assert (d / f"{pairs['pair_id'][0]}.png").stat().st_mtime_ns == mtimes[pairs["pair_id"][0]]
     assert list(idx["seed"]) == [3, 4, 5] and (d / "index.csv").is_file()
     # a different seed or setting makes different work
@@ -149,3 +151,38 @@ def test_figures_write_png_and_pdf(run, tmp_path):
     names = {p.name for p in (tmp_path / "f").iterdir()}
     for n in ("fig4", "fig5_segmentations", "fig3_counterfactuals_attention", "fig9_severity_sweep"):
         assert {f"{n}.png", f"{n}.pdf"} <= names
+
+
+def test_guidance_is_chosen_on_validation_pairs(run):
+    from bmjlib.metrics import ssim
+
+    out = run / "05_stage2" / "guidance"
+    grid = [(1.5, 1.5), (7.5, 1.5), (2.0, 4.0)]
+    table, choice = C.select_guidance(run, out, size=32, settings={"steps": 2}, grid=grid)
+    val = C.test_pairs(run, split="val")
+    assert len(table) == 3 and choice["n_val_pairs"] == len(val) > 0
+    best = table.loc[table["val_ssim"].idxmax()]
+    assert (choice["text_scale"], choice["image_scale"]) == (best["text_scale"], best["image_scale"])
+    # only validation pairs were generated, never a test pair
+    made = {p.stem for p in (out / "text7.5_image1.5" / "biomedjourney").glob("*.png")}
+    assert made == set(val["pair_id"]) and not made & set(C.test_pairs(run)["pair_id"])
+    # the score is the SSIM to the phantom's true counterfactual, recomputed here from the files
+    truth = run / "00_phantom" / "truth"
+    target = np.stack([read_image(truth / "counterfactual" / f"{p}.png") for p in val["pair_id"]])
+    got = C.load_outputs(out / "text7.5_image1.5", "biomedjourney", list(val["pair_id"]))
+    row = table[(table["text_scale"] == 7.5) & (table["image_scale"] == 1.5)].iloc[0]
+    assert ssim(got, target).mean() == pytest.approx(row["val_ssim"])
+    # "auto" reads the choice; numbers pass through
+    assert C.resolve_guidance(run, "auto", "auto") == (choice["text_scale"], choice["image_scale"])
+    assert C.resolve_guidance(run, 3, "auto") == (3.0, choice["image_scale"])
+    assert C.resolve_guidance(tmp_missing := run / "nonexistent", 7.5, 1.5) == (7.5, 1.5)
+    with pytest.raises(FileNotFoundError, match="guidance.json.*notebook 05"):
+        C.resolve_guidance(tmp_missing, "auto", 1.5)
+    with pytest.raises(ValueError, match="'fast': a number or 'auto'"):
+        C.resolve_guidance(run, "fast", 1.5)
+
+
+def test_guidance_selection_needs_the_phantom_truth(tmp_path):
+    (tmp_path / "03_descriptions").mkdir()
+    with pytest.raises(FileNotFoundError, match="true counterfactuals; give text_scale and image_scale as numbers"):
+        C.select_guidance(tmp_path, tmp_path / "g", size=32)
