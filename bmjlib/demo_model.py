@@ -195,11 +195,12 @@ def vocabulary_rows(texts: Iterable[str], text_encoder_dir: Path) -> list[int]:
 
 def export(model_dir: str | os.PathLike, texts: Iterable[str], out: str | os.PathLike = DEMO_DIR,
            provenance: str = "", check_priors: np.ndarray | None = None,
-           check_prompts: list[str] | None = None, check_steps: int = 20) -> dict:
+           check_prompts: list[str] | None = None, check_steps: int = 20, guidance: dict | None = None) -> dict:
     """Write the compact model of `model_dir` (a saved BiomedJourneyPipeline) to `out`, with SHA256SUMS and
     MODEL_CARD.md. `texts`: the training texts (their tokens keep their embedding rows). When
     `check_priors` is given, the original and the compact model generate from them and the card records
-    the largest pixel difference and the mean SSIM between the two."""
+    the largest pixel difference and the mean SSIM between the two. `guidance`: the scales chosen for the
+    model on validation pairs, shipped as guidance.json (the defaults of `bmj generate` and the explorer)."""
     model_dir, out = Path(model_dir), Path(out)
     rows = vocabulary_rows(texts, model_dir / "text_encoder") if (model_dir / "text_encoder").is_dir() else None
     if out.exists():
@@ -215,6 +216,8 @@ def export(model_dir: str | os.PathLike, texts: Iterable[str], out: str | os.Pat
             shutil.copyfile(p, out / rel)
         else:
             raise DemoModelError(f"{p}: unexpected file type in a saved pipeline (not shipped)")
+    if guidance:
+        atomic_write_text(out / "guidance.json", json.dumps(guidance, indent=2, sort_keys=True) + "\n")
     sums = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
     atomic_write_text(out / SUMS, "".join(f"{d}  {r}\n" for r, d in sums.items()))
     size = sum((out / r).stat().st_size for r in sums)
@@ -230,6 +233,9 @@ def export(model_dir: str | os.PathLike, texts: Iterable[str], out: str | os.Pat
             f"{QUANT_MIN_NUMEL} elements float32",
             f"- text token embedding: {summary['embedding_rows_kept']} of the tokenizer's rows kept "
             "(tokens of the training texts); others are zero"]
+    if guidance:
+        card.append(f"- guidance.json: text scale {guidance['text_scale']:g}, image scale {guidance['image_scale']:g}, "
+                    "chosen on validation pairs; the defaults of `bmj generate` and the explorer for this model")
     if "max_abs_diff" in summary:
         card.append(f"- compact vs original, {summary['n_checked']} counterfactuals ({check_steps} DPM-Solver++ steps, same seeds): max |pixel "
                     f"difference| {summary['max_abs_diff']:.4f}, mean SSIM {summary['ssim']:.4f}")
@@ -300,8 +306,10 @@ def export_from_run(run: str | os.PathLike, out: Path = DEMO_DIR, provenance: st
     chain = json.loads((run / "chain.json").read_text()) if (run / "chain.json").is_file() else {}
     prov = provenance or (f"Trained by the demo chain (`bmj reproduce --profile demo`) in `{run.name}/`: stage 1 + stage 2 "
             f"(05_stage2/model); step 05 finished {chain.get('05_stage2', {}).get('finished', '?')}.")
+    chosen = run / "05_stage2" / "guidance" / "guidance.json"
     return export(model, texts, out, provenance=prov, check_priors=priors, check_steps=check_steps,
-                  check_prompts=list(test["description"]) if "description" in test else None)
+                  check_prompts=list(test["description"]) if "description" in test else None,
+                  guidance=json.loads(chosen.read_text()) if chosen.is_file() else None)
 
 
 if __name__ == "__main__":

@@ -258,8 +258,12 @@ class Explorer:
         self.load_btn = W.Button(description="load prior", icon="image")
         self.prompt = W.Combobox(value=SUGGESTIONS[0], options=SUGGESTIONS, description="description",
                                  ensure_option=False, layout=W.Layout(width="520px"))
-        self.text_scale = W.FloatSlider(value=7.5, min=0, max=15, step=0.5, description="text scale")
-        self.image_scale = W.FloatSlider(value=1.5, min=0, max=5, step=0.1, description="image scale")
+        from .demo_model import resolve_model
+        from .generate import default_guidance
+
+        ts, isc = default_guidance(resolve_model(model))  # the model's own (chosen on validation pairs), else IP2P's
+        self.text_scale = W.FloatSlider(value=ts, min=0, max=15, step=0.5, description="text scale")
+        self.image_scale = W.FloatSlider(value=isc, min=0, max=5, step=0.1, description="image scale")
         self.steps = W.IntSlider(value=20, min=1, max=100, description="steps")
         self.seed = W.IntText(value=0, description="seed")
         self.go = W.Button(description="generate", button_style="primary", icon="play")

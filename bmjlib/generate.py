@@ -37,6 +37,19 @@ def resolve_model(model: str) -> Path:
     return path
 
 
+def default_guidance(model_dir: str | Path) -> tuple[float, float]:
+    """(text, image) guidance scales for a model folder: those chosen for it on validation pairs when the folder
+    carries them (guidance.json, written by `counterfactuals.select_guidance` and shipped with the demo model),
+    else InstructPix2Pix's defaults."""
+    import json
+
+    f = Path(model_dir) / "guidance.json"
+    if f.is_file():
+        g = json.loads(f.read_text())
+        return float(g["text_scale"]), float(g["image_scale"])
+    return DEFAULTS["text_scale"], DEFAULTS["image_scale"]
+
+
 def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | None = None,
              image_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
              seed: int = 0) -> Path:
@@ -54,9 +67,10 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
     except ImageError as e:
         raise GenerateError(f"prior image {e.path}: {e.problem}") from e
     pipe = BiomedJourneyPipeline.from_pretrained(model_dir)
+    ts, isc = default_guidance(model_dir)
     result = pipe(image, prompt.strip(),
-                  text_scale=DEFAULTS["text_scale"] if text_scale is None else text_scale,
-                  image_scale=DEFAULTS["image_scale"] if image_scale is None else image_scale,
+                  text_scale=ts if text_scale is None else text_scale,
+                  image_scale=isc if image_scale is None else image_scale,
                   steps=steps or DEFAULTS["steps"], scheduler=scheduler or DEFAULTS["scheduler"], seed=seed)[0]
     if result.shape != image.shape:
         from PIL import Image

@@ -99,3 +99,29 @@ def test_bmj_generate_model_demo_uses_the_shipped_model(tmp_path, monkeypatch):
                  "--steps", "2", "--out", str(out)]) == 0
     img = np.asarray(Image.open(out))
     assert img.shape == (96, 96) and img.dtype == np.uint8 and img.std() > 0
+
+
+def test_scales_chosen_for_a_model_are_its_defaults(tmp_path, model):
+    """A model folder that carries guidance.json (the scales chosen on validation pairs) samples with them when
+    no scale is given; explicit scales still win; the shipped demo model carries its own."""
+    import json
+    import shutil
+
+    from bmjlib.demo_model import DEMO_DIR, read_sums
+    from bmjlib.generate import DEFAULTS, default_guidance, generate
+
+    own = tmp_path / "model"
+    shutil.copytree(model, own)
+    (own / "guidance.json").write_text(json.dumps({"text_scale": 2.0, "image_scale": 2.5}))
+    assert default_guidance(model) == (DEFAULTS["text_scale"], DEFAULTS["image_scale"])
+    assert default_guidance(own) == (2.0, 2.5)
+    atomic_write_png(tmp_path / "prior.png", _prior())
+    run = lambda m, name, **kw: read_image(generate(str(m), str(tmp_path / "prior.png"), "new left effusion",
+                                                    str(tmp_path / name), steps=2, **kw))
+    implicit = run(own, "a.png")
+    assert np.array_equal(implicit, run(model, "b.png", text_scale=2.0, image_scale=2.5))
+    assert not np.array_equal(implicit, run(model, "c.png"))
+    assert np.array_equal(run(own, "d.png", text_scale=7.5, image_scale=1.5), run(model, "c.png"))
+    assert "guidance.json" in read_sums(DEMO_DIR)
+    assert default_guidance(DEMO_DIR) == tuple(json.loads((DEMO_DIR / "guidance.json").read_text())[k]
+                                               for k in ("text_scale", "image_scale"))
