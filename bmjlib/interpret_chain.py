@@ -207,6 +207,8 @@ def calibrate(pairs: pd.DataFrame, truth_images: pd.DataFrame | None, judges, tr
     if truth_dir is not None and "counterfactual_path" in cal and cal["counterfactual_path"].notna().any():
         tc = cal[cal["counterfactual_path"].notna()]
         parts.append((tc, [str(Path(truth_dir) / p) for p in tc["counterfactual_path"]]))
+    if not parts:
+        raise ValueError("calibration: no train pair has a registered follow-up or a true counterfactual")
     identity = len(parts) if truth_images is None else None
     if identity is not None:
         parts.append((cal, cal["prior_path"].tolist()))
@@ -223,9 +225,8 @@ def calibrate(pairs: pd.DataFrame, truth_images: pd.DataFrame | None, judges, tr
                "an anatomy judge that finds no lungs cannot calibrate, so train it longer or run without judges"
                if problems else "no train pair has a registered follow-up or a true counterfactual")
         raise ValueError(f"calibration: {why}")
-    same = [k == identity for k, part in enumerate(kept_all) for _ in range(len(part))]
-    kept = pd.concat(kept_all, ignore_index=True)
-    t = change_table(kept[~np.array(same, bool)], truth_images)
+    t = change_table(pd.concat([kp for k, kp in enumerate(kept_all) if k != identity], ignore_index=True),
+                     truth_images)
     if identity is not None:
         t = pd.concat([t, pd.DataFrame([{"pair_id": pid, "finding": f, "sev_0": 0, "sev_1": 0,
                                          "direction": "unchanged", "side": ""}

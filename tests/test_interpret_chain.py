@@ -196,3 +196,11 @@ def test_pipeline_without_phantom_truth_calibrates_on_the_reports(run, tmp_path)
     assert (tables["interpretations"].query("model == 'copy_prior'")["direction"] == "unchanged").all()
     # the registered follow-up is scored against what its reports say
     assert s.loc["reference", "changed_f1"] > 0.5
+
+
+def test_calibration_without_any_image_of_a_known_change_is_an_error(run):
+    from bmjlib.interpret_chain import TruthMasks, calibrate, pair_table
+
+    pairs = pair_table(run).assign(registered_path="")
+    with pytest.raises(ValueError, match="no train pair has a registered follow-up or a true counterfactual"):
+        calibrate(pairs, None, None, TruthMasks(run / "00_phantom" / "truth"), 64, 50)
