@@ -158,7 +158,7 @@ def fig9(pipe, prior: np.ndarray, finding_phrase: str = "left pleural effusion",
     fig, axes = plt.subplots(1, 4, figsize=(8.4, 2.6))
     _show(axes[0], p0, "Prior")
     for ax, pr, im in zip(axes[1:], prompts, outs):
-        t = pr
+        t = _wrap(pr, 22)
         if finding_judge is not None:
             t += f"\nP({finding})={finding_judge.predict(im[None])[0, FINDINGS.index(finding)]:.2f}"
         _show(ax, im, t)
