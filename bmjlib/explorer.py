@@ -261,7 +261,8 @@ class Explorer:
         from .demo_model import resolve_model
         from .generate import default_guidance
 
-        ts, isc = default_guidance(resolve_model(model))  # the model's own (chosen on validation pairs), else IP2P's
+        self.model_dir = resolve_model(model)  # verified once; load_model reads it from here
+        ts, isc = default_guidance(self.model_dir)  # the model's own (chosen on validation pairs), else IP2P's
         self.text_scale = W.FloatSlider(value=ts, min=0, max=15, step=0.5, description="text scale")
         self.image_scale = W.FloatSlider(value=isc, min=0, max=5, step=0.1, description="image scale")
         self.steps = W.IntSlider(value=20, min=1, max=100, description="steps")
@@ -297,11 +298,10 @@ class Explorer:
     # ---- actions --------------------------------------------------------------------------------
     def load_model(self):
         if self.pipe is None:
-            from .demo_model import resolve_model
             from .pipeline import BiomedJourneyPipeline
 
             self.status.value = f"loading model {self.model_name!r}..."
-            self.pipe = BiomedJourneyPipeline.from_pretrained(resolve_model(self.model_name))
+            self.pipe = BiomedJourneyPipeline.from_pretrained(self.model_dir)
         return self.pipe
 
     def load_interpreter(self):

@@ -18,12 +18,13 @@ follows (inspiration depth moves the diaphragm domes by several rib spacings; an
 that comes or goes reshapes them); over the whole image the optimum then aligns the bases instead of the
 lung fields and lands one rib spacing off (on the 400-patient demo phantom with one pass: 30 of 449 kept
 pairs 8-15 px off vertically, 20 of them with an inspiration difference above 0.75, 9 others with a
-change of effusion or atelectasis). The first pass gives the robustness of the whole
-image, the second the accuracy of the rigid part. The 0.62 was chosen on a separate 200-patient phantom
-(seed 1) among 0.55 / 0.62 / 0.70 (kept-pair TRE mean 0.27 / 0.27 / 0.29 px, p95 0.64 / 0.62 / 0.74 px). Image physical coordinates are set so that a point's coordinates are
-its pixel position (x = column, y = row, pixel centres at integers) in the ORIGINAL image, so the
-resulting transform maps a prior pixel to the corresponding follow-up pixel at full resolution whatever
-`size` is; it is stored as six numbers "a11 a12 b1 a21 a22 b2" (the phantom truth's convention).
+change of effusion or atelectasis). The first pass gives the robustness of the whole image, the second
+the accuracy of the rigid part. The 0.62 was chosen on a separate 200-patient phantom (seed 1) among
+0.55 / 0.62 / 0.70 (kept-pair TRE mean 0.27 / 0.27 / 0.29 px, p95 0.64 / 0.62 / 0.74 px).
+
+Image physical coordinates are set so that a point's coordinates are its pixel position (x = column,
+y = row, pixel centres at integers) in the ORIGINAL image, so the resulting transform maps a prior pixel
+to the corresponding follow-up pixel at full resolution whatever `size` is; it is stored as six numbers "a11 a12 b1 a21 a22 b2" (the phantom truth's convention).
 
 **Registration score** (`score_after`): the Pearson (normalised cross-) correlation between the prior and
 the registered follow-up, both at `size`, over the pixels where the moving image is defined; in [-1, 1],
