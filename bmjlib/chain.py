@@ -18,9 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nbformat
+import papermill as pm
 import yaml
+from papermill.exceptions import PapermillExecutionError
 
-from .io import atomic_write_json, fingerprint, sha256_file
+from bmjlib.io import atomic_write_json, fingerprint, sha256_file
+from bmjlib.runtime import repo_root
 
 STEP_RE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
 PROFILE_DIR = Path(__file__).parent / "profiles"
@@ -43,29 +47,6 @@ class Step:
     @property
     def stem(self) -> str:
         return self.path.stem
-
-
-def repo_root() -> Path:
-    """The checkout that holds `notebooks/` (bmjlib's parent for an editable install), else the cwd."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "notebooks").is_dir() else Path.cwd()
-
-
-def resolve(path: str | os.PathLike) -> Path:
-    """Resolve a path from a notebook parameter: absolute stays, relative is taken from the repo root.
-
-    Notebooks run with their own folder as cwd under JupyterLab and nbval but inside the run folder
-    under papermill, so every path a notebook uses goes through here.
-    """
-    p = Path(os.path.expanduser(str(path)))
-    return p if p.is_absolute() else (repo_root() / p).resolve()
-
-
-def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
-    """The output folder of one step inside a run, e.g. step_dir(run, '02_registration'); created."""
-    d = resolve(run_dir) / step
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def discover_steps(notebook_dir: Path | None = None) -> list[Step]:
@@ -125,8 +106,6 @@ def _absolutise(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _declared_parameters(path: Path) -> set[str]:
-    import papermill as pm
-
     return set(pm.inspect_notebook(str(path)).keys())
 
 
@@ -134,9 +113,6 @@ def run_chain(profile: str | dict[str, Any], out: str | os.PathLike | None = Non
               stop: int | None = None, force: bool = False, notebook_dir: Path | None = None,
               log=print) -> Path:
     """Execute steps `start`..`stop` (inclusive) of the chain into the run folder; return that folder."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     values = load_profile(profile) if isinstance(profile, str) else dict(profile)
     check_no_secrets(values)
     name = values.get("profile", "custom")
@@ -204,8 +180,6 @@ def run_chain(profile: str | dict[str, Any], out: str | os.PathLike | None = Non
 
 def _source_cell_index(executed: Path, index: int) -> int:
     """Map a cell index of the executed copy back to the source notebook (papermill inserts a cell)."""
-    import nbformat
-
     try:
         cells = nbformat.read(str(executed), as_version=4).cells
     except Exception:

@@ -9,8 +9,9 @@ import argparse
 import sys
 
 
+# Subcommands import their module when run (deferred on purpose: `bmj --help` stays instant).
 def _reproduce(a: argparse.Namespace) -> int:
-    from .chain import ChainError, run_chain
+    from bmjlib.chain import ChainError, run_chain
 
     try:
         run_chain(a.profile, out=a.out, start=a.start, stop=a.stop, force=a.force)
@@ -21,7 +22,7 @@ def _reproduce(a: argparse.Namespace) -> int:
 
 
 def _phantom(a: argparse.Namespace) -> int:
-    from .phantom import write_cohort
+    from bmjlib.phantom.cohort import write_cohort
 
     summary = write_cohort(a.out, n_patients=a.patients, size=a.size, seed=a.seed, workers=a.workers)
     for k, v in summary.items():
@@ -30,13 +31,13 @@ def _phantom(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from .generate import generate_cli
+    from bmjlib.model.generate import generate_cli
 
     return generate_cli(a)
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from bmjlib.bench.run import main as bench_main
 
     return bench_main(quick=a.quick, out=a.out, gpu=a.gpu)
 

@@ -11,12 +11,14 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 
 class ImageError(ValueError):
@@ -70,8 +72,6 @@ def atomic_write_csv(path: str | os.PathLike, df) -> Path:
 
 def atomic_write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write a 2-D uint8 (or uint16) array as a grayscale PNG, atomically and deterministically."""
-    from PIL import Image
-
     arr = np.asarray(image)
     if arr.dtype not in (np.uint8, np.uint16):
         raise TypeError(f"{path}: expected uint8/uint16 image, got {arr.dtype}")
@@ -158,8 +158,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _read_raster(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.load()  # forces a full decode, so a truncated file fails here
@@ -182,7 +180,7 @@ def _read_raster(path: Path) -> np.ndarray:
 
 
 def _read_dicom(path: Path) -> np.ndarray:
-    import pydicom
+    import pydicom  # deferred: only DICOM priors need it
 
     try:
         ds = pydicom.dcmread(str(path))
@@ -200,3 +198,25 @@ def _read_dicom(path: Path) -> np.ndarray:
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """[0, 1] float -> uint8 with rounding and clipping."""
     return np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path` (old one removed),
+    on error it is deleted. A reader never sees a half-written folder under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old.{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

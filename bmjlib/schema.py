@@ -56,5 +56,8 @@ FINDING_KEYS = {"Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "E
                 "Pleural Effusion": "effusion", "Pneumothorax": "pneumothorax"}
 # Severity grades used everywhere (phantom truth, report extractor, interpretation): 0 = absent.
 SEVERITY_WORDS = {1: "small", 2: "moderate", 3: "large"}  # per finding, reports vary the wording
+# The real radiographs of ../shared/real_cxr/hannover (CC BY 3.0): every figure or view that shows one says this.
+HANNOVER_ATTRIBUTION = ("Hannover Medical School, Inst. Diagnostic & Interventional Radiology; "
+                        "DOI 10.6084/m9.figshare.12275009; CC BY 3.0")
 # Organ masks of the paper's Fig. 5 (phantom truth and the anatomy-segmentation judge), in this order.
 ORGANS = ["left_lung", "right_lung", "heart", "mediastinum", "diaphragm", "spine"]

@@ -1,7 +1,7 @@
 """Ablation bookkeeping: the eight Table-2 arms, the paper's claims checked on known arm scores."""
 import pandas as pd
 
-from bmjlib import ablations as A
+from bmjlib.evaluation import ablations as A
 
 
 def test_eight_distinct_arms_with_distinct_names():

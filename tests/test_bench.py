@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from bmjlib import bench
-from bmjlib.bench import BenchConfig, NotAvailable, PeakMemory, Result, chain_rows, measure
+from bmjlib.bench import core as bench
+from bmjlib.bench.core import BenchConfig, NotAvailable, PeakMemory, Result, chain_rows, measure
 
 
 def test_peak_memory_sees_a_known_allocation():
@@ -59,7 +59,7 @@ def test_markdown_table_has_one_line_per_row_and_the_machine():
 
 
 def test_gpu_path_runs_on_cpu_with_a_tiny_model():
-    from bmjlib.bench_gpu import ARMS, gpu_rows, tiny_configs
+    from bmjlib.bench.gpu import ARMS, gpu_rows, tiny_configs
 
     cfg = BenchConfig(gpu_size=32, gpu_batch=2, gpu_steps=1, gpu_sample_steps=2)
     rows = gpu_rows(cfg, True, device="cpu", configs=tiny_configs(), arms=[ARMS[0], ARMS[2]])
@@ -74,7 +74,7 @@ def test_gpu_path_runs_on_cpu_with_a_tiny_model():
 def test_gpu_section_counts_the_issues_537_gflop_and_says_when_there_is_no_gpu():
     import torch
 
-    from bmjlib.bench_steps import gpu_section
+    from bmjlib.bench.steps import gpu_section
 
     rows = gpu_section(BenchConfig(), requested=True)
     flops = rows[0]

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bmjlib.cohort import (assign_splits, build_cohort, counts_table, plot_demographics, write_cohort,
+from bmjlib.data.cohort import (assign_splits, build_cohort, counts_table, plot_demographics, write_cohort,
                            write_data_manifest)
-from bmjlib.sources import load_source
+from bmjlib.data.sources import load_source
 from test_cohort_fixture import make_mimic
 
 

@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bmjlib.cohort import build_cohort, check_against_phantom, counts_table
-from bmjlib.sources import load_source
+from bmjlib.data.cohort import build_cohort, check_against_phantom, counts_table
+from bmjlib.data.sources import load_source
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    phantom = pytest.importorskip("bmjlib.phantom")
+    phantom = pytest.importorskip("bmjlib.phantom.cohort")
     out = tmp_path_factory.mktemp("phantom")
     phantom.write_cohort(out, n_patients=30, size=128, seed=5, workers=1)
     return out

@@ -1,4 +1,4 @@
-"""Generation over test pairs: seeded per pair, resumable, copy-prior exact, clear errors (bmjlib.counterfactuals)."""
+"""Generation over test pairs: seeded per pair, resumable, copy-prior exact, clear errors (bmjlib.evaluation.counterfactuals)."""
 from __future__ import annotations
 
 import shutil
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bmjlib import counterfactuals as C
+from bmjlib.evaluation import counterfactuals as C
 from bmjlib.io import read_image
 from test_judges import make_fake_run
 
@@ -101,7 +101,7 @@ def test_no_test_pairs_is_an_error(run, tmp_path):
 def untrained_judges():
     import torch
 
-    from bmjlib import judges as J
+    from bmjlib.evaluation import judges as J
     torch.manual_seed(0)
     return {"finding": J.FindingJudge(32, 4), "sex": J.SexJudge(32, 4), "age": J.AgeJudge(32, 4),
             "anatomy": ThresholdSegmenter()}
@@ -117,7 +117,8 @@ class ThresholdSegmenter:
 def test_evaluate_known_identities_and_tables(run, tmp_path):
     """Whatever the judges, the reference against itself has KL 0 and Dice 1; copying the prior keeps the
     prior's segmentation; every summary number has an interval; the tables render."""
-    from bmjlib import evaluation as E, tables as T
+    from bmjlib.evaluation import evaluate as E
+    from bmjlib.evaluation import tables as T
     pairs = C.test_pairs(run)
     C.generate_model("copy_prior", C.model_specs(run)["copy_prior"], pairs, tmp_path, size=32)
     summary, per_pair = E.evaluate(run, tmp_path, untrained_judges(), ["copy_prior", "absent_model"], size=32,
@@ -134,8 +135,8 @@ def test_evaluate_known_identities_and_tables(run, tmp_path):
 
 
 def test_figures_write_png_and_pdf(run, tmp_path):
-    from bmjlib import figures as F
-    from bmjlib.pipeline import BiomedJourneyPipeline
+    from bmjlib.evaluation import figures as F
+    from bmjlib.model.pipeline import BiomedJourneyPipeline
     pairs = C.test_pairs(run)
     C.generate_model("copy_prior", C.model_specs(run)["copy_prior"], pairs, tmp_path, size=32)
     pair = F.pick_pair(pairs)
@@ -154,7 +155,7 @@ def test_figures_write_png_and_pdf(run, tmp_path):
 
 
 def test_guidance_is_chosen_on_validation_pairs(run):
-    from bmjlib.metrics import ssim
+    from bmjlib.evaluation.metrics import ssim
 
     out = run / "05_stage2" / "guidance"
     grid = [(1.5, 1.5), (7.5, 1.5), (2.0, 4.0)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmjlib.encoders import (DEMO_VAE_CONFIG, TextEncoder, load_images, psnr_ssim, retrieval_topk,
+from bmjlib.model.encoders import (DEMO_VAE_CONFIG, TextEncoder, load_images, psnr_ssim, retrieval_topk,
                              train_demo_clip, train_demo_vae)
 from bmjlib.io import atomic_write_png
 
@@ -120,7 +120,7 @@ def test_load_images_skips_and_names_bad_files(tmp_path):
 
 
 def test_untrained_text_encoder_same_size(tmp_path):
-    from bmjlib.encoders import untrained_text_encoder
+    from bmjlib.model.encoders import untrained_text_encoder
 
     from test_pipeline import tiny_text_encoder
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bmjlib import explorer as E
+from bmjlib.app import explorer as E
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from bmjlib.bench_steps import random_pipeline
+    from bmjlib.bench.steps import random_pipeline
 
     d = tmp_path_factory.mktemp("model") / "model"
     random_pipeline(64).save_pretrained(d)
@@ -19,7 +19,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(model_dir):
-    from bmjlib.pipeline import BiomedJourneyPipeline
+    from bmjlib.model.pipeline import BiomedJourneyPipeline
 
     return BiomedJourneyPipeline.from_pretrained(model_dir)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmjlib import demo_model as dm
+from bmjlib.model import demo_model as dm
 
 
 def _random_pipeline(folder):
@@ -13,8 +13,9 @@ def _random_pipeline(folder):
     import open_clip
     from diffusers import AutoencoderKL
 
-    from bmjlib.encoders import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG, TextEncoder
-    from bmjlib.pipeline import BiomedJourneyPipeline
+    from bmjlib.model.encoders import TextEncoder
+    from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG
+    from bmjlib.model.pipeline import BiomedJourneyPipeline
 
     torch.manual_seed(0)
     cfg = {k: v for k, v in DEMO_CLIP_CONFIG.items() if k != "custom_text"}
@@ -60,7 +61,7 @@ def test_export_is_smaller_verified_and_generates_like_the_original(exported, tm
     card = (root / "compact" / dm.CARD).read_text()
     assert "mean SSIM" in card
 
-    from bmjlib.pipeline import BiomedJourneyPipeline
+    from bmjlib.model.pipeline import BiomedJourneyPipeline
 
     folder = dm.materialise(root / "compact", tmp_path)
     assert dm.materialise(root / "compact", tmp_path) == folder  # cached: second call reuses it
@@ -91,8 +92,8 @@ def test_other_names_are_paths():
 
 
 def test_the_shipped_demo_model_matches_its_sha256_and_generates(tmp_path):
-    """bmjlib/models/demo/ as committed: every file matches SHA256SUMS, it loads by name and generates."""
-    from bmjlib.pipeline import BiomedJourneyPipeline
+    """bmjlib/model/demo/ as committed: every file matches SHA256SUMS, it loads by name and generates."""
+    from bmjlib.model.pipeline import BiomedJourneyPipeline
 
     sums = dm.verify()
     assert {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
@@ -104,7 +105,7 @@ def test_the_shipped_demo_model_matches_its_sha256_and_generates(tmp_path):
 
 
 def test_from_pretrained_by_name_is_the_shipped_model(tmp_path, monkeypatch):
-    from bmjlib.pipeline import BiomedJourneyPipeline
+    from bmjlib.model.pipeline import BiomedJourneyPipeline
 
     monkeypatch.setenv("BMJ_CACHE", str(tmp_path))
     by_name = BiomedJourneyPipeline.from_pretrained("demo")

@@ -84,7 +84,7 @@ def test_generate_errors(tmp_path, model, capsys):
 
 
 def test_bmj_generate_model_demo_uses_the_shipped_model(tmp_path, monkeypatch):
-    """`bmj generate --model demo` works on a fresh install: no run folder, only bmjlib/models/demo."""
+    """`bmj generate --model demo` works on a fresh install: no run folder, only bmjlib/model/demo."""
     from PIL import Image
 
     from bmjlib.cli import main
@@ -107,8 +107,8 @@ def test_scales_chosen_for_a_model_are_its_defaults(tmp_path, model):
     import json
     import shutil
 
-    from bmjlib.demo_model import DEMO_DIR, read_sums
-    from bmjlib.generate import DEFAULTS, default_guidance, generate
+    from bmjlib.model.demo_model import DEMO_DIR, read_sums
+    from bmjlib.model.generate import DEFAULTS, default_guidance, generate
 
     own = tmp_path / "model"
     shutil.copytree(model, own)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bmjlib.icg import read_icg, read_icg_records, write_icg
+from bmjlib.data.icg import read_icg, read_icg_records, write_icg
 from bmjlib.io import read_image
 from bmjlib.schema import CHEXPERT_LABELS, PAIR_COLUMNS, RECORD_COLUMNS, label_col
 

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bmjlib import interpret as I
-from bmjlib import phantom_anatomy as A
-from bmjlib.interpret_chain import warp_masks
+from bmjlib.icg import interpret as I
+from bmjlib.phantom import anatomy as A
+from bmjlib.icg.interpret_run import warp_masks
 from bmjlib.schema import FINDING_KEYS, FINDINGS
 
 SIZE = 96

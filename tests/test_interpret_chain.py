@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from bmjlib import interpret as I
-from bmjlib.interpret_chain import (TruthMasks, export_icg, interpretation_figure, parse_affine,
+from bmjlib.icg import interpret as I
+from bmjlib.icg.interpret_run import (TruthMasks, export_icg, interpretation_figure, parse_affine,
                                     run_interpretation, warp_masks)
 from bmjlib.io import atomic_write_png, read_image, to_uint8
 
@@ -33,7 +33,7 @@ def _describe(a, b) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from bmjlib.phantom import write_cohort
+    from bmjlib.phantom.cohort import write_cohort
 
     root = tmp_path_factory.mktemp("run")
     write_cohort(root / "00_phantom", n_patients=36, size=128, seed=4, workers=1)
@@ -119,7 +119,7 @@ def test_pipeline_on_a_phantom_run(run, tmp_path):
 
 
 def test_unmeasurable_counterfactual_is_skipped_and_counted(run, tmp_path):
-    from bmjlib.interpret_chain import collect_evidence, pair_table
+    from bmjlib.icg.interpret_run import collect_evidence, pair_table
 
     pairs = pair_table(run)
     test = pairs[pairs["split"] == "test"].head(3)
@@ -138,14 +138,14 @@ def test_unmeasurable_counterfactual_is_skipped_and_counted(run, tmp_path):
 
 def _report_pairs(run):
     """The run's phantom pairs as notebook 01 builds them, with both reports' sections."""
-    from bmjlib.cohort import build_cohort
-    from bmjlib.sources import load_source
+    from bmjlib.data.cohort import build_cohort
+    from bmjlib.data.sources import load_source
 
     return build_cohort(load_source("phantom", run / "00_phantom" / "mimic"), require_positive=False).pairs
 
 
 def test_report_directions_known_sentences():
-    from bmjlib.interpret_chain import report_directions
+    from bmjlib.icg.interpret_run import report_directions
 
     pairs = pd.DataFrame([
         {"pair_id": "a", "prior_findings": "", "prior_impression": "Small left pleural effusion. No pneumothorax.",
@@ -164,7 +164,7 @@ def test_report_directions_known_sentences():
 
 
 def test_report_directions_agree_with_the_phantom_truth(run):
-    from bmjlib.interpret_chain import report_directions
+    from bmjlib.icg.interpret_run import report_directions
 
     pairs = _report_pairs(run)
     images = pd.read_csv(run / "00_phantom" / "truth" / "images.csv", dtype={"dicom_id": str})
@@ -199,7 +199,7 @@ def test_pipeline_without_phantom_truth_calibrates_on_the_reports(run, tmp_path)
 
 
 def test_calibration_without_any_image_of_a_known_change_is_an_error(run):
-    from bmjlib.interpret_chain import TruthMasks, calibrate, pair_table
+    from bmjlib.icg.interpret_run import TruthMasks, calibrate, pair_table
 
     pairs = pair_table(run).assign(registered_path="")
     with pytest.raises(ValueError, match="no train pair has a registered follow-up or a true counterfactual"):

@@ -1,5 +1,5 @@
 """Demo judges learn known, visible signals from a tiny run folder laid out like the phantom's; paper judges
-read torchxrayvision weights from a folder and never download (bmjlib.judges, bmjlib.judges_xrv)."""
+read torchxrayvision weights from a folder and never download (bmjlib.evaluation.judges, bmjlib.evaluation.judges_xrv)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bmjlib import judges as J
+from bmjlib.evaluation import judges as J
 from bmjlib.schema import FINDING_KEYS, FINDINGS, ORGANS
 
 # Each finding is a bright blob at its own place; the anatomy is six rectangles moved per patient.
@@ -169,12 +169,12 @@ def no_network(monkeypatch):
         raise AssertionError("a download was attempted")
     monkeypatch.setattr(xrv.utils, "download", boom)
     monkeypatch.setattr("urllib.request.urlopen", boom)
-    from bmjlib import judges_xrv
+    from bmjlib.evaluation import judges_xrv
     monkeypatch.setattr(judges_xrv, "XRV_CACHE", Path("/nonexistent/xrv_cache"))
 
 
 def test_paper_judges_missing_weights_name_file_and_place(tmp_path, no_network):
-    from bmjlib import judges_xrv as X
+    from bmjlib.evaluation import judges_xrv as X
     with pytest.raises(X.MissingWeights) as e:
         J.load_judges(tmp_path, scale="paper", weights_dir=tmp_path)
     msg = str(e.value)
@@ -186,7 +186,7 @@ def test_paper_judges_missing_weights_name_file_and_place(tmp_path, no_network):
 def test_paper_finding_and_race_judges_load_from_a_folder(tmp_path, no_network):
     import torchvision
     import torchxrayvision as xrv
-    from bmjlib import judges_xrv as X
+    from bmjlib.evaluation import judges_xrv as X
     torch.manual_seed(0)
     torch.save(xrv.models.DenseNet(weights=None, num_classes=18), tmp_path / X.WEIGHT_FILES["finding"])
     race = torchvision.models.resnet34(weights=None)

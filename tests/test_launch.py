@@ -1,7 +1,7 @@
-"""`python -m bmjlib.launch` (multi-GPU training outside Jupyter) makes exactly the notebooks' calls."""
+"""`python -m bmjlib.model.launch` (multi-GPU training outside Jupyter) makes exactly the notebooks' calls."""
 import pytest
 
-from bmjlib import launch
+from bmjlib.model import launch
 from bmjlib.chain import load_profile, run_chain
 
 

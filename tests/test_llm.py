@@ -4,8 +4,8 @@ import logging
 
 import pytest
 
-from bmjlib import llm
-from bmjlib.llm_server import ChatServer, Reply, ok
+from bmjlib.text import llm
+from bmjlib.testing import ChatServer, Reply, ok
 
 FAST = dict(retries=2, backoff=0.01, max_wait=0.05)
 MSGS = [{"role": "user", "content": "prior: small left effusion; follow-up: moderate left effusion"}]
@@ -203,7 +203,7 @@ def test_guard_refuses_before_any_connection(monkeypatch):
     """With the guard failing, no client is built and the server sees nothing."""
     import pandas as pd
 
-    from bmjlib import progression
+    from bmjlib.text import progression
 
     pairs = pd.DataFrame([{"pair_id": "a", "prior_findings": "Small left effusion.", "prior_impression": "",
                            "followup_findings": "Moderate left effusion.", "followup_impression": ""}])
@@ -219,7 +219,7 @@ def test_guard_refuses_before_any_connection(monkeypatch):
 def test_rows_marked_credentialed_are_guarded_whatever_the_profile_says():
     import pandas as pd
 
-    from bmjlib import progression
+    from bmjlib.text import progression
 
     pairs = pd.DataFrame([{"pair_id": "a", "prior_findings": "Small left effusion.", "prior_impression": "",
                            "followup_findings": "Moderate left effusion.", "followup_impression": "",
@@ -235,10 +235,10 @@ def test_override_is_logged():
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
-    logging.getLogger("bmjlib.llm").addHandler(handler)
+    logging.getLogger("bmjlib.text.llm").addHandler(handler)
     try:
         decision = llm.check_data_use("mimic", "openai", None, override=True)
     finally:
-        logging.getLogger("bmjlib.llm").removeHandler(handler)
+        logging.getLogger("bmjlib.text.llm").removeHandler(handler)
     assert decision.startswith("DATA-USE OVERRIDE") and "api.openai.com" in decision
     assert any("DATA-USE OVERRIDE" in r.getMessage() for r in records)

@@ -1,10 +1,10 @@
-"""Known-answer tests of the evaluation metrics (bmjlib.metrics)."""
+"""Known-answer tests of the evaluation metrics (bmjlib.evaluation.metrics)."""
 import math
 
 import numpy as np
 import pytest
 
-from bmjlib import metrics as M
+from bmjlib.evaluation import metrics as M
 
 NAMES = ["a", "b"]
 

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bmjlib import phantom
-from bmjlib.phantom_anatomy import (CTR_BY_GRADE, Exposure, Patient, Pose, State, image_ctr, pair_affine,
-                                    render)
-from bmjlib.phantom_reports import parse_labels
+from bmjlib.phantom import cohort as phantom
+from bmjlib.phantom.anatomy import render
+from bmjlib.phantom.body import CTR_BY_GRADE, Exposure, Patient, Pose, State, image_ctr, pair_affine
+from bmjlib.phantom.reports import parse_labels
 from bmjlib.schema import CHEXPERT_LABELS, ORGANS
 
 ISSUE_METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
@@ -205,8 +205,8 @@ def test_labels_agree_with_reports_and_truth(cohort):
 
 
 def test_report_extractor_recovers_the_csv_labels(cohort):
-    """bmjlib.reports (the chain's rule-based extractor) reads the phantom's reports back to its CSV."""
-    reports = pytest.importorskip("bmjlib.reports")
+    """bmjlib.text.reports (the chain's rule-based extractor) reads the phantom's reports back to its CSV."""
+    reports = pytest.importorskip("bmjlib.text.reports")
     out, _ = cohort
     m = out / "mimic"
     chex = pd.read_csv(m / "mimic-cxr-2.0.0-chexpert.csv")

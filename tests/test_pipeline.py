@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmjlib.pipeline import (DEMO_UNET_CONFIG, BiomedJourneyPipeline, build_unet, expand_unet_in_channels,
+from bmjlib.model.pipeline import (DEMO_UNET_CONFIG, BiomedJourneyPipeline, build_unet, expand_unet_in_channels,
                              make_scheduler)
 
 TINY_UNET = dict(DEMO_UNET_CONFIG, sample_size=8, block_out_channels=[16, 32], norm_num_groups=8,
@@ -23,7 +23,7 @@ TINY_CLIP = {"embed_dim": 32, "custom_text": True,
 def tiny_text_encoder(seed=0):
     import open_clip
 
-    from bmjlib.encoders import TextEncoder
+    from bmjlib.model.encoders import TextEncoder
 
     torch.manual_seed(seed)
     model = open_clip.CustomTextCLIP(**{k: v for k, v in TINY_CLIP.items() if k != "custom_text"})

@@ -4,8 +4,9 @@ import json
 import pandas as pd
 import pytest
 
-from bmjlib import llm, progression
-from bmjlib.llm_server import ChatServer, Reply, ok
+from bmjlib.text import llm
+from bmjlib.text import progression
+from bmjlib.testing import ChatServer, Reply, ok
 
 
 def _pair(pid, pf, pi, ff, fi, **extra):

@@ -3,13 +3,14 @@ out, the score threshold, bad images, resumable parallel runs, and real Hannover
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from bmjlib import registration as R
+from bmjlib.data import registration as R
 from bmjlib.io import atomic_write_png, read_image, to_uint8
 from test_cohort_fixture import draw_chest, pose_matrix, true_affine
 
@@ -58,7 +59,7 @@ def test_sitk_exception_is_flagged_with_its_message(tmp_path):
     assert row["status"] == "failed" and row["reason"].startswith("SimpleITK:")
     assert "All samples map outside moving image buffer" in row["reason"]
     # the correlation metric does not raise there; the runaway transform is caught as diverged instead
-    row = R.register_pair(str(tmp_path / "p.png"), str(tmp_path / "f.png"), R.replace(cfg, metric="correlation"))
+    row = R.register_pair(str(tmp_path / "p.png"), str(tmp_path / "f.png"), replace(cfg, metric="correlation"))
     assert row["status"] == "diverged" and row["reason"] == "non-finite transform or score"
 
 
@@ -179,11 +180,11 @@ def test_auto_threshold_is_the_robust_outlier_rule():
 
 
 def test_benchmark_and_phantom_accuracy_on_a_tiny_phantom(tmp_path):
-    phantom = pytest.importorskip("bmjlib.phantom")
-    from bmjlib.registration_eval import benchmark, phantom_accuracy, phantom_pairs
+    phantom = pytest.importorskip("bmjlib.phantom.cohort")
+    from bmjlib.data.registration_eval import benchmark, phantom_accuracy, phantom_pairs
     phantom.write_cohort(tmp_path, n_patients=6, size=128, seed=3, workers=1)
     # a shortened baseline keeps the test fast; the mechanics (same pairs, TRE vs truth, speed-up) are the same
-    res = benchmark(tmp_path, n_pairs=2, ours=R.RegConfig(size=128), baseline=R.replace(R.PROGEMU, size=128, iterations=20),
+    res = benchmark(tmp_path, n_pairs=2, ours=R.RegConfig(size=128), baseline=replace(R.PROGEMU, size=128, iterations=20),
                     log=None)
     assert res["pairs"] == 2 and res["ours"]["pairs_per_s"] > 0 and res["progemu"]["pairs_per_s"] > 0
     assert res["speedup"] == pytest.approx(res["ours"]["pairs_per_s"] / res["progemu"]["pairs_per_s"])
@@ -206,8 +207,8 @@ def test_inspiration_change_does_not_lock_onto_the_wrong_rib(tmp_path, index, pa
     depth; 41: an effusion resolves and atelectasis appears): over the whole image the optimum aligns the bases
     and lands a rib spacing off. The second pass on the rows above the domes (RegConfig.metric_rows) recovers
     the true transform."""
-    from bmjlib.phantom import build_patient
-    from bmjlib.registration_eval import _tre_points, pair_tre
+    from bmjlib.phantom.cohort import build_patient
+    from bmjlib.data.registration_eval import _tre_points, pair_tre
 
     rows = build_patient(tmp_path, 0, index, 256)
     paths = {r["dicom_id"]: r["image_path"] for r in rows["truth_images"]}

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from bmjlib.reports import chexpert_labels, extract_findings, parse_sections
+from bmjlib.text.reports import chexpert_labels, extract_findings, parse_sections
 from bmjlib.schema import CHEXPERT_LABELS
 
 MIMIC_STYLE = """                                 FINAL REPORT

@@ -1,6 +1,6 @@
 """The extractor against the phantom's known truth: every report of a generated cohort (issue 5, item 1).
 
-The phantom writes MIMIC-style reports from its phrase table (bmjlib.phantom_reports) and knows the
+The phantom writes MIMIC-style reports from its phrase table (bmjlib.phantom.reports) and knows the
 disease state behind each one, so the extractor is checked exactly, not on a sample:
 - chexpert_labels(report) equals mimic-cxr-2.0.0-chexpert.csv, label by label;
 - extract_findings(report) gives every finding the truth has (severity > 0) with its severity and side,
@@ -13,11 +13,11 @@ import math
 import pandas as pd
 import pytest
 
-from bmjlib.progression import changes
-from bmjlib.reports import chexpert_labels, extract_findings
+from bmjlib.text.progression import changes
+from bmjlib.text.reports import chexpert_labels, extract_findings
 from bmjlib.schema import CHEXPERT_LABELS, FINDING_KEYS
 
-phantom = pytest.importorskip("bmjlib.phantom")
+phantom = pytest.importorskip("bmjlib.phantom.cohort")
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):

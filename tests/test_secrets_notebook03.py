@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from bmjlib.chain import load_profile, run_chain
-from bmjlib.llm_server import ChatServer
-from bmjlib.progression import loopback_model
+from bmjlib.testing import ChatServer
+from bmjlib.text.progression import loopback_model
 
 KEY = "sk-test-NB03-SECRET-9f8e7d6c5b4a"
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bmjlib.cohort import build_cohort
-from bmjlib.sources import hannover_cohort_csv, load_source, read_csv_cohort
+from bmjlib.data.cohort import build_cohort
+from bmjlib.data.sources import hannover_cohort_csv, load_source, read_csv_cohort
 from test_cohort_fixture import make_mimic
 
 HANNOVER = Path(__file__).resolve().parent.parent.parent / "shared" / "real_cxr" / "hannover"
@@ -98,7 +98,7 @@ def test_icg_source_dispatches_to_the_icg_reader_and_keeps_its_pairs(tmp_path, m
                                            "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax")}})
         return rec, pairs
 
-    monkeypatch.setitem(sys.modules, "bmjlib.icg", types.SimpleNamespace(read_icg_records=fake))
+    monkeypatch.setitem(sys.modules, "bmjlib.data.icg", types.SimpleNamespace(read_icg_records=fake))
     data = load_source("icg", tmp_path, verify_images=True)
     assert seen == {"root": tmp_path, "check": True}
     assert data.records["source"].eq("icg").all()

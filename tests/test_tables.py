@@ -1,9 +1,9 @@
-"""Tables: formatting with intervals, paper columns beside ours, CSV + Markdown (bmjlib.tables)."""
+"""Tables: formatting with intervals, paper columns beside ours, CSV + Markdown (bmjlib.evaluation.tables)."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from bmjlib import tables as T
+from bmjlib.evaluation import tables as T
 from bmjlib.schema import FINDINGS
 
 

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-import bmjlib.train as T
+import bmjlib.model.train as T
 from bmjlib.io import atomic_write_png
-from bmjlib.latents import build_cache, swap_laterality
-from bmjlib.pipeline import BiomedJourneyPipeline
+from bmjlib.model.latents import build_cache, swap_laterality
+from bmjlib.model.pipeline import BiomedJourneyPipeline
 
 from test_pipeline import TINY_UNET, tiny_pipeline
 
@@ -178,7 +178,7 @@ RUNNER = textwrap.dedent("""
     import sys, time, json
     import pandas as pd, torch
     torch.set_num_threads(1)
-    import bmjlib.train as T
+    import bmjlib.model.train as T
     slow = float(sys.argv[3])
     orig = T.diffusion_loss
     def paced(*a, **k):

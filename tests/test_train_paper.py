@@ -19,7 +19,7 @@ def _available_gb() -> float:
 def test_paper_scale_dry_run_two_steps():
     if _available_gb() < 18:
         pytest.skip(f"needs ~16 GB free RAM for an 860M-parameter UNet with AdamW on CPU; {_available_gb():.1f} GB free")
-    from bmjlib.train import paper_dry_run
+    from bmjlib.model.train import paper_dry_run
 
     r = paper_dry_run(batch_size=1, steps=2)
     assert 855 < r["unet_params_M"] < 870  # SD v1.5's UNet is 859.5 M parameters (+ 4 x 320 x 9 for conv_in)
@@ -30,7 +30,8 @@ def test_paper_scale_dry_run_two_steps():
 
 
 def test_paper_configs_are_sd15():
-    from bmjlib.pipeline import SD15_UNET_CONFIG, SD15_VAE_CONFIG, build_unet
+    from bmjlib.model.pipeline import build_unet
+    from bmjlib.model.configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
     assert SD15_UNET_CONFIG["in_channels"] == 8 and SD15_UNET_CONFIG["cross_attention_dim"] == 768
     assert SD15_UNET_CONFIG["block_out_channels"] == [320, 640, 1280, 1280]

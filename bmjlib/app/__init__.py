@@ -1,0 +1,1 @@
+"""The counterfactual explorer: pick a prior, type a hypothesis, see the counterfactual and what changed."""

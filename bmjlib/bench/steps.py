@@ -1,0 +1,299 @@
+"""The measurements behind `bmj bench` (issue 9), one function per row group; see bmjlib/bench/core.py.
+
+Each step's own module owns its `benchmark()` (phantom, registration, progression); this module calls it,
+and measures the model itself (training with cached vs on-the-fly encoding, DPM-Solver++ 20 steps vs
+100-step sampling at equal fidelity, scaling with image and batch size) through bmjlib.model.pipeline and
+bmjlib.model.train. A function raises `NotAvailable` with the reason when its code has not landed.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import pandas as pd
+import torch
+from diffusers import AutoencoderKL
+from skimage.metrics import structural_similarity
+from skimage.transform import resize
+
+from bmjlib.bench.core import BenchConfig, NotAvailable, Result, _optional
+from bmjlib.bench.gpu import flops_row, gpu_rows
+from bmjlib.data.registration import RegConfig, set_itk_threads
+from bmjlib.data.sources import mimic_report_path
+from bmjlib.io import read_image
+from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG
+from bmjlib.model.demo_model import DemoModelError, resolve_model
+from bmjlib.model.encoders import TextEncoder
+from bmjlib.model.latents import _read, build_cache
+from bmjlib.model.pipeline import BiomedJourneyPipeline, train_scheduler
+from bmjlib.model.train import diffusion_loss
+
+
+class Context:
+    """Things several measurements share, built once on first use (a small phantom cohort, the model)."""
+
+    def __init__(self, cfg: BenchConfig):
+        self.cfg = cfg
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._cache: dict[str, Any] = {}
+
+    @property
+    def tmp(self) -> Path:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="bmj-bench-")
+        return Path(self._tmp.name)
+
+
+# --------------------------------------------------------------------------- shared inputs
+
+def cohort(ctx: Context) -> Path:
+    """A small phantom cohort (bmjlib.phantom.cohort.write_cohort) in the bench's temporary folder; its own
+    summary is the phantom row's measurement."""
+    if "cohort" not in ctx._cache:
+        write_cohort = _optional("bmjlib.phantom.cohort", "write_cohort", "lands with the phantom issue")
+        cfg = ctx.cfg
+        n_patients = max(3, cfg.phantom_images // 4)
+        out = ctx.tmp / "phantom"
+        summary = write_cohort(out, n_patients=n_patients, size=cfg.phantom_size, seed=cfg.seed, workers=None)
+        ctx._cache["cohort"] = (out, summary)
+    return ctx._cache["cohort"][0]
+
+
+def truth_pairs(ctx: Context):
+    """Truly-PA phantom pairs with image paths, the progression sentence (offline synthesiser, from the
+    two reports) and the path of the true counterfactual."""
+    if "pairs" not in ctx._cache:
+        phantom_pairs = _optional("bmjlib.data.registration_eval", "phantom_pairs", "lands with the registration issue")
+        synthesise = _optional("bmjlib.text.progression", "synthesise", "lands with the progression issue")
+
+        root = cohort(ctx)
+        tp = phantom_pairs(root)
+        tp = tp[~tp["any_mislabeled"].astype(str).str.lower().isin(["true", "1"])].reset_index(drop=True)
+        rep = lambda s, st: mimic_report_path(root / "mimic", s, st).read_text()
+        tp["description"] = [synthesise(rep(s, a), rep(s, b)) for s, a, b in
+                             zip(tp["subject_id"], tp["prior_study_id"], tp["followup_study_id"])]
+        tp["truth_path"] = [str(root / "truth" / c) for c in tp["counterfactual_path"]]
+        ctx._cache["pairs"] = tp
+    return ctx._cache["pairs"]
+
+
+# --------------------------------------------------------------------------- other modules' benchmarks
+
+def phantom_rate(ctx: Context) -> Result:
+    cohort(ctx)
+    s = ctx._cache["cohort"][1]
+    return Result("Throughput", "phantom images/s", float(s["images_per_s"]), "images/s",
+                  note=f"bmjlib.phantom.cohort.write_cohort: {s['images']} images ({s['patients']} patients, "
+                       f"masks and true counterfactuals included) at {s['size']} px, all cores, {s['seconds']} s",
+                  extra=dict(s))
+
+
+def registration_rate(ctx: Context) -> Result:
+    cfg = ctx.cfg
+    bench = _optional("bmjlib.data.registration_eval", "benchmark", "lands with the registration issue")
+    res = bench(phantom_dir=cohort(ctx), n_pairs=cfg.reg_pairs, seed=cfg.seed, log=None)
+    ours, pe = res["ours"], res["progemu"]
+    return Result("Throughput", "registration pairs/s", ours["pairs_per_s"], "pairs/s",
+                  compare=f"ProgEmu config {pe['pairs_per_s']:.3g} pairs/s (ours {res['speedup']:.1f}x)",
+                  note=f"bmjlib.data.registration_eval.benchmark: the same {res['pairs']} truly-PA pairs, 1 ITK thread; "
+                       f"TRE ours {ours['tre_mean_px256']:.2f} vs ProgEmu {pe['tre_mean_px256']:.2f} px @256",
+                  extra=res)
+
+
+def description_rate(ctx: Context) -> Result:
+    cfg = ctx.cfg
+    bench = _optional("bmjlib.text.progression", "benchmark", "lands with the reports/progression issue")
+    res = bench(n_offline=cfg.descriptions, n_api=max(8, cfg.descriptions // 50), log=lambda m: None)
+    return Result("Throughput", "offline descriptions/s", res["offline_pairs_per_s"], "descriptions/s",
+                  compare=(f"API path {res['api_pairs_per_s']:.3g}/s (openai client -> loopback server, "
+                           f"{res['api_latency_s'] * 1000:.0f} ms/answer, {res['api_concurrency']} in flight)"),
+                  note=f"bmjlib.text.progression.benchmark: {cfg.descriptions} distinct report pairs, offline synthesiser",
+                  extra=res)
+
+
+def registration_scaling(ctx: Context) -> list[Result]:
+    cfg = ctx.cfg
+    register_pair = _optional("bmjlib.data.registration", "register_pair", "lands with the registration issue")
+
+    tp = truth_pairs(ctx).head(cfg.scale_reg_pairs)
+    set_itk_threads(1)
+    rows = []
+    for size in cfg.scale_sizes:
+        rc = replace(RegConfig(), size=size)
+        t0 = time.perf_counter()
+        for r in tp.itertuples(index=False):
+            register_pair(r.prior_path, r.followup_path, rc)
+        dt = (time.perf_counter() - t0) / len(tp)
+        rows.append(Result("Scaling", f"registration at {size} px", dt, "s/pair",
+                           note=f"our configuration at {size} px ({len(tp)} pairs, 1 ITK thread)"))
+    return rows
+
+
+# --------------------------------------------------------------------------- the model
+
+def random_pipeline(image_size: int = 64, seed: int = 0):
+    """The demo-scale model (demo VAE, demo CLIP text tower, demo UNet) with random weights: the same
+    computation as the trained model, for timings that must not depend on a training run."""
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in DEMO_CLIP_CONFIG.items() if k != "custom_text"}
+    enc = TextEncoder(open_clip.CustomTextCLIP(**cfg),
+                      open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"]),
+                      DEMO_CLIP_CONFIG, "demo-clip")
+    vae = AutoencoderKL(**DEMO_VAE_CONFIG).eval().requires_grad_(False)
+    return BiomedJourneyPipeline.build(vae, enc, image_size=image_size)
+
+
+def trained_model(ctx: Context):
+    """(pipeline, where from) for the fidelity comparison: the configured model, else None."""
+    name = ctx.cfg.model
+    try:
+        path = resolve_model(name)
+    except DemoModelError as e:
+        return None, f"no trained model ({type(e).__name__}: the shipped demo model is missing or changed)"
+    if not (path / "bmj_pipeline.json").is_file():
+        return None, f"{path} is not a saved pipeline"
+    return BiomedJourneyPipeline.from_pretrained(path), f"model '{name}'"
+
+
+def _train_arm(pipe, rows, batch: int, steps: int, cached: bool, tmp: Path) -> tuple[float, float, float]:
+    """Samples/s of `steps` optimisation steps (after one warm-up), the last loss, and the cache build time."""
+    unet, proj = pipe.unet.train().requires_grad_(True), pipe.projection.train().requires_grad_(True)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(proj.parameters()), lr=1e-4)
+    sched = train_scheduler(pipe.scheduler_config)
+    size = pipe.image_size
+    t0 = time.perf_counter()
+    data = build_cache(pipe, rows, tmp, size, margin=0, dummy_prior=False, progress=False) if cached else None
+    cache_s = time.perf_counter() - t0
+    null = pipe.text_encoder.encode([pipe.null_prompt])
+    n = len(rows)
+
+    def step(k: int) -> float:
+        g = torch.Generator().manual_seed(k)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        if cached:
+            b = data.batch(idx, g, hflip=True, device="cpu")
+        else:  # what training without the cache does: read, resize and encode every image and sentence
+            sel = rows.iloc[idx.tolist()]
+            tg = torch.cat([_read(p, size) for p in sel["target_path"]])
+            pr = torch.cat([_read(p, size) for p in sel["prior_path"]])
+            b = {"target": pipe.encode_images(tg), "prior": pipe.encode_images(pr),
+                 "text": pipe.text_encoder.encode(list(sel["text"]))}
+        b["null"] = null
+        loss = diffusion_loss(unet, proj, sched, b, g, 0.05)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    step(-1)
+    t0 = time.perf_counter()
+    for k in range(steps):
+        loss = step(k)
+    dt = time.perf_counter() - t0
+    unet.eval().requires_grad_(False)
+    proj.eval().requires_grad_(False)
+    return batch * steps / dt, loss, cache_s
+
+
+def _train_rows(ctx: Context):
+    tp = truth_pairs(ctx)
+    return pd.DataFrame({"prior_path": tp["prior_path"], "target_path": tp["followup_path"],
+                         "text": tp["description"]})
+
+
+def training_cached(ctx: Context) -> list[Result]:
+    cfg = ctx.cfg
+    _optional("bmjlib.model.train", "diffusion_loss", "lands with the model issue")
+    rows = _train_rows(ctx)
+    pipe = random_pipeline(cfg.image_size, cfg.seed)
+    cached, loss_c, cache_s = _train_arm(pipe, rows, cfg.train_batch, cfg.train_steps, True, ctx.tmp / "lat")
+    fly, loss_f, _ = _train_arm(pipe, rows, cfg.train_batch, cfg.train_steps, False, ctx.tmp / "lat")
+    note = (f"demo model (random weights), {cfg.image_size} px, batch {cfg.train_batch}, {cfg.train_steps} steps "
+            f"each, stage-2 triples from the phantom; cache of {len(rows)} pairs built once in {cache_s:.1f} s")
+    return [Result("Throughput", "training samples/s, cached latents + text states", cached, "samples/s",
+                   compare=f"on the fly {fly:.3g} samples/s (cached {cached / fly:.1f}x)", note=note,
+                   extra={"cached": cached, "on_the_fly": fly, "cache_seconds": cache_s,
+                          "loss_cached": loss_c, "loss_on_the_fly": loss_f}),
+            Result("Throughput", "training samples/s, VAE + text encoder on the fly", fly, "samples/s",
+                   note="same model, same run, same pairs")]
+
+
+def training_batch_scaling(ctx: Context) -> list[Result]:
+    cfg = ctx.cfg
+    _optional("bmjlib.model.train", "diffusion_loss", "lands with the model issue")
+    rows = _train_rows(ctx)
+    pipe = random_pipeline(cfg.image_size, cfg.seed)
+    out = []
+    for b in cfg.train_batches:
+        rate, _, _ = _train_arm(pipe, rows, b, max(2, cfg.train_steps // 2), True, ctx.tmp / "lat")
+        out.append(Result("Scaling", f"training samples/s at batch {b}", rate, "samples/s",
+                          note=f"cached latents, demo model, {cfg.image_size} px"))
+    return out
+
+
+def sampler_rates(ctx: Context) -> list[Result]:
+    """DPM-Solver++ (fast_steps) vs Euler (slow_steps) on the same priors, with SSIM to the true counterfactual."""
+    cfg = ctx.cfg
+    pipe, source = trained_model(ctx)
+    trained = pipe is not None
+    if not trained:
+        pipe = random_pipeline(cfg.image_size, cfg.seed)
+    tp = truth_pairs(ctx).head(cfg.gen_pairs)
+    priors = np.stack([read_image(p) for p in tp["prior_path"]])
+    size = pipe.image_size
+    truth = np.stack([_resize(read_image(p), size) for p in tp["truth_path"]])
+    rows = []
+    for sched, steps in (("dpm", cfg.fast_steps), ("euler", cfg.slow_steps)):
+        pipe(priors[:1], list(tp["description"])[:1], steps=2, scheduler=sched)  # warm-up
+        t0 = time.perf_counter()
+        out = pipe(priors, list(tp["description"]), steps=steps, scheduler=sched, seed=cfg.seed)
+        rate = len(out) / (time.perf_counter() - t0)
+        ssim = float(np.mean([structural_similarity(a, b, data_range=1.0) for a, b in zip(out, truth)]))
+        rows.append((sched, steps, rate, ssim))
+    (_, fs, fr, fss), (_, ss, sr, sss) = rows
+    fid = (lambda x: f"SSIM to true counterfactual {x:.3f}") if trained else \
+          (lambda x: f"SSIM {x:.3f} (random weights: {source}; not a fidelity figure)")
+    what = f"{source}, {size} px, {len(tp)} phantom pairs, batch {len(tp)}, dual guidance 7.5 / 1.5"
+    return [Result("Throughput", f"counterfactuals/s, DPM-Solver++ {fs} steps", fr, "images/s",
+                   compare=f"{sr:.3g}/s at {ss} steps ({fr / sr:.1f}x)", note=f"{fid(fss)}; {what}",
+                   extra={"ssim": fss, "trained": trained}),
+            Result("Throughput", f"counterfactuals/s, Euler {ss} steps (InstructPix2Pix length)", sr, "images/s",
+                   note=f"{fid(sss)}; same priors, sentences and seeds", extra={"ssim": sss, "trained": trained})]
+
+
+def _resize(img, size: int):
+    return resize(img, (size, size), order=1, anti_aliasing=True).astype(np.float32)
+
+
+def generation_scaling(ctx: Context) -> list[Result]:
+    """Seconds per counterfactual at each image size (random-weight demo model: the UNet is convolutional,
+    so the same network runs at any size; the cost, not the picture, is the point)."""
+    cfg = ctx.cfg
+    rows = []
+    pipe = random_pipeline(64, cfg.seed)
+    for size in cfg.scale_sizes:
+        pipe.image_size = size
+        prior = np.full((size, size), 0.5, np.float32)
+        pipe(prior, "x", steps=1)  # warm-up
+        t0 = time.perf_counter()
+        pipe(prior, "new small left pleural effusion", steps=cfg.scale_gen_steps, seed=cfg.seed)
+        dt = time.perf_counter() - t0
+        rows.append(Result("Scaling", f"generation at {size} px", dt, "s/image",
+                           note=f"{cfg.scale_gen_steps} DPM-Solver++ steps (3 UNet evaluations each) + VAE, "
+                                f"demo model architecture, batch 1"))
+    return rows
+
+
+def gpu_section(cfg: BenchConfig, requested: bool) -> list[Result]:
+    """The FLOP count (no GPU needed), then the GPU timings or a row that says why there are none."""
+    rows = [flops_row(cfg)]
+    try:
+        rows += gpu_rows(cfg, requested)
+    except NotAvailable as e:
+        rows.append(Result("GPU", "GPU training and sampling timings", note=f"not available: {e}"))
+    return rows

@@ -1,0 +1,288 @@
+"""Cohort building: PA images, patient journeys, consecutive pairs, splits, counts (paper §3, App. A.1, Fig. 7).
+
+From the records of any data source (`bmjlib.data.sources`) to the pairs the rest of the chain uses:
+
+1. **PA only** (§3: "we only use posteroanterior (PA) ... and discard AP and lateral views"), as recorded
+   in the metadata; mislabeled views are caught later by the registration score (notebook 02).
+2. **Journeys**: each patient's PA studies ordered by StudyDate + StudyTime; one image per study (the first
+   PA dicom_id in sorted order when a study has several); **consecutive** studies form candidate pairs.
+   Studies at the same time form one time point, and pairs join every study of a time point with every
+   study of the next one (for MIMIC, times are distinct and this is simply consecutive studies).
+3. **Positive-finding filter** (§3: "we prioritize studies with at least one finding as identified by
+   CheXpert and filter the rest"): a candidate pair is kept when at least one of its two studies has a
+   CheXpert label equal to 1 among the 12 observations other than "No Finding" and "Support Devices";
+   pairs whose two studies are both negative / uncertain / blank are dropped.
+4. **Partition** (§3): MIMIC's p10-p18 folders are split into train / validation by patient (a seeded
+   permutation, `val_fraction` of patients to validation), p19 is the test set. Sources without MIMIC
+   folders send a seeded `test_fraction` of patients to test first.
+
+Stage-1 images (§4.2) are the train/val-partition PA images with a non-empty IMPRESSION.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from bmjlib.io import Manifest, atomic_path, atomic_write_csv, atomic_write_text, fingerprint, sha256_file
+from bmjlib.schema import CHEXPERT_LABELS, PAIR_COLUMNS, label_col
+
+# CheXpert observations that do not count as a finding for the positive-finding filter.
+NOT_FINDINGS = ("No Finding", "Support Devices")
+FINDING_LABELS = [c for c in CHEXPERT_LABELS if c not in NOT_FINDINGS]
+# The paper's MIMIC-CXR numbers, set beside ours in the counts table (§3, App. A.1).
+PAPER_COUNTS = {"PA image-report pairs": 157148, "stage-1 images (train/val PA with impression)": 69846,
+                "train pairs": 9354, "val pairs": 1056, "test pairs": 1214}
+
+
+@dataclass
+class Cohort:
+    records: pd.DataFrame     # every usable image, with `split` (by patient)
+    candidates: pd.DataFrame  # consecutive PA pairs before the positive-finding filter
+    pairs: pd.DataFrame       # PAIR_COLUMNS + prior_/followup_ labels, after the filter
+    stage1: pd.DataFrame      # image-report rows for stage 1
+    problems: pd.DataFrame    # skipped inputs (path, problem)
+    settings: dict
+
+
+def has_positive_finding(labels: pd.DataFrame) -> pd.Series:
+    """True where any of FINDING_LABELS is exactly 1 (positive; -1 uncertain and blank do not count)."""
+    return (labels[FINDING_LABELS] == 1).any(axis=1)
+
+
+def assign_splits(records: pd.DataFrame, seed: int = 0, val_fraction: float = 0.1,
+                  test_fraction: float = 0.1) -> pd.Series:
+    """Split by patient: partition p19 -> test, p10-p18 -> train/val; without partitions, a seeded test share.
+
+    Returns a Series subject_id -> "train" | "val" | "test". Deterministic from `seed`.
+    """
+    subj = records.groupby("subject_id")["partition"].first().sort_index()
+    rng = np.random.default_rng(seed)
+    split = pd.Series("train", index=subj.index, dtype=object)
+    known = subj != ""
+    split[known & (subj == "p19")] = "test"
+    unknown = subj.index[~known].to_numpy()
+    if len(unknown):
+        unknown = rng.permutation(unknown)
+        n_test = int(round(test_fraction * len(unknown)))
+        split[unknown[:n_test]] = "test"
+    pool = rng.permutation(split.index[split == "train"].to_numpy())
+    split[pool[: int(round(val_fraction * len(pool)))]] = "val"
+    split.name = "split"
+    return split
+
+
+def consecutive_pairs(records: pd.DataFrame, views: tuple[str, ...] = ("PA",)) -> pd.DataFrame:
+    """Candidate pairs: consecutive time points of each patient's studies of `views` (see module doc)."""
+    rec = records[records["view"].isin(views)].sort_values(["subject_id", "study_time", "study_id", "dicom_id"])
+    # One image per study: the first in sorted dicom_id order.
+    study = rec.sort_values("dicom_id").drop_duplicates(["subject_id", "study_id"])
+    study = study.sort_values(["subject_id", "study_time", "study_id"])
+    rows = []
+    for sid, g in study.groupby("subject_id", sort=True):
+        points = [grp for _, grp in g.groupby("study_time", sort=True)]
+        for a, b in zip(points, points[1:]):
+            for _, p in a.iterrows():
+                for _, f in b.iterrows():
+                    rows.append((p, f))
+    return _pair_table(rows)
+
+
+def _pair_table(rows) -> pd.DataFrame:
+    cols = PAIR_COLUMNS + [label_col(w, l) for w in ("prior", "followup") for l in CHEXPERT_LABELS]
+    out = []
+    for p, f in rows:
+        r = {"pair_id": f"{p.subject_id}_{p.study_id}_{f.study_id}", "subject_id": p.subject_id,
+             "split": p.get("split", ""),
+             "prior_dicom_id": p.dicom_id, "followup_dicom_id": f.dicom_id,
+             "prior_study_id": p.study_id, "followup_study_id": f.study_id,
+             "prior_path": p.image_path, "followup_path": f.image_path,
+             "prior_findings": p.findings, "prior_impression": p.impression,
+             "followup_findings": f.findings, "followup_impression": f.impression,
+             "age": p.age, "sex": p.sex, "race": p.race,
+             "prior_time": p.study_time, "followup_time": f.study_time}
+        for l in CHEXPERT_LABELS:
+            r[label_col("prior", l)] = p[l]
+            r[label_col("followup", l)] = f[l]
+        out.append(r)
+    return pd.DataFrame(out, columns=cols + ["prior_time", "followup_time"])
+
+
+def build_cohort(data, views: tuple[str, ...] = ("PA",), require_positive: bool = True, seed: int = 0,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1) -> Cohort:
+    """Records of a source (`sources.SourceData`) -> pairs, splits and stage-1 images (module docstring)."""
+    rec = data.records.copy()
+    split = assign_splits(rec, seed, val_fraction, test_fraction)
+    rec["split"] = rec["subject_id"].map(split)
+    if data.pairs is not None:  # ICG-CXR: the dataset's own pairs (already registered and filtered)
+        cand = data.pairs.copy()
+        if "split" not in cand.columns or (cand["split"].fillna("") == "").all():
+            cand["split"] = cand["subject_id"].map(split)
+    else:
+        cand = consecutive_pairs(rec, views)
+    if require_positive and len(cand):
+        pri = cand[[label_col("prior", l) for l in FINDING_LABELS]].set_axis(FINDING_LABELS, axis=1)
+        fol = cand[[label_col("followup", l) for l in FINDING_LABELS]].set_axis(FINDING_LABELS, axis=1)
+        keep = has_positive_finding(pri) | has_positive_finding(fol)
+    else:
+        keep = pd.Series(True, index=cand.index)
+    pairs = cand[keep.to_numpy()].reset_index(drop=True)
+    pa = rec[rec["view"].isin(views)]
+    stage1 = pa[pa["split"].isin(["train", "val"]) & (pa["impression"].str.strip() != "")].reset_index(drop=True)
+    settings = {"views": list(views), "require_positive": require_positive, "seed": seed,
+                "val_fraction": val_fraction, "test_fraction": test_fraction}
+    return Cohort(rec, cand, pairs, stage1, data.problems, settings)
+
+
+def counts_table(c: Cohort) -> pd.DataFrame:
+    """The §3 counts: images, PA image-report pairs, stage-1 images, candidate and kept pairs per split."""
+    pa = c.records[c.records["view"].isin(c.settings["views"])]
+    pa_report = pa[(pa["impression"].str.strip() != "") | (pa["findings"].str.strip() != "")]
+    rows = [("patients", c.records["subject_id"].nunique()),
+            ("images (all views)", len(c.records)),
+            ("skipped inputs (unreadable / missing)", len(c.problems)),
+            ("PA images", len(pa)),
+            ("PA image-report pairs", len(pa_report)),
+            ("stage-1 images (train/val PA with impression)", len(c.stage1)),
+            ("candidate consecutive PA pairs", len(c.candidates)),
+            ("pairs with >= 1 positive finding", len(c.pairs))]
+    for s in ("train", "val", "test"):
+        rows.append((f"{s} pairs", int((c.pairs["split"] == s).sum())))
+    for s in ("train", "val", "test"):
+        rows.append((f"{s} patients", int(c.records.loc[c.records["split"] == s, "subject_id"].nunique())))
+    df = pd.DataFrame(rows, columns=["item", "ours"])
+    df["paper (MIMIC-CXR)"] = df["item"].map(PAPER_COUNTS).astype("Int64")
+    return df
+
+
+def plot_demographics(c: Cohort, fig_dir: str | Path, name: str = "fig7_demographics") -> list[Path]:
+    """Fig. 7 analogue: age distribution and sex / race composition of the pair cohort per split (seaborn)."""
+    matplotlib.use(matplotlib.get_backend())
+    p = c.pairs.drop_duplicates("subject_id")[["subject_id", "split", "age", "sex", "race"]].copy()
+    p["split"] = pd.Categorical(p["split"], ["train", "val", "test"])
+    panels = ["age", "sex"] + (["race"] if (p["race"].fillna("") != "").any() else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    sns.histplot(data=p, x="age", hue="split", stat="density", common_norm=False, element="step",
+                 bins=15, ax=axes[0])
+    axes[0].set_title("(a) age per split (patients in pairs)")
+    for ax, col, tag in zip(axes[1:], panels[1:], "bc"):
+        short = p[col].fillna("").replace("", "unknown").str.split("/").str[0].str.title()  # "BLACK/AFRICAN ..." -> "Black"
+        frac = (p.assign(v=short).groupby("split", observed=False)["v"]
+                .value_counts(normalize=True).rename("fraction").reset_index())
+        sns.barplot(data=frac, x="v", y="fraction", hue="split", ax=ax)
+        ax.set_xlabel(col)
+        ax.set_title(f"({tag}) {col} per split")
+        ax.tick_params(axis="x", rotation=30)
+        for t in ax.get_xticklabels():
+            t.set_ha("right")
+    fig.tight_layout()
+    return save_figure(fig, fig_dir, name)
+
+
+def save_figure(fig, fig_dir: str | Path, name: str) -> list[Path]:
+    """PNG + PDF, each written atomically."""
+    out = []
+    for ext in ("png", "pdf"):
+        path = Path(fig_dir) / f"{name}.{ext}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight",
+                        metadata={"CreationDate": None} if ext == "pdf" else None)
+        out.append(path)
+    plt.close(fig)
+    return out
+
+
+def write_cohort(c: Cohort, out: str | Path) -> dict[str, Path]:
+    """Write records.csv, pairs.csv, stage1.csv, counts.csv, problems.csv (atomic), recorded in manifest.json."""
+    out = Path(out)
+    files = {"records.csv": c.records, "candidates.csv": c.candidates, "pairs.csv": c.pairs,
+             "stage1.csv": c.stage1, "counts.csv": counts_table(c), "problems.csv": c.problems}
+    man = Manifest(out / "manifest.json")
+    key = fingerprint(c.settings)
+    for name, df in files.items():
+        text = df.to_csv(index=False)
+        path = out / name
+        if not (path.exists() and path.read_text() == text):  # a rerun with equal content touches nothing
+            atomic_write_text(path, text)
+        man.record(name, key)
+    man.save()
+    return {k: out / k for k in files}
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    """A GitHub Markdown table without extra dependencies; missing values print as empty cells."""
+    def cell(v):
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            return ""
+        return floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pd.DataFrame, fig_dir: str | Path, name: str) -> list[Path]:
+    """A table as CSV + Markdown in the figures folder."""
+    fig_dir = Path(fig_dir)
+    atomic_write_csv(fig_dir / f"{name}.csv", df)
+    atomic_write_text(fig_dir / f"{name}.md", markdown_table(df))
+    return [fig_dir / f"{name}.csv", fig_dir / f"{name}.md"]
+
+
+def write_data_manifest(pairs: pd.DataFrame, records: pd.DataFrame, manifest_dir: str | Path, tag: str,
+                        root: str | Path | None = None) -> list[Path]:
+    """Committed, reviewable lists (DESIGN: data_manifest/): pairs with sha256 of inputs, splits by patient.
+
+    Paths are written relative to `root` (the data root) so the lists do not depend on where a run lives.
+    The registered images' sha256 are listed by notebook 02 (`registration.write_registration_manifest`).
+    Files are rewritten only when their content changes.
+    """
+    d = Path(manifest_dir)
+    rel = (lambda p: str(Path(p).relative_to(root)) if root and str(p).startswith(str(root)) else str(p))
+    pl = pairs[["pair_id", "subject_id", "split", "prior_path", "followup_path"]].copy()
+    cache: dict[str, str] = {}
+    h = lambda p: cache.setdefault(p, sha256_file(p))
+    pl["prior_sha256"] = [h(p) for p in pl["prior_path"]]
+    pl["followup_sha256"] = [h(p) for p in pl["followup_path"]]
+    pl["prior_path"] = [rel(p) for p in pl["prior_path"]]
+    pl["followup_path"] = [rel(p) for p in pl["followup_path"]]
+    sp = records.groupby("subject_id")["split"].first().reset_index().sort_values("subject_id")
+    written = []
+    for name, df in ((f"{tag}_pairs.csv", pl.sort_values("pair_id")), (f"{tag}_splits.csv", sp)):
+        path = d / name
+        text = df.to_csv(index=False)
+        if not (path.exists() and path.read_text() == text):
+            atomic_write_text(path, text)
+        written.append(path)
+    return written
+
+
+def check_against_phantom(c: Cohort, truth_dir: str | Path) -> pd.DataFrame:
+    """Our counts beside the numbers the phantom generator recorded in its truth files.
+
+    Candidate pairs must equal truth/pairs.csv (consecutive studies whose image is recorded PA); kept pairs
+    must include every pair with a finding of grade >= 2 in either study (never hedged in a report) and
+    lie within the pairs with any finding (a grade-1 finding may be reported as uncertain, -1).
+    """
+    t = Path(truth_dir)
+    img = pd.read_csv(t / "images.csv", dtype={"subject_id": str, "study_id": str})
+    tp = pd.read_csv(t / "pairs.csv", dtype={"subject_id": str, "prior_study_id": str, "followup_study_id": str})
+    sev = img.groupby("study_id")[[c for c in img.columns if c.endswith("_sev")]].max().max(axis=1)
+    worst = np.maximum(tp["prior_study_id"].map(sev).to_numpy(), tp["followup_study_id"].map(sev).to_numpy())
+    kept = set(c.pairs["pair_id"])
+    must, may = set(tp.loc[worst >= 2, "pair_id"]), set(tp.loc[worst >= 1, "pair_id"])
+    rows = [("PA images (recorded)", int((img["view_recorded"] == "PA").sum()),
+             int(c.records["view"].eq("PA").sum())),
+            ("candidate consecutive PA pairs", len(tp), len(c.candidates)),
+            ("candidate pair ids identical", True, set(tp["pair_id"]) == set(c.candidates["pair_id"])),
+            ("kept pairs with a grade>=2 finding", len(must), len(must & kept)),
+            ("kept pairs without any finding", 0, len(kept - may)),
+            ("test patients (p19)", int(img.loc[img["subject_id"].str.startswith("19"), "subject_id"].nunique()),
+             int(c.records.loc[c.records["split"] == "test", "subject_id"].nunique()))]
+    df = pd.DataFrame(rows, columns=["check", "phantom truth", "cohort"])
+    df["match"] = [a == b for a, b in zip(df["phantom truth"], df["cohort"])]
+    return df

@@ -1,0 +1,335 @@
+"""The BiomedJourney model: InstructPix2Pix-style latent diffusion from diffusers parts (paper §4.2, §5.1).
+
+`BiomedJourneyPipeline` = `AutoencoderKL` + an 8-input-channel `UNet2DConditionModel` (noisy latent
+concatenated with the prior image's latent) + a frozen open_clip text tower (`encoders.TextEncoder`)
+whose token states pass through a learnable linear projection to the UNet's cross-attention width +
+a noise scheduler (DDIM, DPM-Solver++ or Euler at sampling time).
+
+Sampling uses classifier-free guidance on both conditions (InstructPix2Pix, Brooks et al. 2023):
+
+    eps = eps_uncond + s_text * (eps_text_and_image - eps_image) + s_image * (eps_image - eps_uncond)
+
+where "image" conditioning is the prior's latent (dropped = zeros) and "text" is the projected token
+states (dropped = the empty prompt's states); the three predictions come from ONE batched UNet call.
+
+One class serves both scales: `SD15_UNET_CONFIG` / `SD15_VAE_CONFIG` are Stable Diffusion v1.5's
+configs written as literals (paper scale, 256 px -> 32x32 latents); `DEMO_UNET_CONFIG` is a small UNet
+trained from scratch on the phantom cohort. A trained model is one folder (`save_pretrained`).
+
+Usage:
+    pipe = BiomedJourneyPipeline.from_pretrained("runs/demo/05_stage2/model")
+    out = pipe(prior, "new large left pleural effusion", text_scale=7.5, image_scale=1.5,
+               steps=20, scheduler="dpm", seed=0)            # -> float32 N,H,W in [0, 1]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       UNet2DConditionModel)
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from bmjlib.io import atomic_dir, atomic_write_json
+from bmjlib.model.configs import DEMO_UNET_CONFIG, SD15_SCHEDULER_CONFIG, SD15_VAE_CONFIG
+from bmjlib.model.demo_model import resolve_model
+from bmjlib.model.encoders import TextEncoder
+from bmjlib.runtime import fit_cpu_threads
+
+PIPELINE_FILE = "bmj_pipeline.json"
+DUMMY_PRIOR_VALUE = 128 / 255  # stage 1's prior: a constant-128 image (paper §4.2)
+
+
+SCHEDULERS = ("ddim", "dpm", "euler")
+
+
+def build_unet(config: dict | None = None, **overrides):
+    """A randomly initialised UNet2DConditionModel from a config literal (default: the demo UNet)."""
+    cfg = dict(copy.deepcopy(config or DEMO_UNET_CONFIG), **overrides)
+    return UNet2DConditionModel(**cfg)
+
+
+def build_vae(config: dict | None = None, **overrides):
+    """A randomly initialised AutoencoderKL (default: SD v1.5's config)."""
+    cfg = dict(copy.deepcopy(config or SD15_VAE_CONFIG), **overrides)
+    return AutoencoderKL(**cfg)
+
+
+def train_scheduler(config: dict | None = None):
+    """The DDPM noise schedule used in training (SD v1.5's betas)."""
+    return DDPMScheduler.from_config(config or SD15_SCHEDULER_CONFIG)
+
+
+def make_scheduler(name: str, config: dict):
+    """A sampling scheduler from the training schedule's config: 'ddim', 'dpm' (DPM-Solver++ 2M) or 'euler'."""
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def expand_unet_in_channels(unet, in_channels: int = 8):
+    """Widen `conv_in` of a (4-channel) UNet to `in_channels`, the extra input weights zero-initialised.
+
+    This is how InstructPix2Pix (and BiomedJourney) start from Stable Diffusion's text-to-image UNet:
+    with the extra (prior-latent) channels at zero weight, the expanded model computes exactly what the
+    4-channel model did. Returns a new UNet; the argument is not modified.
+    """
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return copy.deepcopy(unet)
+    if old.in_channels > in_channels:
+        raise ValueError(f"UNet already has {old.in_channels} input channels (> {in_channels})")
+    cfg = dict(unet.config)
+    cfg["in_channels"] = in_channels
+    new = UNet2DConditionModel.from_config(cfg)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("conv_in.")}
+    new.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        new.conv_in.weight.zero_()
+        new.conv_in.weight[:, : old.in_channels] = old.weight
+        new.conv_in.bias.copy_(old.bias)
+    return new.to(dtype=old.weight.dtype)
+
+
+def to_batch(images, size: int) -> torch.Tensor:
+    """float H,W or N,H,W (numpy or torch) in [0,1] -> float32 tensor N,1,size,size (area/bilinear resize)."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected an image H,W or a batch N,H,W, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("image contains NaN or inf values")
+    x = x[:, None]
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 1)
+
+
+class BiomedJourneyPipeline:
+    """Prior image + progression text -> counterfactual follow-up image (paper §4.2).
+
+    Parts: `vae` (AutoencoderKL, 1 or 3 image channels; grey images are repeated), `unet`
+    (8 input channels), `text_encoder` (frozen `encoders.TextEncoder`, may be None when only cached
+    text states are used, e.g. the paper-scale dry run), `projection` (nn.Linear text width ->
+    cross-attention width), `scheduler_config` (the training noise schedule), `image_size`.
+    """
+
+    def __init__(self, vae, unet, text_encoder, projection: nn.Module, scheduler_config: dict | None = None,
+                 image_size: int = 64, null_prompt: str = ""):
+        self.vae, self.unet, self.text_encoder, self.projection = vae, unet, text_encoder, projection
+        # normalised through DDPMScheduler so an in-memory and a reloaded pipeline sample identically
+        self.scheduler_config = {k: v for k, v in train_scheduler(scheduler_config).config.items()
+                                 if not k.startswith("_")}
+        self.image_size = int(image_size)
+        self.null_prompt = null_prompt
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, vae, text_encoder, unet_config: dict | None = None, image_size: int = 64,
+              text_dim: int | None = None, unet=None):
+        """A new pipeline around a trained VAE and text encoder, with a random UNet and projection."""
+        unet = unet if unet is not None else build_unet(unet_config)
+        if text_dim is None:
+            if text_encoder is None:
+                raise ValueError("give text_dim when there is no text encoder")
+            text_dim = text_encoder.width
+        proj = nn.Linear(int(text_dim), unet.config.cross_attention_dim)
+        return cls(vae, unet, text_encoder, proj, SD15_SCHEDULER_CONFIG, image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device) -> "BiomedJourneyPipeline":
+        for m in (self.vae, self.unet, self.projection, self.text_encoder):
+            if m is not None:
+                m.to(device)
+        self._text_cache.clear()
+        return self
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ---- encoders ---------------------------------------------------------------------------
+    def _vae_in(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * 2 - 1
+        c = self.vae.config.in_channels
+        return x.repeat(1, c, 1, 1) if c != 1 else x
+
+    @torch.no_grad()
+    def encode_images(self, images, size: int | None = None, batch_size: int = 32) -> torch.Tensor:
+        """Images in [0,1] (H,W / N,H,W array or N,1,H,W tensor) -> scaled latents (posterior mode), on CPU."""
+        x = images if torch.is_tensor(images) and images.ndim == 4 else to_batch(images, size or self.image_size)
+        dtype = next(self.vae.parameters()).dtype
+        out = []
+        for i in range(0, len(x), batch_size):
+            xb = self._vae_in(x[i:i + batch_size].to(self.device, dtype))
+            out.append(self.vae.encode(xb).latent_dist.mode().float().cpu())
+        return torch.cat(out) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """Scaled latents -> images N,1,H,W in [0,1] (channels averaged for an RGB VAE), on CPU."""
+        dtype = next(self.vae.parameters()).dtype
+        out = []
+        for i in range(0, len(latents), batch_size):
+            z = latents[i:i + batch_size].to(self.device, dtype) / self.vae.config.scaling_factor
+            x = self.vae.decode(z).sample.float()
+            out.append(((x.mean(1, keepdim=True) + 1) / 2).clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def text_states(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Frozen text-tower token states N,L,D (before the learnable projection), memoised per prompt."""
+        if self.text_encoder is None:
+            raise RuntimeError("this pipeline has no text encoder; pass cached text states instead")
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            for p, s in zip(missing, self.text_encoder.encode(missing)):
+                self._text_cache[p] = s.cpu()
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def dummy_prior(self, n: int = 1) -> np.ndarray:
+        """Stage 1's prior: constant-128 images at the model's size."""
+        return np.full((n, self.image_size, self.image_size), DUMMY_PRIOR_VALUE, np.float32)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prior, prompt: str | Sequence[str], text_scale: float = 7.5, image_scale: float = 1.5,
+                 steps: int = 20, scheduler: str = "dpm", seed: int = 0, batch_size: int = 16,
+                 out_size: int | None = None, progress: bool = False,
+                 callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Generate counterfactual follow-ups. Returns float32 N,H,W in [0,1] at `out_size` (default the
+        model's image_size).
+
+        `prior`: H,W or N,H,W float array in [0,1] (resized to the model's size); `prompt`: one string
+        (broadcast) or N strings; a single prior with N prompts is broadcast too. Sample i's starting
+        noise comes from seed + i, so a sample does not depend on the batch it is generated in.
+        `text_scale` = s_text, `image_scale` = s_image. `callback(done, total)` is called after every
+        denoising step (total = steps x batches), e.g. for a progress bar in a widget.
+        """
+        if self.device.type == "cpu":
+            fit_cpu_threads()
+        for m in (self.vae, self.unet, self.projection, self.text_encoder):
+            if m is not None:
+                m.eval()
+        priors = to_batch(prior, self.image_size)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if any(not isinstance(p, str) for p in prompts):
+            raise TypeError("prompt must be a string or a list of strings")
+        n = max(len(priors), len(prompts))
+        if len(priors) == 1:
+            priors = priors.expand(n, -1, -1, -1)
+        if len(prompts) == 1:
+            prompts = prompts * n
+        if len(priors) != len(prompts):
+            raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        it = range(0, n, batch_size)
+        if progress:
+            it = tqdm(it, desc="generate", unit="batch")
+        n_batches = len(range(0, n, batch_size))
+        outs = []
+        for b, i in enumerate(it):
+            step_done = (lambda k, total, b=b: callback(b * total + k, n_batches * total)) if callback else None
+            outs.append(self._sample(priors[i:i + batch_size], prompts[i:i + batch_size], text_scale, image_scale,
+                                     steps, scheduler, [seed + j for j in range(i, min(i + batch_size, n))],
+                                     step_done))
+        x = torch.cat(outs)
+        if out_size and out_size != x.shape[-1]:
+            x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True).clamp(0, 1)
+        return x[:, 0].numpy().astype(np.float32)
+
+    def guided_eps(self, latents, t, prior_latents, text_emb, null_emb, text_scale, image_scale):
+        """Dual classifier-free guidance; the three predictions in one batched UNet call."""
+        sched_in = torch.cat([latents] * 3)
+        img = torch.cat([prior_latents, prior_latents, torch.zeros_like(prior_latents)])
+        txt = torch.cat([text_emb, null_emb, null_emb])
+        unet_dtype = self.unet.dtype
+        eps = self.unet(torch.cat([sched_in, img], 1).to(unet_dtype), t,
+                        encoder_hidden_states=txt.to(unet_dtype)).sample.float()
+        e_ti, e_i, e_u = eps.chunk(3)
+        return e_u + text_scale * (e_ti - e_i) + image_scale * (e_i - e_u)
+
+    def _sample(self, priors, prompts, text_scale, image_scale, steps, scheduler, seeds, step_done=None):
+        dev = self.device
+        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched.set_timesteps(steps, device=dev)
+        prior_lat = self.encode_images(priors).to(dev)
+        proj_dtype = self.projection.weight.dtype
+        text_emb = self.projection(self.text_states(prompts).to(dev, proj_dtype)).float()
+        null_emb = self.projection(self.text_states([self.null_prompt]).to(dev, proj_dtype)).float()
+        null_emb = null_emb.expand(len(prompts), -1, -1)
+        shape = prior_lat.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        latents = noise.to(dev) * sched.init_noise_sigma
+        for k, t in enumerate(sched.timesteps):
+            inp = sched.scale_model_input(latents, t)  # only the noisy latent is scaled, not the prior's
+            eps = self.guided_eps(inp, t, prior_lat, text_emb, null_emb, text_scale, image_scale)
+            latents = sched.step(eps, t, latents).prev_sample
+            if step_done:
+                step_done(k + 1, len(sched.timesteps))
+        return self.decode_latents(latents)
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the pipeline as one folder (vae/, unet/, text_encoder/, projection.safetensors,
+        scheduler/, bmj_pipeline.json), atomically: a crash leaves the old folder or none."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            self.vae.save_pretrained(tmp / "vae")
+            self.unet.save_pretrained(tmp / "unet")
+            DDPMScheduler.from_config(self.scheduler_config).save_pretrained(tmp / "scheduler")
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in self.projection.state_dict().items()},
+                      str(tmp / "projection.safetensors"))
+            if self.text_encoder is not None:
+                self.text_encoder.save(tmp / "text_encoder")
+            atomic_write_json(tmp / PIPELINE_FILE, {
+                "class": "BiomedJourneyPipeline", "image_size": self.image_size,
+                "null_prompt": self.null_prompt, "text_dim": self.projection.in_features,
+                "has_text_encoder": self.text_encoder is not None})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        text_encoder=None) -> "BiomedJourneyPipeline":
+        """Load a folder written by `save_pretrained` ('demo' = the shipped demo model, bmjlib/model/demo).
+        `text_encoder` overrides the stored one."""
+        if str(path) == "demo":
+            path = resolve_model("demo")
+
+        path = Path(path)
+        meta_file = path / PIPELINE_FILE
+        if not meta_file.is_file():
+            what = "does not exist" if not path.exists() else f"has no {PIPELINE_FILE}"
+            raise FileNotFoundError(f"model folder {path} {what}: not a saved BiomedJourneyPipeline "
+                                    "(train one with notebooks 04-05 or bmjlib.model.train.train_stage)")
+        meta = json.loads(meta_file.read_text())
+        vae = AutoencoderKL.from_pretrained(path / "vae")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet")
+        sched = dict(DDPMScheduler.load_config(path / "scheduler"))
+        state = load_file(str(path / "projection.safetensors"))
+        proj = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        proj.load_state_dict(state)
+        if text_encoder is None and meta.get("has_text_encoder", True):
+            text_encoder = TextEncoder.load(f"local-dir:{path / 'text_encoder'}")
+        pipe = cls(vae, unet, text_encoder, proj, sched, meta["image_size"], meta.get("null_prompt", ""))
+        for m in (vae, unet, proj):
+            m.eval().requires_grad_(False)
+        return pipe.to(device)

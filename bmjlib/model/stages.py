@@ -1,0 +1,216 @@
+"""Notebooks 04-05 in functions: frozen components, the two training stages, loss curves and samples
+(paper §4.2 two-stage curriculum, §5.1 implementation details).
+
+- `prepare_components`: demo scale trains the small VAE and the small CLIP (the BiomedCLIP stand-in)
+  on stage 1's image-report pairs and reports held-out PSNR/SSIM and image->report retrieval; paper
+  scale points to Stable Diffusion v1.5's VAE folder and BiomedCLIP and trains nothing.
+- `run_stage1` / `run_stage2`: `train.train_stage` with the chain's folders.
+- `plot_loss`, `sample_figure`: what the notebooks show after each stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from bmjlib.io import atomic_write_json, fingerprint
+from bmjlib.model.configs import BIOMEDCLIP, DEMO_UNET_CONFIG, SD15_UNET_CONFIG
+from bmjlib.model.encoders import load_images, load_vae, train_demo_clip, train_demo_vae
+from bmjlib.model.pipeline import BiomedJourneyPipeline
+from bmjlib.model.train import read_loss
+
+FIG_CAPTION_DATA = ("Phantom cohort (synthetic); no real patient data.")
+
+
+def _done(out: Path, key: str) -> dict | None:
+    f = out / "components.json"
+    if f.is_file():
+        d = json.loads(f.read_text())
+        if d.get("key") == key and all((out / p).exists() for p in ("vae", "text_encoder")):
+            return d
+    return None
+
+
+def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale: str = "demo",
+                       image_size: int = 64, vae_steps: int = 600, vae_batch: int = 32, clip_epochs: int = 20,
+                       clip_batch: int = 64, seed: int = 0, sd_vae_dir: str = "",
+                       text_encoder: str = "", max_val: int = 256) -> dict:
+    """Write out/vae and out/text_encoder (or, at paper scale, record where they are) and return the
+    held-out metrics. A rerun with the same inputs is a no-op."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if model_scale == "paper":
+        if not sd_vae_dir:
+            raise ValueError("paper scale needs sd_vae_dir: Stable Diffusion v1.5's vae/ folder "
+                             "(e.g. <snapshot of runwayml/stable-diffusion-v1-5>/vae)")
+        return {"vae": str(sd_vae_dir), "text_encoder": text_encoder or BIOMEDCLIP}
+    rows = stage1[stage1["impression"].fillna("").str.strip() != ""]
+    train = rows[rows["split"] == "train"] if "split" in rows else rows
+    val = rows[rows["split"] != "train"] if "split" in rows else rows.iloc[:0]
+    if val.empty:  # tiny cohorts: hold out the last 10 % of patients
+        subjects = sorted(rows["subject_id"].astype(str).unique())
+        held = set(subjects[-max(1, len(subjects) // 10):])
+        val, train = rows[rows["subject_id"].astype(str).isin(held)], rows[~rows["subject_id"].astype(str).isin(held)]
+    val = val.iloc[:max_val]
+    key = fingerprint(list(train["image_path"]), list(train["impression"]), list(val["image_path"]), image_size,
+                      vae_steps, vae_batch, clip_epochs, clip_batch, seed, "vae-crop-half")
+    done = _done(out, key)
+    if done:
+        print("components up to date: nothing to do")
+        return done
+    x_train, kept = load_images(list(train["image_path"]), image_size, skip_bad=True, progress=True)
+    t_train = list(train["impression"].iloc[kept])
+    x_val, kept_v = load_images(list(val["image_path"]), image_size, skip_bad=True)
+    t_val = list(val["impression"].iloc[kept_v])
+    skipped = (len(train) - len(kept)) + (len(val) - len(kept_v))
+    vae = train_demo_vae(x_train, x_val, out / "vae", steps=vae_steps, batch_size=vae_batch, seed=seed,
+                         crop=max(16, image_size // 2))
+    clip = train_demo_clip(x_train, t_train, x_val, t_val, out / "text_encoder", epochs=clip_epochs,
+                           batch_size=clip_batch, seed=seed)
+    res = {"key": key, "vae": str(out / "vae"), "text_encoder": f"local-dir:{out / 'text_encoder'}",
+           "n_train": len(x_train), "n_val": len(x_val), "unreadable_skipped": skipped,
+           "vae_metrics": vae, "clip_metrics": clip}
+    atomic_write_json(out / "components.json", res)
+    return res
+
+
+def components_table(res: dict) -> pd.DataFrame:
+    """The held-out numbers of the frozen components, one row each."""
+    v, c = res.get("vae_metrics", {}), res.get("clip_metrics", {})
+    return pd.DataFrame([
+        {"component": "VAE (AutoencoderKL)", "metric": "PSNR (dB)", "value": v.get("psnr"), "n": v.get("n_val")},
+        {"component": "VAE (AutoencoderKL)", "metric": "SSIM", "value": v.get("ssim"), "n": v.get("n_val")},
+        {"component": "CLIP image->report", "metric": "top-1", "value": c.get("top1"), "n": c.get("n_images"),
+         "chance": c.get("chance_top1")},
+        {"component": "CLIP image->report", "metric": "top-5", "value": c.get("top5"), "n": c.get("n_images"),
+         "chance": c.get("chance_top5")},
+    ])
+
+
+def plot_loss(runs: dict[str, str | os.PathLike], fig_dir: str | os.PathLike | None = None, name: str = ""):
+    """Loss curves (raw and smoothed) of finished stages {label: stage out folder}."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, d in runs.items():
+        df = read_loss(d)
+        ax.plot(df["step"], df["loss"], alpha=0.25, lw=0.8)
+        ax.plot(df["step"], df["smoothed"], label=label, color=ax.lines[-1].get_color())
+    ax.set(xlabel="step", ylabel="noise-prediction MSE", yscale="log", title="Training loss")
+    ax.legend()
+    fig.tight_layout()
+    if fig_dir and name:
+        _save(fig, fig_dir, name)
+    return fig
+
+
+def _save(fig, fig_dir, name):
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(fig_dir / f"{name}.{ext}", dpi=150, bbox_inches="tight")
+
+
+def sample_figure(columns: Sequence[tuple[str, np.ndarray]], row_labels: Sequence[str] = (),
+                  fig_dir: str | os.PathLike | None = None, name: str = "", title: str = ""):
+    """A grid of images: columns [(header, N,H,W array)], one row per sample, labels at the left."""
+    n = len(columns[0][1])
+    fig, axes = plt.subplots(n, len(columns), figsize=(2.0 * len(columns) + (2.5 if row_labels else 0), 2.0 * n),
+                             squeeze=False)
+    for j, (head, imgs) in enumerate(columns):
+        for i in range(n):
+            ax = axes[i, j]
+            ax.imshow(imgs[i], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(head, fontsize=9)
+            if j == 0 and row_labels:
+                ax.set_ylabel(_wrap(row_labels[i]), fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if fig_dir and name:
+        _save(fig, fig_dir, name)
+    return fig
+
+
+def _wrap(s: str, width: int = 28) -> str:
+    return "\n".join(textwrap.wrap(str(s), width)[:5])
+
+
+def unet_config(model_scale: str, image_size: int, vae_factor: int) -> dict:
+    """The UNet config literal of a scale, its sample_size set from the image size and the VAE factor."""
+    base = SD15_UNET_CONFIG if model_scale == "paper" else DEMO_UNET_CONFIG
+    return dict(base, sample_size=image_size // vae_factor)
+
+
+def vae_factor(vae_dir: str | os.PathLike) -> int:
+    cfg = json.loads((Path(vae_dir) / "config.json").read_text())
+    return 2 ** (len(cfg["block_out_channels"]) - 1)
+
+
+# Prompts for showing what a model does with a sentence (the paper's Fig. 3-4 style), per stage.
+STAGE1_PROMPTS = ["No acute cardiopulmonary process.", "Large left pleural effusion.",
+                  "Large right pleural effusion.", "Moderate cardiomegaly.", "Large right pneumothorax."]
+STAGE2_PROMPTS = ["No change.", "New large left pleural effusion.", "New large right pleural effusion.",
+                  "New large right pneumothorax.", "Worsening pulmonary edema."]
+
+
+def stage1_samples(model_dir, prompts: Sequence[str] = STAGE1_PROMPTS, n_seeds: int = 2, steps: int = 20,
+                   scheduler: str = "dpm", text_scale: float = 7.5, seed: int = 0, fig_dir=None, name: str = ""):
+    """Stage 1 is text-to-image (dummy prior): one column per seed, one row per impression."""
+    pipe = BiomedJourneyPipeline.from_pretrained(model_dir)
+    cols = []
+    for k in range(n_seeds):
+        imgs = pipe(pipe.dummy_prior(), list(prompts), text_scale=text_scale, image_scale=1.0, steps=steps,
+                    scheduler=scheduler, seed=seed + 1000 * k)
+        cols.append((f"seed {seed + 1000 * k}", imgs))
+    return sample_figure(cols, prompts, fig_dir, name, title="Stage 1 samples (dummy prior + impression)")
+
+
+def pair_samples(models: dict[str, str | os.PathLike], pairs: pd.DataFrame, n: int = 4, steps: int = 20,
+                 scheduler: str = "dpm", text_scale: float = 7.5, image_scale: float = 1.5, seed: int = 0,
+                 text_column: str = "description", fig_dir=None, name: str = ""):
+    """Held-out pairs: prior | each model's counterfactual | the real (registered) follow-up."""
+    rows = pairs[pairs[text_column].fillna("").str.strip() != ""].head(n)
+    pipes = {k: BiomedJourneyPipeline.from_pretrained(v) for k, v in models.items()}
+    size = next(iter(pipes.values())).image_size
+    priors, _ = load_images(list(rows["prior_path"]), size)
+    follow, _ = load_images(list(rows.get("registered_path", rows["followup_path"])), size)
+    cols = [("prior", priors)]
+    for k, p in pipes.items():
+        cols.append((k, p(priors, list(rows[text_column]), text_scale=text_scale, image_scale=image_scale,
+                          steps=steps, scheduler=scheduler, seed=seed)))
+    cols.append(("real follow-up", follow))
+    return sample_figure(cols, list(rows[text_column]), fig_dir, name, title="Counterfactuals on held-out pairs")
+
+
+def prompt_sweep(model_dir, prior_path: str, prompts: Sequence[str] = STAGE2_PROMPTS, steps: int = 20,
+                 scheduler: str = "dpm", text_scale: float = 7.5, image_scale: float = 1.5, seed: int = 0,
+                 fig_dir=None, name: str = ""):
+    """One prior, several progression sentences (same seed): does the image follow the text and keep the patient?"""
+    pipe = BiomedJourneyPipeline.from_pretrained(model_dir)
+    prior, _ = load_images([prior_path], pipe.image_size)
+    outs = pipe(prior, list(prompts), text_scale=text_scale, image_scale=image_scale, steps=steps,
+                scheduler=scheduler, seed=seed)
+    cols = [("prior", np.repeat(prior, len(prompts), 0)), ("counterfactual", outs),
+            ("difference", np.clip(0.5 + (outs - prior), 0, 1))]
+    return sample_figure(cols, prompts, fig_dir, name, title="One prior, several progression sentences")
+
+
+def reconstruction_figure(vae_dir, paths: Sequence[str], image_size: int, fig_dir=None, name: str = ""):
+    """Held-out images and their VAE reconstructions."""
+    vae = load_vae(vae_dir)
+    x, _ = load_images(list(paths), image_size)
+    with torch.no_grad():
+        t = torch.as_tensor(x)[:, None] * 2 - 1
+        t = t.repeat(1, vae.config.in_channels, 1, 1)
+        rec = vae.decode(vae.encode(t).latent_dist.mode()).sample.mean(1)
+    rec = ((rec.numpy() + 1) / 2).clip(0, 1)
+    return sample_figure([("image", x), ("VAE reconstruction", rec)], (), fig_dir, name)
