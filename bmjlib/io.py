@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 
@@ -78,6 +79,78 @@ def atomic_write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- figures and tables
+
+def save_figure(fig, folder: str | os.PathLike | None, name: str, dpi: int = 150,
+                bbox_inches: str | None = "tight", formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """folder/<name>.png and .pdf (or `formats`), each written atomically; returns the paths.
+
+    Nothing is written when `folder` is None. PDFs carry no creation date, so the same figure gives the
+    same bytes. The figure is left open.
+    """
+    if folder is None:
+        return []
+    out = []
+    for ext in formats:
+        path = Path(folder) / f"{name}.{ext}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=dpi, bbox_inches=bbox_inches,
+                        metadata={"CreationDate": None} if ext == "pdf" else None)
+        out.append(path)
+    return out
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    """A GitHub Markdown table without extra dependencies; missing values print as empty cells."""
+    def cell(v):
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            return ""
+        return floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pd.DataFrame, folder: str | os.PathLike, name: str, caption: str = "", note: str = "",
+                floatfmt: str = "{:.3f}") -> list[Path]:
+    """A published table: folder/<name>.csv (no index) and folder/<name>.md (caption, table, note), atomic."""
+    folder = Path(folder)
+    atomic_write_csv(folder / f"{name}.csv", df)
+    text = (f"{caption}\n\n" if caption else "") + markdown_table(df, floatfmt) + note
+    atomic_write_text(folder / f"{name}.md", text)
+    return [folder / f"{name}.csv", folder / f"{name}.md"]
+
+
+# --------------------------------------------------------------------------- resizing
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """The package's one image resize: H,W (or a stack N,H,W) to `size` (int: square, or (height, width)).
+
+    PIL bilinear on float32, which averages over the source footprint when shrinking (the same numbers as
+    torch's bilinear interpolation with antialias=True); `nearest=True` for label maps. A uint8 image
+    comes back uint8 (rounded); a bool mask comes back bool, True where the mask covers more than half of
+    the output pixel (area average > 0.5); anything else comes back float32.
+    """
+    arr = np.asarray(image)
+    h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    if arr.ndim == 3:
+        out = np.zeros((len(arr), h, w), arr.dtype if arr.dtype in (np.uint8, bool) else np.float32)
+        for i, a in enumerate(arr):
+            out[i] = resize_image(a, (h, w), nearest)
+        return out
+    if arr.ndim != 2:
+        raise ValueError(f"resize_image expects H,W or N,H,W; got shape {arr.shape}")
+    x = np.array(arr, dtype=np.float32, order="C")  # a new array, never a view of the input
+    if x.shape != (h, w):
+        how = Image.NEAREST if nearest else Image.BOX if arr.dtype == bool else Image.BILINEAR
+        x = np.asarray(Image.fromarray(x).resize((w, h), how), np.float32)
+    if arr.dtype == np.uint8:
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    if arr.dtype == bool:
+        return x > 0.5
+    return x
 
 
 # --------------------------------------------------------------------------- hashing and manifests

@@ -1,4 +1,4 @@
-"""Interpretation of counterfactuals (issue 8): measurements with known answers from the phantom renderer's
+"""Interpretation of counterfactuals: measurements with known answers from the phantom renderer's
 true masks, a calibrated interpreter on held-out pairs, copy-prior = unchanged, the sentence, scoring,
 hypothesis consistency on real-style descriptions, and bad input."""
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 from bmjlib.icg import interpret as I
 from bmjlib.phantom import anatomy as A
 from bmjlib.icg.interpret_run import warp_masks
+from bmjlib.io import resize_image
 from bmjlib.schema import FINDING_KEYS, FINDINGS
 
 SIZE = 96
@@ -62,8 +63,7 @@ def test_effusion_area_grows_with_severity_and_heatmap_sign():
 
 def test_resolution_mismatch_does_not_read_as_change():
     im0, m0 = _render(A.State())
-    from skimage.transform import resize
-    small = resize(im0 / 255, (32, 32), anti_aliasing=True)
+    small = resize_image(im0 / 255, 32)
     ev = I.evidence(im0 / 255, small, m0)
     assert ev["heatmap"].shape == (32, 32)
     assert max(abs(ev[k]) for k in ("opac_lower_left", "opac_lower_right", "heart_rim")) < 0.02

@@ -1,6 +1,6 @@
 """Notebook 10's pipeline on a real (tiny) phantom run folder: the true counterfactual scores well, copying
 the prior reads "unchanged" everywhere, CTR from the phantom's true masks equals truth/images.csv, the
-ICG-CXR export reads back, and a rerun is a no-op (issue 8)."""
+ICG-CXR export reads back, and a rerun is a no-op."""
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+from bmjlib.data.registration import parse_affine
 from bmjlib.icg import interpret as I
-from bmjlib.icg.interpret_run import (TruthMasks, export_icg, interpretation_figure, parse_affine,
-                                    run_interpretation, warp_masks)
+from bmjlib.icg.interpret_run import (TruthMasks, export_icg, interpretation_figure, run_interpretation,
+                                    warp_masks)
 from bmjlib.io import atomic_write_png, read_image, to_uint8
 
 SEV = {1: "small", 2: "moderate", 3: "large"}

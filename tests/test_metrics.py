@@ -2,9 +2,13 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from bmjlib.evaluation import evaluate as E
 from bmjlib.evaluation import metrics as M
+from bmjlib.io import atomic_write_png
+from bmjlib.schema import FINDINGS, ORGANS
 
 NAMES = ["a", "b"]
 
@@ -133,3 +137,44 @@ def test_bootstrap_interval_covers_and_is_degenerate_for_constant():
     c = np.full(50, 3.0)
     assert M.bootstrap_ci(lambda i: c[i].mean(), 50, 20) == (3.0, 3.0)
     assert all(math.isnan(v) for v in M.bootstrap_ci(lambda i: 1.0, 10, 0))
+
+
+def test_published_intervals_are_bootstrap_ci(tmp_path):
+    """evaluate.evaluate's summary intervals are bootstrap_ci's, resample for resample."""
+    rng = np.random.default_rng(0)
+    n = 12
+    rows = []
+    for k in range(n):
+        pid = f"p{k:02d}"
+        for kind in ("prior", "followup"):
+            atomic_write_png(tmp_path / f"{pid}_{kind}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+        atomic_write_png(tmp_path / "gen" / "m" / f"{pid}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+        rows.append({"pair_id": pid, "prior_path": str(tmp_path / f"{pid}_prior.png"),
+                     "followup_path": str(tmp_path / f"{pid}_followup.png"), "sex": "MF"[k % 2], "age": 40.0 + 3 * k,
+                     **{f"followup_{f}": float((k + j) % 3 == 0) for j, f in enumerate(FINDINGS)},
+                     **{f"prior_{f}": float((k + j) % 2 == 0) for j, f in enumerate(FINDINGS)}})
+    pairs = pd.DataFrame(rows)
+
+    class Judge:  # deterministic scores from the image: brightness of five horizontal bands
+        def __init__(self, kind):
+            self.kind = kind
+
+        def predict(self, x):
+            bands = np.stack([b.mean(axis=(1, 2)) for b in np.array_split(x, len(FINDINGS), axis=1)], 1)
+            if self.kind == "finding":
+                return bands
+            if self.kind == "anatomy":
+                return np.stack([x > 0.3 + 0.05 * i for i in range(len(ORGANS))], 1)
+            return bands[:, 0] if self.kind == "sex" else 100 * bands[:, 1]
+
+    judges = {k: Judge(k) for k in ("finding", "sex", "age", "anatomy")}
+    summary, _ = E.evaluate(tmp_path, tmp_path / "gen", judges, ["m"], size=8, n_boot=40, seed=5, pairs=pairs)
+    row = summary.set_index("source").loc["m"]
+
+    scores = judges["finding"].predict(E.load_sources(tmp_path, tmp_path / "gen", pairs, ["m"], 8)["m"])
+    truth = E.truth_of(pairs)["followup"]
+    lo, hi = M.bootstrap_ci(lambda i: M.pathology_auroc(scores[i], truth[i], FINDINGS)["mean"], n, 40, seed=5)
+    assert not math.isnan(lo) and (row["pathology_auroc_lo"], row["pathology_auroc_hi"]) == (lo, hi)
+    lo, hi = M.bootstrap_ci(lambda i: M.pearson_r(100 * scores[i, 1], pairs["age"].to_numpy(float)[i]), n, 40,
+                            seed=5)
+    assert (row["age_r_lo"], row["age_r_hi"]) == (lo, hi)

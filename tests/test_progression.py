@@ -1,9 +1,10 @@
-"""Progression descriptions: prompt, offline synthesiser, the pipeline over a pair table (issue 5, items 2-6, 8)."""
+"""Progression descriptions: prompt, offline synthesiser, the pipeline over a pair table."""
 import json
 
 import pandas as pd
 import pytest
 
+from bmjlib.io import write_table
 from bmjlib.text import llm
 from bmjlib.text import progression
 from bmjlib.testing import ChatServer, Reply, ok
@@ -173,7 +174,7 @@ def test_length_table_and_figure2(tmp_path):
     assert ours["n"] == 3 and ours["mean_chars"] == round(res.pairs.description.str.len().mean(), 1)
     assert t.set_index("instruction").loc["GPT-4 description (paper)", "mean_chars"] == 146
     assert t.set_index("instruction").loc["impression (paper)", "mean_chars"] == 179
-    progression.save_table(t, tmp_path, "lengths")
+    write_table(t, tmp_path, "lengths", floatfmt="{:g}")
     assert (tmp_path / "lengths.md").read_text().startswith("| instruction")
     progression.figure2(res.pairs.iloc[0].to_dict(), tmp_path)
     assert (tmp_path / "fig2_progression.png").stat().st_size > 10_000

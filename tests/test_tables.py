@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from bmjlib.evaluation import tables as T
+from bmjlib.io import markdown_table, write_table
 from bmjlib.schema import FINDINGS
 
 
@@ -52,8 +53,9 @@ def test_paper_cmig_is_not_reproducible_from_its_columns():
 
 
 def test_write_table_csv_and_markdown(tmp_path):
-    df = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
-    md = T.write_table(df, tmp_path, "t", "Caption here.")
-    text = md.read_text()
-    assert text.startswith("Caption here.") and "| a | b |" in text and "| 2 | y |" in text
-    assert pd.read_csv(tmp_path / "t.csv").equals(df)
+    df = pd.DataFrame({"a": [1, 2], "b": ["x", "y"], "c": [0.5, np.nan]})
+    csv, md = write_table(df, tmp_path, "t", "Caption here.", note="\nA note.\n")
+    assert md.read_text() == ("Caption here.\n\n| a | b | c |\n|---|---|---|\n| 1 | x | 0.500 |\n| 2 | y |  |\n"
+                              "\nA note.\n")
+    assert pd.read_csv(csv).equals(df)
+    assert markdown_table(df, floatfmt="{:g}").splitlines()[2] == "| 1 | x | 0.5 |"

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from bmjlib.io import Manifest, atomic_path, atomic_write_csv, atomic_write_text, fingerprint, sha256_file
+from bmjlib.io import Manifest, atomic_write_text, fingerprint, save_figure, sha256_file
 from bmjlib.schema import CHEXPERT_LABELS, PAIR_COLUMNS, label_col
 
 # CheXpert observations that do not count as a finding for the positive-finding filter.
@@ -181,20 +181,9 @@ def plot_demographics(c: Cohort, fig_dir: str | Path, name: str = "fig7_demograp
         for t in ax.get_xticklabels():
             t.set_ha("right")
     fig.tight_layout()
-    return save_figure(fig, fig_dir, name)
-
-
-def save_figure(fig, fig_dir: str | Path, name: str) -> list[Path]:
-    """PNG + PDF, each written atomically."""
-    out = []
-    for ext in ("png", "pdf"):
-        path = Path(fig_dir) / f"{name}.{ext}"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight",
-                        metadata={"CreationDate": None} if ext == "pdf" else None)
-        out.append(path)
+    paths = save_figure(fig, fig_dir, name)
     plt.close(fig)
-    return out
+    return paths
 
 
 def write_cohort(c: Cohort, out: str | Path) -> dict[str, Path]:
@@ -212,25 +201,6 @@ def write_cohort(c: Cohort, out: str | Path) -> dict[str, Path]:
         man.record(name, key)
     man.save()
     return {k: out / k for k in files}
-
-
-def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
-    """A GitHub Markdown table without extra dependencies; missing values print as empty cells."""
-    def cell(v):
-        if v is None or (not isinstance(v, str) and pd.isna(v)):
-            return ""
-        return floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def write_table(df: pd.DataFrame, fig_dir: str | Path, name: str) -> list[Path]:
-    """A table as CSV + Markdown in the figures folder."""
-    fig_dir = Path(fig_dir)
-    atomic_write_csv(fig_dir / f"{name}.csv", df)
-    atomic_write_text(fig_dir / f"{name}.md", markdown_table(df))
-    return [fig_dir / f"{name}.csv", fig_dir / f"{name}.md"]
 
 
 def write_data_manifest(pairs: pd.DataFrame, records: pd.DataFrame, manifest_dir: str | Path, tag: str,

@@ -52,11 +52,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from PIL import Image
 from tqdm.auto import tqdm
 
 from bmjlib.io import (ImageError, Manifest, atomic_write_json, atomic_write_png, atomic_write_text, fingerprint,
-                       read_image, sha256_file, to_uint8)
+                       read_image, resize_image, sha256_file, to_uint8)
 
 FLOAT_FMT = "{:.6g}"
 
@@ -99,13 +98,6 @@ def set_itk_threads(n: int = 1) -> None:
 
 
 # --------------------------------------------------------------------------- images and transforms
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape == (size, size):
-        return img.astype(np.float32)
-    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR),
-                      dtype=np.float32)
-
 
 def _sitk_image(small: np.ndarray, full_shape: tuple[int, int]):
     """A size x size image whose physical coordinates are pixel positions of the full-size original."""
@@ -279,7 +271,7 @@ def register_pair(prior_path: str, followup_path: str, cfg: RegConfig = RegConfi
         row["reason"] = str(e)
         return row
     fs, ms = prior.shape, follow.shape
-    ps, fsml = _resize(prior, cfg.size), _resize(follow, cfg.size)
+    ps, fsml = resize_image(prior, cfg.size), resize_image(follow, cfg.size)
     row["score_before"] = ncc(ps, fsml)
     try:
         r = register_arrays(ps, fsml, cfg, fs, ms)

@@ -23,13 +23,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from PIL import Image
 
-from bmjlib.data.cohort import save_figure
 from bmjlib.data.registration import (PROGEMU, RegConfig, apply_affine, parse_affine, register_pair, resample,
                                       set_itk_threads)
 from bmjlib.data.sources import mimic_image_path
-from bmjlib.io import read_image
+from bmjlib.io import read_image, resize_image, save_figure
 from bmjlib.phantom.cohort import write_cohort
 from bmjlib.schema import HANNOVER_ATTRIBUTION
 
@@ -127,7 +125,9 @@ def score_histogram(acc: pd.DataFrame, threshold: float, fig_dir, name: str = "r
     ax.set_xlabel("registration score (NCC after registration)")
     ax.set_title("phantom: score by true view, threshold dashed")
     fig.tight_layout()
-    return save_figure(fig, fig_dir, name)
+    paths = save_figure(fig, fig_dir, name)
+    plt.close(fig)
+    return paths
 
 
 def plot_fig8(prior_path, followup_path, affine, fig_dir, name: str = "fig8_registration",
@@ -136,7 +136,7 @@ def plot_fig8(prior_path, followup_path, affine, fig_dir, name: str = "fig8_regi
     registered follow-up, |difference|. `affine`: the prior->follow-up transform (six numbers or 2x3)."""
     prior, follow = read_image(prior_path), read_image(followup_path)
     M = parse_affine(affine) if isinstance(affine, str) else np.asarray(affine)
-    before = follow if follow.shape == prior.shape else _resize_to(follow, prior.shape)
+    before = resize_image(follow, prior.shape)
     after, valid = resample(follow, M, prior.shape)
     fig, axes = plt.subplots(2, 3, figsize=(9, 6.4))
     rows = [("before registration", before, np.ones_like(valid)), ("after registration", after, valid)]
@@ -151,11 +151,9 @@ def plot_fig8(prior_path, followup_path, affine, fig_dir, name: str = "fig8_regi
     if attribution:
         fig.text(0.5, 0.01, attribution, ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return save_figure(fig, fig_dir, name)
-
-
-def _resize_to(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((shape[1], shape[0]), Image.BILINEAR))
+    paths = save_figure(fig, fig_dir, name)
+    plt.close(fig)
+    return paths
 
 
 def phantom_pairs(phantom_dir: str | Path) -> pd.DataFrame:

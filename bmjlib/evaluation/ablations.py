@@ -28,7 +28,8 @@ from bmjlib.evaluation.evaluate import evaluate
 from bmjlib.evaluation.tables import PAPER, PAPER_T2, PAPER_T5, fmt
 from bmjlib.io import atomic_write_csv
 from bmjlib.model.encoders import TextEncoder
-from bmjlib.model.train import train_stage
+from bmjlib.model.stages import train_config
+from bmjlib.model.train import TrainConfig, train_stage
 from bmjlib.runtime import resolve
 
 ARMS = [(d, r, t) for r in (False, True) for t in (False, True) for d in ("impression", "description")]
@@ -54,6 +55,13 @@ def random_text_encoder(src: str | Path, out: str | Path, seed: int = 0) -> str:
                 torch.nn.init.normal_(p, std=0.01)
         enc.save(out)
     return f"local-dir:{out}"
+
+
+def arm_config(run_dir: str | Path, params: dict) -> TrainConfig:
+    """The one TrainConfig every arm trains with: the profile's settings (`stages.train_config`), `abl_steps`
+    optimiser steps, no EMA, the UNet sized for stage 1's VAE."""
+    vae = resolve(run_dir) / "04_stage1" / "model" / "vae"
+    return train_config(params, vae, max_steps=params["abl_steps"], ema=False)
 
 
 def train_arm(name: str, desc: str, reg: bool, two: bool, pairs: pd.DataFrame, run_dir: str | Path,

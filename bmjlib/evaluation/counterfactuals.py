@@ -25,14 +25,13 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
 from bmjlib.evaluation.metrics import ssim
 from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_json, atomic_write_png, fingerprint, read_image,
-                       sha256_file, to_uint8)
+                       resize_image, sha256_file, to_uint8)
 from bmjlib.model.pipeline import BiomedJourneyPipeline
 from bmjlib.runtime import resolve
 
@@ -137,19 +136,12 @@ def _load_diffusers(kind: str, path: Path, device: str) -> Callable:
             ims = pipe([SD_PREFIX + p for p in prompts], height=size, width=size, num_inference_steps=steps,
                        guidance_scale=text_scale, generator=gens, output_type="np").images
         else:
-            pil = [Image.fromarray(to_uint8(p)).convert("RGB").resize((size, size)) for p in priors]
+            pil = [Image.fromarray(to_uint8(resize_image(p, size))).convert("RGB") for p in priors]
             ims = pipe(list(prompts), image=pil, num_inference_steps=steps, guidance_scale=text_scale,
                        image_guidance_scale=image_scale, generator=gens, output_type="np").images
         return np.asarray(ims, np.float32).mean(axis=-1)  # RGB -> grey
     run.image_size = 256
     return run
-
-
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    t = torch.from_numpy(np.asarray(images, np.float32))[:, None]
-    if t.shape[-1] != size:
-        t = F.interpolate(t, size=(size, size), mode="area" if t.shape[-1] > size else "bilinear")
-    return t[:, 0].clamp(0, 1).numpy()
 
 
 def generate_model(name: str, spec: dict, pairs: pd.DataFrame, out_dir: str | Path, size: int, seed: int = 0,
@@ -174,7 +166,7 @@ def generate_model(name: str, spec: dict, pairs: pd.DataFrame, out_dir: str | Pa
             priors, ok = [], []
             for i, path in zip(chunk, rows["prior_path"]):
                 try:
-                    priors.append(_resize(read_image(path)[None], size)[0])
+                    priors.append(resize_image(read_image(path), size))
                     ok.append(i)
                 except (OSError, ValueError) as e:
                     skipped.append({"pair_id": pairs.at[i, "pair_id"], "problem": str(e)})
@@ -183,7 +175,7 @@ def generate_model(name: str, spec: dict, pairs: pd.DataFrame, out_dir: str | Pa
             for sub in _consecutive_chunks(ok, batch_size):
                 ims = gen(np.stack([priors[ok.index(i)] for i in sub]), [prompts[i] for i in sub],
                           seed + sub[0], **settings)
-                ims = _resize(ims, size)
+                ims = resize_image(ims, size)
                 for i, im in zip(sub, ims):
                     rel = f"{pairs.at[i, 'pair_id']}.png"
                     atomic_write_png(out / rel, to_uint8(im))
@@ -271,7 +263,7 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, size: int, setting
                                 "counterfactuals; give text_scale and image_scale as numbers")
     pairs = test_pairs(run_dir, split="val", max_pairs=max_pairs)
     cf = pd.read_csv(truth / "pairs.csv", dtype=str).set_index("pair_id")["counterfactual_path"]
-    target = np.stack([_resize(read_image(truth / cf[p])[None], size)[0] for p in pairs["pair_id"]])
+    target = np.stack([resize_image(read_image(truth / cf[p]), size) for p in pairs["pair_id"]])
     spec = model_specs(run_dir)["biomedjourney"]
     gen = load_generator("biomedjourney", spec)
     rows = []

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from bmjlib.evaluation import metrics as M
-from bmjlib.evaluation.counterfactuals import _resize, load_outputs, test_pairs
-from bmjlib.evaluation.judges import _sex_male
-from bmjlib.io import read_image
+from bmjlib.evaluation.counterfactuals import load_outputs, test_pairs
+from bmjlib.evaluation.judges import sex_male
+from bmjlib.io import read_image, resize_image
 from bmjlib.runtime import resolve
 from bmjlib.schema import FINDINGS
 
@@ -50,7 +50,7 @@ def truth_of(pairs: pd.DataFrame, scale: str = "demo") -> dict:
     if scale == "paper":
         ret = pairs["race"].map(_race_index).to_numpy(float)
     else:
-        ret = pairs["sex"].map(_sex_male).to_numpy(float)
+        ret = pairs["sex"].map(sex_male).to_numpy(float)
     return {"followup": fu, "prior": pr, "retention": ret, "age": pairs["age"].to_numpy(float)}
 
 
@@ -66,13 +66,13 @@ def load_sources(run_dir: str | Path, gen_dir: str | Path, pairs: pd.DataFrame, 
     and the phantom's true counterfactual when the run has one ('truth', else absent)."""
     run = resolve(run_dir)
     ids = pairs["pair_id"].tolist()
-    out = {m: _resize(load_outputs(gen_dir, m, ids), size) for m in models}
+    out = {m: resize_image(load_outputs(gen_dir, m, ids), size) for m in models}
     ref_col = "registered_path" if "registered_path" in pairs else "followup_path"
-    out[REFERENCE] = _resize(np.stack([read_image(_abs(p, root)) for p in pairs[ref_col]]), size)
-    out["prior"] = _resize(np.stack([read_image(_abs(p, root)) for p in pairs["prior_path"]]), size)
+    out[REFERENCE] = resize_image(np.stack([read_image(_abs(p, root)) for p in pairs[ref_col]]), size)
+    out["prior"] = resize_image(np.stack([read_image(_abs(p, root)) for p in pairs["prior_path"]]), size)
     truth = run / "00_phantom" / "truth" / "counterfactual"
     if truth.is_dir() and all((truth / f"{p}.png").is_file() for p in ids):
-        out["truth"] = _resize(np.stack([read_image(truth / f"{p}.png") for p in ids]), size)
+        out["truth"] = resize_image(np.stack([read_image(truth / f"{p}.png") for p in ids]), size)
     return out
 
 
@@ -123,14 +123,9 @@ def evaluate(run_dir: str | Path, gen_dir: str | Path, judges: dict, models: lis
 
         full = stats(np.arange(len(ids)))
         row = {"source": s, "n_pairs": len(ids), **full}
-        if n_boot > 0:
-            rng = np.random.default_rng(seed)
-            boots = [stats(rng.integers(0, len(ids), len(ids))) for _ in range(n_boot)]
-            for k in full:
-                v = np.array([b[k] for b in boots], float)
-                v = v[~np.isnan(v)]
-                row[f"{k}_lo"], row[f"{k}_hi"] = ((float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975)))
-                                                  if v.size else (np.nan, np.nan))
+        if n_boot > 0 and ids:
+            for k, (lo, hi) in M.bootstrap_ci(stats, len(ids), n_boot, seed).items():
+                row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
         rows.append(row)
     return pd.DataFrame(rows), pd.concat(per_pair, ignore_index=True)
 

@@ -12,7 +12,6 @@ ties by pair_id), never by how good a model's output looks. Figures are written 
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -21,9 +20,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from bmjlib.evaluation.counterfactuals import _resize, load_outputs
+from bmjlib.evaluation.counterfactuals import load_outputs
 from bmjlib.evaluation.tables import LABEL
-from bmjlib.io import read_image
+from bmjlib.io import read_image, resize_image, save_figure
 from bmjlib.schema import FINDINGS, ORGANS
 
 CAPTION = "Phantom cohort (synthetic; no patient data)."
@@ -38,20 +37,6 @@ FIG3_FINDING = ("Pleural Effusion", "Cardiomegaly", "Edema", "Pneumothorax")
 
 def _plt():
     return matplotlib, plt
-
-
-def save(fig, fig_dir: str | Path | None, name: str) -> list[Path]:
-    """fig_dir/<name>.png and .pdf; nothing when fig_dir is None."""
-    if fig_dir is None:
-        return []
-    d = Path(fig_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        p = d / f"{name}.{ext}"
-        fig.savefig(p, dpi=150, bbox_inches="tight", metadata={"CreationDate": None} if ext == "pdf" else None)
-        paths.append(p)
-    return paths
 
 
 def pick_pair(pairs: pd.DataFrame) -> pd.Series:
@@ -82,10 +67,10 @@ def model_row(run_dir, gen_dir, pair: pd.Series, models: Sequence[str], fig_dir=
     ims = [("Prior", prior)] + [(LABEL.get(m, m), o) for m, o in zip(models, outs)] + [("Reference (real)", ref)]
     fig, axes = plt.subplots(1, len(ims), figsize=(2.0 * len(ims), 2.6))
     for ax, (t, im) in zip(np.atleast_1d(axes), ims):
-        _show(ax, _resize(im[None], size)[0], _wrap(t, 22))
+        _show(ax, resize_image(im, size), _wrap(t, 22))
     fig.suptitle(_wrap(f"Description: {pair['description']}", 110), fontsize=8, y=0.02, va="top")
     fig.text(0.5, -0.12, CAPTION, ha="center", fontsize=7)
-    save(fig, fig_dir, name) if name else None
+    save_figure(fig, fig_dir if name else None, name)
     return fig
 
 
@@ -98,7 +83,7 @@ def fig3(pipe, finding_judge, prior: np.ndarray, fig_dir=None, prompts=FIG3_PROM
     outs = pipe(prior, list(prompts), seed=seed, **settings)
     fig, axes = plt.subplots(2, len(prompts) + 1, figsize=(2.1 * (len(prompts) + 1), 4.6))
     size = outs.shape[-1]
-    p0 = _resize(prior[None], size)[0]
+    p0 = resize_image(prior, size)
     _show(axes[0, 0], p0, "Prior")
     axes[1, 0].axis("off")
     for j, (pr, f, im) in enumerate(zip(prompts, findings, outs), start=1):
@@ -111,7 +96,7 @@ def fig3(pipe, finding_judge, prior: np.ndarray, fig_dir=None, prompts=FIG3_PROM
         axes[1, j].set_title(f"Grad-CAM {f}\nP={prob:.2f} (prior {prob0:.2f})", fontsize=7)
         axes[1, j].axis("off")
     fig.text(0.5, 0.0, CAPTION, ha="center", fontsize=7)
-    save(fig, fig_dir, name)
+    save_figure(fig, fig_dir, name)
     return fig
 
 
@@ -127,9 +112,9 @@ def fig5(run_dir, gen_dir, pair: pd.Series, models: Sequence[str], anatomy_judge
          name: str = "fig5_segmentations"):
     """Fig. 5: images (top) and anatomy-judge masks (bottom) for prior, reference and every output."""
     _, plt = _plt()
-    prior = _resize(read_image(pair["prior_path"])[None], size)[0]
-    ref = _resize(read_image(pair.get("registered_path", pair["followup_path"]))[None], size)[0]
-    outs = [_resize(load_outputs(gen_dir, m, [pair["pair_id"]]), size)[0] for m in models]
+    prior = resize_image(read_image(pair["prior_path"]), size)
+    ref = resize_image(read_image(pair.get("registered_path", pair["followup_path"])), size)
+    outs = [resize_image(load_outputs(gen_dir, m, [pair["pair_id"]])[0], size) for m in models]
     ims = [("Prior", prior), ("Reference", ref)] + [(LABEL.get(m, m), o) for m, o in zip(models, outs)]
     masks = anatomy_judge.predict(np.stack([i for _, i in ims]))
     fig, axes = plt.subplots(2, len(ims), figsize=(2.0 * len(ims), 4.4))
@@ -140,7 +125,7 @@ def fig5(run_dir, gen_dir, pair: pd.Series, models: Sequence[str], anatomy_judge
     fig.legend([Patch(color=c) for c in ORGAN_COLOURS], [o.replace("_", " ") for o in ORGANS], loc="lower center",
                ncol=len(ORGANS), fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.04))
     fig.text(0.5, -0.08, CAPTION, ha="center", fontsize=7)
-    save(fig, fig_dir, name)
+    save_figure(fig, fig_dir, name)
     return fig
 
 
@@ -153,7 +138,7 @@ def fig9(pipe, prior: np.ndarray, finding_phrase: str = "left pleural effusion",
     prompts = [f"new {w} {finding_phrase}" for w in SWEEP_WORDS]
     outs = pipe(prior, prompts, seed=seed, **dict(settings or {}))
     size = outs.shape[-1]
-    p0 = _resize(prior[None], size)[0]
+    p0 = resize_image(prior, size)
     fig, axes = plt.subplots(1, 4, figsize=(8.4, 2.6))
     _show(axes[0], p0, "Prior")
     for ax, pr, im in zip(axes[1:], prompts, outs):
@@ -162,5 +147,5 @@ def fig9(pipe, prior: np.ndarray, finding_phrase: str = "left pleural effusion",
             t += f"\nP({finding})={finding_judge.predict(im[None])[0, FINDINGS.index(finding)]:.2f}"
         _show(ax, im, t)
     fig.text(0.5, -0.05, CAPTION, ha="center", fontsize=7)
-    save(fig, fig_dir, name)
+    save_figure(fig, fig_dir, name)
     return fig, outs

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from bmjlib.evaluation import metrics as M
 from bmjlib.evaluation.judges_xrv import load_paper_judges
-from bmjlib.io import atomic_path, atomic_write_csv, atomic_write_json, fingerprint, read_image, sha256_file
+from bmjlib.io import (atomic_path, atomic_write_csv, atomic_write_json, fingerprint, read_image, resize_image,
+                       sha256_file)
 from bmjlib.runtime import resolve
 from bmjlib.schema import FINDING_KEYS, FINDINGS, ORGANS
 
@@ -88,16 +89,13 @@ class SmallUNet(nn.Module):
 # --------------------------------------------------------------------------- judges
 
 def to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
-    """N,H,W (or H,W) float in [0, 1] -> N,1,size,size, area-resized, centred at 0."""
+    """N,H,W (or H,W) float in [0, 1] -> N,1,size,size (`resize_image`), centred at 0."""
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3:
         raise ValueError(f"judge input must be N,H,W or H,W; got shape {x.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="area" if t.shape[-1] > size else "bilinear",
-                          align_corners=None if t.shape[-1] > size else False)
+    t = torch.from_numpy(resize_image(x, size))[:, None]
     return (t - 0.5) / 0.25
 
 
@@ -221,7 +219,8 @@ def load_judges(d: str | Path, scale: str = "demo", weights_dir: str | Path | No
 
 # --------------------------------------------------------------------------- training data (phantom truth)
 
-def _sex_male(v) -> float:
+def sex_male(v) -> float:
+    """1 for male, 0 for female, NaN when the record does not say."""
     s = str(v).strip().lower()
     if s in ("m", "male"):
         return 1.0
@@ -260,9 +259,9 @@ def judge_data(run_dir: str | Path, size: int, max_images: int | None = None, se
             path = (mimic.parent / rel if isinstance(rel, str) and rel else
                     mimic / f"p{sid[:2]}" / f"p{sid}" / f"s{r.study_id}" / f"{r.dicom_id}.jpg")
             try:
-                im = read_image(path)
+                im = resize_image(read_image(path), size)
                 m = np.load(truth / "masks" / f"{r.dicom_id}.npz")
-                mk = np.stack([m[o] for o in ORGANS]).astype(np.float32)
+                mk = resize_image(np.stack([m[o] for o in ORGANS]).astype(bool), size)
             except (OSError, ValueError, KeyError) as e:
                 out["skipped"] += 1
                 out["skipped_files"].append(f"{path}: {e}")
@@ -271,14 +270,12 @@ def judge_data(run_dir: str | Path, size: int, max_images: int | None = None, se
             masks.append(mk)
             keep.append(r.Index)
         sub = rows.loc[keep]
-        t = torch.from_numpy(np.stack(ims)[:, None]) if ims else torch.zeros((0, 1, size, size))
-        mt = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, len(ORGANS), size, size))
         out[split] = {
-            "images": F.interpolate(t, size=(size, size), mode="area")[:, 0].numpy() if len(t) else t[:, 0].numpy(),
-            "masks": (F.interpolate(mt, size=(size, size), mode="area") > 0.5).numpy() if len(mt) else mt.numpy() > 0,
+            "images": np.stack(ims) if ims else np.zeros((0, size, size), np.float32),
+            "masks": np.stack(masks) if masks else np.zeros((0, len(ORGANS), size, size), bool),
             "findings": np.stack([(sub[f"{FINDING_KEYS[f]}_sev"].to_numpy(float) > 0) for f in FINDINGS], 1)
             .astype(np.float32) if len(sub) else np.zeros((0, 5), np.float32),
-            "male": sub["sex"].map(_sex_male).to_numpy(float),
+            "male": sub["sex"].map(sex_male).to_numpy(float),
             "age": sub["age"].to_numpy(float),
             "dicom_id": sub["dicom_id"].tolist(),
         }

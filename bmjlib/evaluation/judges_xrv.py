@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bmjlib.io import resize_image
 from bmjlib.schema import FINDINGS, ORGANS
 
 XRV_CACHE = Path("~/.torchxrayvision/models_data").expanduser()
@@ -102,9 +103,7 @@ def xrv_input(images: np.ndarray, size: int) -> torch.Tensor:
     x = np.asarray(images, np.float32)
     if x.ndim == 2:
         x = x[None]
-    t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
-    if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    t = torch.from_numpy(resize_image(x, size))[:, None]
     return (t.clamp(0, 1) * 2 - 1) * 1024
 
 

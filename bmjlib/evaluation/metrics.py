@@ -213,19 +213,28 @@ def ms_ssim(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- bootstrap
 
-def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(stat: Callable[[np.ndarray], float | dict], n: int, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float] | dict[str, tuple[float, float]]:
     """Percentile bootstrap interval of `stat(indices)` over `n` pairs resampled with replacement.
 
-    `stat` receives an index array and returns a number; resamples where it is NaN (e.g. one class only)
-    are dropped. Returns (lo, hi); (NaN, NaN) when n_boot is 0 or no resample is defined.
+    `stat` receives an index array and returns a number, or a dict of named numbers (several statistics
+    on the same resamples, as evaluate.evaluate publishes them); resamples where a number is NaN (e.g. one
+    class only) are dropped for that number. Returns (lo, hi), or {name: (lo, hi)} for a dict `stat`;
+    (NaN, NaN) when n_boot or n is 0 or no resample is defined.
     """
     if n_boot <= 0 or n == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=float)
+    boots = [stat(rng.integers(0, n, n)) for _ in range(n_boot)]
+    if isinstance(boots[0], dict):
+        return {k: _percentile_interval([b[k] for b in boots], level) for k in boots[0]}
+    return _percentile_interval(boots, level)
+
+
+def _percentile_interval(values, level: float) -> tuple[float, float]:
+    vals = np.array(values, dtype=float)
     vals = vals[~np.isnan(vals)]
     if vals.size == 0:
         return float("nan"), float("nan")
-    a = (1 - level) / 2
+    a = round((1 - level) / 2, 12)  # 0.025 exactly for level 0.95, not 0.025000000000000022
     return float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))

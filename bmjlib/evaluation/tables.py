@@ -1,6 +1,6 @@
 """Tables 1-5 of the paper with our numbers beside the paper's MIMIC-CXR numbers (paper §5.2-5.4, App. A.3).
 
-Every table is written as CSV and Markdown (`write_table`). Our numbers are percentages with 95 %
+Every table is written as CSV and Markdown (`bmjlib.io.write_table`). Our numbers are percentages with 95 %
 bootstrap intervals over test pairs; the paper's columns are labelled "paper (MIMIC-CXR)" and are the
 values printed in arXiv 2310.10765v3. Model correspondence at demo scale: `text_only` (stage-1 model,
 impression, dummy prior) stands where the paper has RoentGen; `copy_prior` has no paper row.
@@ -11,13 +11,10 @@ printed 18.14); `paper_cmig_check` shows this, and we print the paper's numbers 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from bmjlib.evaluation import metrics as M
-from bmjlib.io import atomic_write_csv, atomic_write_text
 from bmjlib.schema import FINDING_ABBREV, FINDINGS
 
 LABEL = {"biomedjourney": "BiomedJourney (two-stage)", "one_stage": "One-stage", "text_only":
@@ -137,18 +134,3 @@ def fidelity_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([{"Model": LABEL.get(r["source"], r["source"]), "SSIM": fmt(r, "ssim", 1.0, 3),
                           "MS-SSIM": fmt(r, "ms_ssim", 1.0, 3), "PSNR (dB)": fmt(r, "psnr", 1.0, 2)}
                          for _, r in summary.iterrows()])
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def write_table(df: pd.DataFrame, out_dir: str | Path, name: str, caption: str = "") -> Path:
-    """out_dir/<name>.csv and out_dir/<name>.md (caption, then the table)."""
-    out = Path(out_dir)
-    atomic_write_csv(out / f"{name}.csv", df)
-    atomic_write_text(out / f"{name}.md", (f"{caption}\n\n" if caption else "") + to_markdown(df) + "\n")
-    return out / f"{name}.md"

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from skimage.transform import resize
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.metrics import f1_score
 
+from bmjlib.io import resize_image
 from bmjlib.schema import FINDING_KEYS, FINDINGS, ORGANS
 from bmjlib.text.reports import extract_findings
 
@@ -66,7 +66,7 @@ def resize_masks(masks: dict, shape) -> dict[str, np.ndarray]:
     if next(iter(masks.values())).shape == tuple(shape):
         return masks
 
-    return {k: resize(v.astype(np.float32), shape, order=1, anti_aliasing=False) > 0.5 for k, v in masks.items()}
+    return {k: resize_image(np.asarray(v, bool), shape) for k, v in masks.items()}
 
 
 def _widest(mask: np.ndarray, theta: float = 0.0) -> float:
@@ -128,8 +128,7 @@ def to_common_size(prior: np.ndarray, cf: np.ndarray) -> tuple[np.ndarray, np.nd
     if prior.shape == cf.shape:
         return prior, cf
     shape = min(prior.shape, cf.shape, key=lambda s: s[0] * s[1])
-    f = lambda im: im if im.shape == shape else resize(im, shape, order=1, anti_aliasing=True).astype(np.float32)
-    return f(prior), f(cf)
+    return resize_image(prior, shape), resize_image(cf, shape)
 
 
 def difference_map(prior: np.ndarray, cf: np.ndarray, body=None, sigma_frac: float = 0.012) -> np.ndarray:

@@ -27,27 +27,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from skimage.transform import resize
 from tqdm.auto import tqdm
 
 from bmjlib.data.icg import read_icg, write_icg
+from bmjlib.data.registration import parse_affine
 from bmjlib.evaluation.judges import load_judges
 from bmjlib.icg import interpret as I
-from bmjlib.io import (ImageError, atomic_write_csv, atomic_write_json, atomic_write_text, fingerprint, read_image,
-                       sha256_file)
+from bmjlib.io import (ImageError, atomic_write_csv, atomic_write_json, fingerprint, read_image,
+                       resize_image, save_figure, sha256_file, write_table)
 from bmjlib.runtime import resolve
 from bmjlib.schema import FINDINGS, label_col
 from bmjlib.text.progression import changes, compose_report
 from bmjlib.text.reports import extract_findings
 
 MODELS = ["biomedjourney", "one_stage", "text_only", "copy_prior"]
-
-
-def parse_affine(text: str) -> np.ndarray:
-    v = np.array([float(x) for x in str(text).split()], dtype=float)
-    if v.size != 6:
-        raise ValueError(f"affine {text!r}: expected 6 numbers 'a11 a12 b1 a21 a22 b2'")
-    return v.reshape(2, 3)
 
 
 def warp_masks(masks: dict, affine: np.ndarray, shape) -> dict:
@@ -116,7 +109,7 @@ def collect_evidence(pairs: pd.DataFrame, cf_paths: list[str], judges: dict | No
             except ImageError as e:
                 skipped.append({"pair_id": r["pair_id"], "path": e.path, "problem": e.problem})
                 continue
-            p, c = _resize(p, size), _resize(c, size)
+            p, c = resize_image(p, size), resize_image(c, size)
             chunk.append(r)
             pri.append(p)
             cfs.append(c)
@@ -148,13 +141,6 @@ def collect_evidence(pairs: pd.DataFrame, cf_paths: list[str], judges: dict | No
 
 def _shape_of(truth: TruthMasks, dicom_id: str):
     return next(iter(truth(dicom_id).values())).shape
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape == (size, size):
-        return img
-
-    return resize(img, (size, size), order=1, anti_aliasing=True).astype(np.float32)
 
 
 def report_directions(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -377,25 +363,14 @@ SUMMARY_COLS = ["model", "n_pairs", "direction_acc", "coarse_acc", "changed_f1",
                 "hypothesis_consistency", "side_consistency", "spurious_change_rate"]
 
 
-def markdown(df: pd.DataFrame, fmt: str = "{:.3f}") -> str:
-    cols = list(df.columns)
-    cell = lambda v: fmt.format(v) if isinstance(v, (float, np.floating)) and not np.isnan(v) else \
-        ("" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
 def write_summary(summary: pd.DataFrame, fig_dir, name: str = "table_icg_interpretation") -> pd.DataFrame:
     """The per-model table (Table 1's models + reference + true counterfactual) as CSV and Markdown."""
     t = summary[[c for c in SUMMARY_COLS if c in summary]]
-    fig_dir = Path(fig_dir)
-    atomic_write_csv(fig_dir / f"{name}.csv", t)
     note = ("\nDirection scores are against the phantom's true change (prior vs follow-up severity); "
             "hypothesis consistency compares the interpretation with what the progression description asked "
             "(parsed by bmjlib.text.reports); spurious = a finding the description did not mention that the image "
             "changed.\n")
-    atomic_write_text(fig_dir / f"{name}.md", markdown(t) + note)
+    write_table(t, fig_dir, name, note=note)
     return t
 
 
@@ -435,8 +410,8 @@ def interpretation_figure(run_dir, tables: dict, model: str, fig_dir, size: int,
     fig, axes = plt.subplots(len(kept), 4, figsize=(13, 3.1 * len(kept)),
                              gridspec_kw={"width_ratios": [1, 1, 1, 1.9]}, squeeze=False)
     for i, (ev, r) in enumerate(zip(evs, kept.to_dict("records"))):
-        prior = _resize(read_image(r["prior_path"]), size)
-        cf = _resize(read_image(sources[model][list(sub["pair_id"]).index(r["pair_id"])]), size)
+        prior = resize_image(read_image(r["prior_path"]), size)
+        cf = resize_image(read_image(sources[model][list(sub["pair_id"]).index(r["pair_id"])]), size)
         d = ev["heatmap"]
         lim = max(0.05, float(np.abs(d).max()))
         for ax, im, title in ((axes[i, 0], prior, "prior"), (axes[i, 1], cf, f"counterfactual ({model})")):
@@ -462,11 +437,7 @@ def interpretation_figure(run_dir, tables: dict, model: str, fig_dir, size: int,
     fig.suptitle("Interpretable counterfactuals: what the image changed, measured (ProgEmu-style changes-of-findings)",
                  fontsize=10)
     fig.tight_layout()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(fig_dir / f"{name}.{ext}", dpi=130)
-    return fig, fig_dir / f"{name}.png"
+    return fig, save_figure(fig, fig_dir, name, dpi=130, bbox_inches=None)[0]
 
 
 def export_icg(run_dir, out_dir, tables: dict, origin: str = "phantom") -> tuple[pd.DataFrame, dict]:

@@ -27,13 +27,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from open_clip.loss import ClipLoss
-from PIL import Image
 from safetensors.torch import save_file
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 from tqdm.auto import tqdm
 
-from bmjlib.io import ImageError, atomic_write_json, read_image
+from bmjlib.io import ImageError, atomic_write_json, read_image, resize_image
 from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG
 from bmjlib.runtime import fit_cpu_threads
 
@@ -56,9 +55,7 @@ def load_images(paths: Sequence[str | os.PathLike], size: int, skip_bad: bool = 
             if skip_bad:
                 continue
             raise
-        if img.shape != (size, size):
-            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), np.float32)
-        out.append(np.clip(img, 0, 1))
+        out.append(np.clip(resize_image(img, size), 0, 1))
         kept.append(i)
     arr = np.stack(out).astype(np.float32) if out else np.zeros((0, size, size), np.float32)
     return arr, kept

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from bmjlib.io import ImageError, atomic_write_png, read_image, to_uint8
+from bmjlib.io import ImageError, atomic_write_png, read_image, resize_image, to_uint8
 from bmjlib.model.demo_model import resolve_model as shipped
 from bmjlib.model.pipeline import BiomedJourneyPipeline
 from bmjlib.runtime import resolve
@@ -70,8 +69,7 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
                   text_scale=ts if text_scale is None else text_scale,
                   image_scale=isc if image_scale is None else image_scale,
                   steps=steps or DEFAULTS["steps"], scheduler=scheduler or DEFAULTS["scheduler"], seed=seed)[0]
-    if result.shape != image.shape:
-        result = np.asarray(Image.fromarray(result).resize(image.shape[::-1], Image.BICUBIC), np.float32)
+    result = resize_image(result, image.shape)
     return atomic_write_png(out, to_uint8(np.clip(result, 0, 1)))
 
 

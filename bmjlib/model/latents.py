@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bmjlib.io import ImageError, atomic_path, read_image
-from bmjlib.model.pipeline import DUMMY_PRIOR_VALUE
+from bmjlib.model.pipeline import DUMMY_PRIOR_VALUE, to_batch
 
 CHUNK = 256
 _LR = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
@@ -55,11 +54,6 @@ def _load(path: Path) -> dict:
 def _save(path: Path, obj: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def _read(path: str, size: int) -> torch.Tensor:
-    img = torch.from_numpy(read_image(path))[None, None]
-    return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
 @dataclass
@@ -106,7 +100,7 @@ def encode_paths(pipe, paths: list[str], size: int, cache_file: Path, progress: 
         imgs, ok = [], []
         for p in todo[i:i + CHUNK]:
             try:
-                imgs.append(_read(p, size))
+                imgs.append(to_batch(read_image(p), size))
                 ok.append(p)
             except ImageError as e:
                 bad.append((p, e.problem))

@@ -31,14 +31,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UNet2DConditionModel)
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from bmjlib.io import atomic_dir, atomic_write_json
+from bmjlib.io import atomic_dir, atomic_write_json, resize_image
 from bmjlib.model.configs import DEMO_UNET_CONFIG, SD15_SCHEDULER_CONFIG, SD15_VAE_CONFIG
 from bmjlib.model.demo_model import resolve_model
 from bmjlib.model.encoders import TextEncoder
@@ -104,7 +103,7 @@ def expand_unet_in_channels(unet, in_channels: int = 8):
 
 
 def to_batch(images, size: int) -> torch.Tensor:
-    """float H,W or N,H,W (numpy or torch) in [0,1] -> float32 tensor N,1,size,size (area/bilinear resize)."""
+    """float H,W or N,H,W (numpy or torch) in [0,1] -> float32 tensor N,1,size,size (`resize_image`)."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))
     if x.ndim == 2:
         x = x[None]
@@ -114,7 +113,7 @@ def to_batch(images, size: int) -> torch.Tensor:
         raise ValueError("image contains NaN or inf values")
     x = x[:, None]
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = torch.from_numpy(resize_image(x[:, 0].numpy(), size))[:, None]
     return x.clamp(0, 1)
 
 
@@ -253,7 +252,7 @@ class BiomedJourneyPipeline:
                                      step_done))
         x = torch.cat(outs)
         if out_size and out_size != x.shape[-1]:
-            x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", antialias=True).clamp(0, 1)
+            x = torch.from_numpy(resize_image(x[:, 0].numpy(), out_size))[:, None].clamp(0, 1)
         return x[:, 0].numpy().astype(np.float32)
 
     def guided_eps(self, latents, t, prior_latents, text_emb, null_emb, text_scale, image_scale):

@@ -215,7 +215,8 @@ def plan_patient(seed: int, index: int, size: int) -> dict:
     return dict(index=index, patient=patient, studies=studies, anchor_year=anchor_year)
 
 
-def _state_obj(state: dict) -> State:
+def state_from_record(state: dict) -> State:
+    """The renderer's State from a plan's {finding: (grade, side)} record."""
     return State(sev={k: v[0] for k, v in state.items()}, side={k: v[1] for k, v in state.items()})
 
 
@@ -270,7 +271,7 @@ def build_patient(out: Path, seed: int, index: int, size: int) -> dict:
     split = "test" if part == "p19" else "validate" if (index // 10) % 20 == 7 else "train"
     pa_chain = []
     for st in plan["studies"]:
-        state = _state_obj(st["state"])
+        state = state_from_record(st["state"])
         sdir = mimic / "files" / part / f"p{sid}" / f"s{st['study_id']}"
         _write(sdir.with_suffix(".txt"), st["report"].encode())
         date, iso = _date(st["day"])
@@ -314,7 +315,7 @@ def build_patient(out: Path, seed: int, index: int, size: int) -> dict:
             pa_chain.append((st, pa[0]))
     for (s0, i0), (s1, i1) in zip(pa_chain, pa_chain[1:]):
         pair_id = f"{sid}_{s0['study_id']}_{s1['study_id']}"
-        cf = render(p, _state_obj(s1["state"]), i0["pose"], i0["exposure"], view=i0["view_true"], size=size,
+        cf = render(p, state_from_record(s1["state"]), i0["pose"], i0["exposure"], view=i0["view_true"], size=size,
                     noise_seed=i0["noise_seed"], devices=s0["devices"])
         _write(truth / "counterfactual" / f"{pair_id}.png", _png_bytes(cf))
         a = pair_affine(i0["pose"], i1["pose"], size)

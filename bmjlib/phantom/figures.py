@@ -13,9 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from PIL import Image
 
-from bmjlib.io import read_image
+from bmjlib.io import read_image, resize_image, save_figure
 from bmjlib.phantom.anatomy import render
 from bmjlib.phantom.body import Exposure, Pose
 from bmjlib.phantom.body import State
@@ -72,8 +71,8 @@ def gallery(size: int = 256, seed: int = 0, path: str | Path | None = None):
                  fontsize=10)
     fig.tight_layout()
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        path = Path(path)
+        save_figure(fig, path.parent, path.stem, dpi=110, bbox_inches=None, formats=(path.suffix[1:],))
     return fig
 
 
@@ -101,7 +100,8 @@ def plot_distribution(out: str | Path, path: str | Path | None = None):
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=110)
+        path = Path(path)
+        save_figure(fig, path.parent, path.stem, dpi=110, bbox_inches=None, formats=(path.suffix[1:],))
     return fig
 
 
@@ -130,7 +130,8 @@ def plot_journey(out: str | Path, subject_id: int | None = None, path: str | Pat
     fig.suptitle(f"Journey of phantom patient {subject_id}", fontsize=10)
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=110)
+        path = Path(path)
+        save_figure(fig, path.parent, path.stem, dpi=110, bbox_inches=None, formats=(path.suffix[1:],))
     return fig
 
 
@@ -199,8 +200,7 @@ def compare_with_real(real_dir: str | Path, size: int = 256, n: int = 3, seed: i
     if not files:
         raise FileNotFoundError(f"{real_dir}: no PNG radiographs to compare with")
 
-    real = [np.asarray(Image.fromarray((read_image(f) * 255).astype(np.uint8)).resize((size, size)),
-                       dtype=np.float32) / 255 for f in files[:n]]
+    real = [resize_image(read_image(f), size) for f in files[:n]]
     rng = np.random.default_rng(seed)
     ph = []
     for i in range(n):
@@ -220,5 +220,6 @@ def compare_with_real(real_dir: str | Path, size: int = 256, n: int = 3, seed: i
     fig.text(0.5, 0.005, HANNOVER_CREDIT, ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     if path:
-        fig.savefig(path, dpi=110)
+        path = Path(path)
+        save_figure(fig, path.parent, path.stem, dpi=110, bbox_inches=None, formats=(path.suffix[1:],))
     return fig

@@ -27,8 +27,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bmjlib.io import (ImageError, Manifest, atomic_write_csv, atomic_write_json, atomic_write_text, fingerprint,
-                       read_image, sha256_file)
+from bmjlib.io import (ImageError, Manifest, atomic_write_csv, atomic_write_json, fingerprint,
+                       read_image, save_figure, sha256_file)
 from bmjlib.runtime import resolve, step_dir
 from bmjlib.testing import ChatServer, ok
 from bmjlib.text import llm
@@ -342,23 +342,6 @@ def length_table(pairs: pd.DataFrame, label: str = "description (ours)") -> pd.D
     return pd.DataFrame(rows)
 
 
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub-style Markdown table (no extra dependency); NaN prints as an empty cell."""
-    def cell(v):
-        return "" if isinstance(v, float) and math.isnan(v) else f"{v:g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def save_table(df: pd.DataFrame, fig_dir, stem: str) -> Path:
-    """CSV + Markdown of a table in the figures folder."""
-    fig_dir = Path(fig_dir)
-    atomic_write_csv(fig_dir / f"{stem}.csv", df)
-    atomic_write_text(fig_dir / f"{stem}.md", markdown_table(df))
-    return fig_dir / f"{stem}.csv"
-
-
 def pick_example(pairs: pd.DataFrame) -> dict:
     """A pair for the Fig. 2 analogue: the richest description (most changes stated, then longest)."""
     d = pairs["description"].fillna("")
@@ -404,10 +387,7 @@ def figure2(row: dict, fig_dir, stem: str = "fig2_progression"):
             + textwrap.fill(str(row.get("instruction_impression", "")), 60), va="top", fontsize=10)
     ax.axis("off")
     fig.tight_layout()
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(fig_dir / f"{stem}.{ext}", dpi=120)
+    save_figure(fig, fig_dir, stem, dpi=120, bbox_inches=None)
     return fig
 
 
