@@ -5,6 +5,10 @@ passing each notebook the profile values it declares in its `parameters` cell. A
 chain with the notebook's name, the cell index and the exception. `chain.json` in the run folder records
 every completed step with the fingerprint of its notebook source and parameters, so `--from N` can reuse
 earlier outputs and a rerun with unchanged inputs skips steps that are already done.
+
+What notebooks 04-10 would otherwise each repeat: `figures_folder` (where figures and tables go),
+`model_names` (the models of a scale, Table 1's rows) and `sampler_settings` (§5.1's sampler, guidance
+"auto" resolved to notebook 05's choice on validation pairs).
 """
 from __future__ import annotations
 
@@ -20,18 +24,36 @@ from typing import Any
 
 import nbformat
 import papermill as pm
-import yaml
 from papermill.exceptions import PapermillExecutionError
 
+from bmjlib.evaluation.counterfactuals import DEMO_MODELS, PAPER_MODELS, resolve_guidance
 from bmjlib.io import atomic_write_json, fingerprint, sha256_file
-from bmjlib.runtime import repo_root
+from bmjlib.runtime import load_profile, repo_root, resolve
 
 STEP_RE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
-PROFILE_DIR = Path(__file__).parent / "profiles"
 # Profile keys whose values are paths; relative ones are resolved against the working directory.
 PATH_SUFFIXES = ("_dir", "_root", "_path", "_file")
 # Parameter names that look like credentials are refused: papermill writes parameters into the notebook.
 SECRET_RE = re.compile(r"(api_?key|secret|token|password|passwd|credential)", re.I)
+
+
+def figures_folder(run_dir: str | os.PathLike, figures_dir: str | os.PathLike = "") -> Path:
+    """Where a notebook writes its figures and tables: the profile's `figures_dir`, or <run>/figures if empty."""
+    return resolve(figures_dir) if figures_dir else resolve(run_dir) / "figures"
+
+
+def model_names(model_scale: str) -> list[str]:
+    """The models a scale generates and scores (notebooks 06, 07, 09): the demo's own four, plus Stable
+    Diffusion v1.5 and InstructPix2Pix at paper scale."""
+    return PAPER_MODELS if model_scale == "paper" else DEMO_MODELS
+
+
+def sampler_settings(run_dir: str | os.PathLike, scheduler: str, sample_steps: int, text_scale,
+                     image_scale) -> dict:
+    """The sampler's settings (steps, scheduler, text and image guidance scales); a scale "auto" is the one
+    notebook 05 chose on validation pairs (`counterfactuals.resolve_guidance`)."""
+    text_scale, image_scale = resolve_guidance(run_dir, text_scale, image_scale)
+    return dict(steps=sample_steps, scheduler=scheduler, text_scale=text_scale, image_scale=image_scale)
 
 
 class ChainError(RuntimeError):
@@ -57,35 +79,6 @@ def discover_steps(notebook_dir: Path | None = None) -> list[Step]:
         if m:
             steps.append(Step(int(m.group(1)), m.group(2), p))
     return steps
-
-
-def load_profile(name_or_file: str) -> dict[str, Any]:
-    """Load a profile: a packaged name (smoke, demo, paper) or a YAML file of flat values.
-
-    A profile file may say `base: demo` to start from a packaged profile and override a few values.
-    """
-    p = Path(name_or_file)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise FileNotFoundError(f"profile file {p} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"profile {p}: expected a mapping of name: value, got {type(values).__name__}")
-        base = values.pop("base", None)
-        merged = load_profile(base) if base else {}
-        merged.update(values)
-        merged["profile"] = values.get("profile", p.stem)
-        return merged
-    packaged = PROFILE_DIR / f"{name_or_file}.yaml"
-    if not packaged.exists():
-        names = ", ".join(sorted(q.stem for q in PROFILE_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"no profile named {name_or_file!r} (packaged: {names}; or give a .yaml file)")
-    values = yaml.safe_load(packaged.read_text()) or {}
-    base = values.pop("base", None)
-    merged = load_profile(base) if base else {}
-    merged.update(values)
-    merged["profile"] = name_or_file
-    return merged
 
 
 def check_no_secrets(params: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Where a run lives and how it uses the machine: paths from notebook parameters, step folders, CPU threads.
+"""Where a run lives and how it uses the machine: profiles, paths from notebook parameters, step folders,
+CPU threads.
 
 Notebooks run with their own folder as cwd under JupyterLab and nbval but inside the run folder under
 papermill (DESIGN "The chain"), so every path a notebook or the library takes from a parameter is resolved
@@ -8,8 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+
+# The packaged profiles (smoke, demo, paper): flat name: value files, one block per notebook.
+PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
 def repo_root() -> Path:
@@ -33,6 +39,35 @@ def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
     d = resolve(run_dir) / step
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def load_profile(name_or_file: str) -> dict[str, Any]:
+    """Load a profile: a packaged name (smoke, demo, paper) or a YAML file of flat values.
+
+    A profile file may say `base: demo` to start from a packaged profile and override a few values.
+    """
+    p = Path(name_or_file)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise FileNotFoundError(f"profile file {p} does not exist")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"profile {p}: expected a mapping of name: value, got {type(values).__name__}")
+        base = values.pop("base", None)
+        merged = load_profile(base) if base else {}
+        merged.update(values)
+        merged["profile"] = values.get("profile", p.stem)
+        return merged
+    packaged = PROFILE_DIR / f"{name_or_file}.yaml"
+    if not packaged.exists():
+        names = ", ".join(sorted(q.stem for q in PROFILE_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"no profile named {name_or_file!r} (packaged: {names}; or give a .yaml file)")
+    values = yaml.safe_load(packaged.read_text()) or {}
+    base = values.pop("base", None)
+    merged = load_profile(base) if base else {}
+    merged.update(values)
+    merged["profile"] = name_or_file
+    return merged
 
 
 def fit_cpu_threads() -> int:

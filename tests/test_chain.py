@@ -1,11 +1,14 @@
-"""The papermill chain runner (issue: foundation), on small fixture notebooks."""
+"""The papermill chain runner, on small fixture notebooks."""
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bmjlib.chain import ChainError, discover_steps, load_profile, run_chain
+from bmjlib.chain import (ChainError, discover_steps, figures_folder, load_profile, model_names, run_chain,
+                          sampler_settings)
+from bmjlib.evaluation.counterfactuals import DEMO_MODELS
+from bmjlib.runtime import resolve
 from bmjlib.io import sha256_file
 from nbutil import make_notebook
 
@@ -108,3 +111,20 @@ def test_discovers_the_real_chain():
     steps = discover_steps()
     numbers = [s.number for s in steps]
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+
+
+def test_notebook_helpers_figures_models_and_sampler(tmp_path):
+    run = tmp_path / "run"
+    assert figures_folder(run, "") == run / "figures"
+    assert figures_folder(run, tmp_path / "figs") == tmp_path / "figs"
+    assert figures_folder("runs/x", "figures") == resolve("figures")
+    assert model_names("demo") == DEMO_MODELS
+    assert model_names("paper") == ["sd15", "ip2p", *DEMO_MODELS]
+    assert sampler_settings(run, "dpm", 4, 7.5, 2) == dict(steps=4, scheduler="dpm", text_scale=7.5, image_scale=2.0)
+    with pytest.raises(FileNotFoundError, match="notebook 05 chooses them"):
+        sampler_settings(run, "dpm", 4, "auto", 1.5)
+    (run / "05_stage2" / "guidance").mkdir(parents=True)
+    (run / "05_stage2" / "guidance" / "guidance.json").write_text(json.dumps({"text_scale": 3.0, "image_scale": 2.5}))
+    assert sampler_settings(run, "ddim", 20, "auto", "auto") == dict(steps=20, scheduler="ddim", text_scale=3.0,
+                                                                      image_scale=2.5)
+    assert sampler_settings(run, "ddim", 20, 4.5, "auto")["text_scale"] == 4.5

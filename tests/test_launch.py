@@ -1,7 +1,13 @@
 """`python -m bmjlib.model.launch` (multi-GPU training outside Jupyter) makes exactly the notebooks' calls."""
+import json
+
+import pandas as pd
 import pytest
 
-from bmjlib.model import launch
+from bmjlib.evaluation import ablations
+from bmjlib.model import launch, stages
+from bmjlib.model.configs import DEMO_UNET_CONFIG
+from bmjlib.model.train import TrainConfig
 from bmjlib.chain import load_profile, run_chain
 
 
@@ -18,3 +24,64 @@ def test_launch_finds_the_notebooks_models_up_to_date(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("is up to date") == 3, out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a launched stage retrained what the notebook made"
+
+
+def _fake_run(tmp_path):
+    """A run folder with what the training steps read: stage-1 pairs, triples and stage 1's VAE config."""
+    run = tmp_path / "run"
+    (run / "01_cohort").mkdir(parents=True)
+    pd.DataFrame({"image_path": ["a.png"], "impression": ["x"], "split": ["train"]}).to_csv(
+        run / "01_cohort" / "stage1.csv", index=False)
+    (run / "03_descriptions").mkdir()
+    pd.DataFrame({"prior_path": ["p.png"], "registered_path": ["r.png"], "description": ["y"],
+                  "split": ["train"]}).to_csv(run / "03_descriptions" / "pairs.csv", index=False)
+    vae = run / "04_stage1" / "model" / "vae"
+    vae.mkdir(parents=True)
+    (vae / "config.json").write_text(json.dumps({"block_out_channels": [32, 64, 64]}))  # factor 4
+    return run, vae
+
+
+def test_train_config_is_what_the_smoke_profile_implies(tmp_path):
+    _, vae = _fake_run(tmp_path)
+    p = load_profile("smoke")
+    expected = dict(image_size=32, batch_size=16, lr=1e-4, cond_dropout=0.05, ema=False, checkpoint_every=5, seed=0,
+                    unet_config=dict(DEMO_UNET_CONFIG, sample_size=8))
+    assert stages.train_config(p, vae, epochs=p["stage1_epochs"]) == TrainConfig(epochs=2, **expected)
+    assert stages.train_config(p, vae, epochs=p["stage2_epochs"]) == TrainConfig(epochs=2, **expected)
+    # Table 2's arms: abl_steps optimiser steps, no EMA even where the profile asks for it
+    arm = ablations.arm_config(tmp_path / "run", dict(p, use_ema=True))
+    assert arm == TrainConfig(max_steps=2, **expected) and arm.epochs == TrainConfig().epochs
+    assert stages.train_config(dict(p, use_ema=True), vae).ema is True
+
+
+def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
+    run, vae = _fake_run(tmp_path)
+    comp = {"vae": str(vae), "text_encoder": f"local-dir:{vae.parent / 'text_encoder'}"}
+    calls = []
+    monkeypatch.setattr(stages, "prepare_components", lambda table, out, **kw: calls.append(("components", out, kw))
+                        or comp)
+    monkeypatch.setattr(stages, "train_stage", lambda cfg, table, out, **kw: calls.append((cfg, table, out, kw))
+                        or out / "model")
+    p = load_profile("smoke")
+    cfg = stages.train_config(p, vae, epochs=2)
+
+    assert launch.stage1(str(run), p) == run / "04_stage1" / "model"
+    (_, out, kw), (c, table, out1, kw1) = calls
+    assert out == out1 == run / "04_stage1" and c == cfg and list(table["impression"]) == ["x"]
+    assert kw == dict(model_scale="demo", image_size=32, vae_steps=20, clip_epochs=2, seed=0, sd_vae_dir="",
+                      text_encoder="")
+    assert kw1 == dict(prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
+                       cache_dir=run / "04_stage1" / "latents", unet_init=None)
+
+    calls.clear()
+    s1 = run / "04_stage1"
+    assert launch.stage2(str(run), p) == [run / "05_stage2" / "model", run / "05_stage2" / "one_stage" / "model"]
+    (c2, t2, o2, k2), (c3, t3, o3, k3) = calls
+    assert c2 == c3 == cfg and list(t2["description"]) == list(t3["description"]) == ["y"]
+    assert (o2, k2) == (run / "05_stage2", dict(init_from=s1 / "model", prior="registered", text_column="description",
+                                                cache_dir=s1 / "latents"))
+    assert (o3, k3) == (run / "05_stage2" / "one_stage", dict(
+        prior="registered", text_column="description", vae=s1 / "model" / "vae",
+        text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=s1 / "latents", unet_init=None))
+    calls.clear()
+    assert launch.stage2(str(run), dict(p, one_stage=False)) == [run / "05_stage2" / "model"] and len(calls) == 1

@@ -4,7 +4,9 @@
 - `prepare_components`: demo scale trains the small VAE and the small CLIP (the BiomedCLIP stand-in)
   on stage 1's image-report pairs and reports held-out PSNR/SSIM and image->report retrieval; paper
   scale points to Stable Diffusion v1.5's VAE folder and BiomedCLIP and trains nothing.
-- `run_stage1` / `run_stage2`: `train.train_stage` with the chain's folders.
+- `train_config`: the `TrainConfig` a profile's flat values imply (notebooks 04, 05, 08 and `launch`).
+- `stage1_components`, `train_stage1`, `train_stage2`, `train_one_stage`: the one training entry point;
+  each finds its inputs in the run folder and calls `train.train_stage` as notebooks 04-05 and `launch` do.
 - `plot_loss`, `sample_figure`: what the notebooks show after each stage.
 """
 from __future__ import annotations
@@ -13,18 +15,19 @@ import json
 import os
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
-from bmjlib.io import atomic_write_json, fingerprint
+from bmjlib.io import atomic_write_json, fingerprint, save_figure
 from bmjlib.model.configs import BIOMEDCLIP, DEMO_UNET_CONFIG, SD15_UNET_CONFIG
 from bmjlib.model.encoders import load_images, load_vae, train_demo_clip, train_demo_vae
 from bmjlib.model.pipeline import BiomedJourneyPipeline
-from bmjlib.model.train import read_loss
+from bmjlib.model.train import TrainConfig, read_loss, train_stage
+from bmjlib.runtime import step_dir
 
 FIG_CAPTION_DATA = ("Phantom cohort (synthetic); no real patient data.")
 
@@ -105,15 +108,8 @@ def plot_loss(runs: dict[str, str | os.PathLike], fig_dir: str | os.PathLike | N
     ax.legend()
     fig.tight_layout()
     if fig_dir and name:
-        _save(fig, fig_dir, name)
+        save_figure(fig, fig_dir, name)
     return fig
-
-
-def _save(fig, fig_dir, name):
-    fig_dir = Path(fig_dir)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(fig_dir / f"{name}.{ext}", dpi=150, bbox_inches="tight")
 
 
 def sample_figure(columns: Sequence[tuple[str, np.ndarray]], row_labels: Sequence[str] = (),
@@ -136,7 +132,7 @@ def sample_figure(columns: Sequence[tuple[str, np.ndarray]], row_labels: Sequenc
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if fig_dir and name:
-        _save(fig, fig_dir, name)
+        save_figure(fig, fig_dir, name)
     return fig
 
 
@@ -153,6 +149,61 @@ def unet_config(model_scale: str, image_size: int, vae_factor: int) -> dict:
 def vae_factor(vae_dir: str | os.PathLike) -> int:
     cfg = json.loads((Path(vae_dir) / "config.json").read_text())
     return 2 ** (len(cfg["block_out_channels"]) - 1)
+
+
+def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
+                 max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
+    """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
+    checkpoint_every, seed, model_scale), the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps`
+    set the budget (TrainConfig's default when None); `ema=None` takes the profile's `use_ema`."""
+    budget = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
+    return TrainConfig(image_size=params["image_size"], batch_size=params["batch_size"], lr=params["lr"],
+                       cond_dropout=params["cond_dropout"], ema=params["use_ema"] if ema is None else ema,
+                       checkpoint_every=params["checkpoint_every"], seed=params["seed"],
+                       unet_config=unet_config(params["model_scale"], params["image_size"], vae_factor(vae_dir)),
+                       **budget)
+
+
+def stage1_components(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> dict:
+    """Notebook 04's frozen components (`prepare_components` on the cohort's stage-1 pairs, into 04_stage1)."""
+    table = pd.read_csv(step_dir(run_dir, "01_cohort") / "stage1.csv")
+    return prepare_components(table, step_dir(run_dir, "04_stage1"), model_scale=params["model_scale"],
+                              image_size=params["image_size"], vae_steps=params["vae_steps"],
+                              clip_epochs=params["clip_epochs"], seed=params["seed"],
+                              sd_vae_dir=params["sd_vae_dir"], text_encoder=params["text_encoder"])
+
+
+def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], components: dict | None = None) -> Path:
+    """Stage 1 (notebook 04): every image-report pair of 01_cohort/stage1.csv with the dummy prior, for
+    `stage1_epochs`, into 04_stage1/model. `components`: `stage1_components`' result (prepared here when None)."""
+    out = step_dir(run_dir, "04_stage1")
+    table = pd.read_csv(step_dir(run_dir, "01_cohort") / "stage1.csv")
+    comp = stage1_components(run_dir, params) if components is None else components
+    return train_stage(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), table, out,
+                       prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
+                       cache_dir=out / "latents", unet_init=params["sd_unet_dir"] or None)
+
+
+def train_stage2(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path:
+    """Stage 2 (notebook 05, BiomedJourney): stage 1's model tuned on 03_descriptions/pairs.csv (prior,
+    description, registered follow-up) for `stage2_epochs`, into 05_stage2/model; stage 1's latent cache reused."""
+    s1 = step_dir(run_dir, "04_stage1")
+    pairs = pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv")
+    cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
+    return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2"), init_from=s1 / "model", prior="registered",
+                       text_column="description", cache_dir=s1 / "latents")
+
+
+def train_one_stage(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path:
+    """Table 2's one-stage arm (notebook 05): stage 2's data and settings from a fresh UNet (paper scale: SD
+    v1.5's) with stage 1's frozen VAE and text encoder, into 05_stage2/one_stage/model."""
+    s1 = step_dir(run_dir, "04_stage1")
+    pairs = pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv")
+    cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
+    return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2") / "one_stage", prior="registered",
+                       text_column="description", vae=s1 / "model" / "vae",
+                       text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=s1 / "latents",
+                       unet_init=params["sd_unet_dir"] or None)
 
 
 # Prompts for showing what a model does with a sentence (the paper's Fig. 3-4 style), per stage.
