@@ -8,13 +8,13 @@ import pytest
 
 from bmjlib.data.cohort import build_cohort, check_against_phantom, counts_table
 from bmjlib.data.sources import load_source
+from bmjlib.phantom import cohort as phantom_cohort
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    phantom = pytest.importorskip("bmjlib.phantom.cohort")
     out = tmp_path_factory.mktemp("phantom")
-    phantom.write_cohort(out, n_patients=30, size=128, seed=5, workers=1)
+    phantom_cohort.write_cohort(out, n_patients=30, size=128, seed=5, workers=1)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The counterfactual explorer's logic (issue 10), without a browser (see test_explorer_browser.py)."""
+"""The counterfactual explorer's logic, without a browser (see test_explorer_browser.py)."""
 import io
 
 import numpy as np
@@ -83,6 +83,27 @@ def test_widgets_generate_in_a_thread_and_show_the_images(model_dir):
     assert "What changed" in app.interpretation.value and not app.go.disabled
     app.start(E.sweep_prompts("Pneumothorax", "left"), sweep=True).join(120)
     assert len(app.sweep_box.children) == 4  # prior + small / moderate / large
+
+
+def test_the_app_generates_what_the_pipeline_generates_for_its_settings(model_dir, pipe, tmp_path):
+    """Prior file, description, both guidance scales, steps and seed set through the widgets: the app's
+    counterfactual is the pipeline's, called directly with the same inputs (prior built here, not by the app)."""
+    yy, xx = np.mgrid[:96, :96]
+    known = np.clip(128 + 127 * np.sin(xx / 7.0) * np.cos(yy / 11.0), 0, 255).astype(np.uint8)
+    known[0, 0], known[0, 1] = 0, 255  # read_image scales by the image's own range: exactly known / 255
+    Image.fromarray(known).save(tmp_path / "prior.png")
+    app = E.Explorer(model=str(model_dir), interpreter=None)
+    app.source.value, app.path.value = "file", str(tmp_path / "prior.png")
+    app.prompt.value = "Resolved right pneumothorax."
+    app.text_scale.value, app.image_scale.value, app.steps.value, app.seed.value = 3.5, 2.2, 3, 7
+    app.start([app.prompt.value]).join(120)
+    assert app.status.value.startswith("done: 1 image"), app.status.value
+    ref = pipe(known.astype(np.float32) / 255, "Resolved right pneumothorax.", text_scale=3.5, image_scale=2.2,
+               steps=3, scheduler="dpm", seed=7)
+    np.testing.assert_allclose(app.result, ref, rtol=0, atol=1e-5)  # float reduction order aside
+    other = pipe(known.astype(np.float32) / 255, "Resolved right pneumothorax.", text_scale=3.5, image_scale=2.2,
+                 steps=3, scheduler="dpm", seed=8)
+    assert np.abs(app.result - other).max() > 1e-3  # the seed matters, so the comparison above can fail
 
 
 def test_a_bad_prior_file_is_named_in_the_app(model_dir, tmp_path):

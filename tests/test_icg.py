@@ -1,4 +1,4 @@
-"""ICG-CXR reader and writer (issue 8): the real JSON format, -100 = missing, round trip on real images."""
+"""ICG-CXR reader and writer: the real JSON format, -100 = missing, round trip on real images."""
 import json
 import math
 import shutil

@@ -1,5 +1,5 @@
 """LLM backends against a real chat-completions server on loopback, driven by the real openai client;
-the data-use guard; the answer cache (issue 5, items 3-7)."""
+the data-use guard; the answer cache."""
 import logging
 
 import pytest

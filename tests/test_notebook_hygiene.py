@@ -1,4 +1,4 @@
-"""Committed notebooks are stripped, parameterised and default to the smoke profile (issue: foundation)."""
+"""Committed notebooks are stripped, parameterised and default to the smoke profile."""
 import ast
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Phantom cohort (issue 3): known answers from the simulator's own truth, layout, determinism."""
+"""Phantom cohort: known answers from the simulator's own truth, layout, determinism."""
 import json
 import re
 from pathlib import Path
@@ -12,8 +12,9 @@ from bmjlib.phantom.anatomy import render
 from bmjlib.phantom.body import CTR_BY_GRADE, Exposure, Patient, Pose, State, image_ctr, pair_affine
 from bmjlib.phantom.reports import parse_labels
 from bmjlib.schema import CHEXPERT_LABELS, ORGANS
+from bmjlib.text import reports
 
-ISSUE_METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+MIMIC_METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
                           "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
                           "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
 
@@ -141,7 +142,7 @@ def test_layout_and_columns(cohort):
     out, summary = cohort
     m = out / "mimic"
     meta = pd.read_csv(m / "mimic-cxr-2.0.0-metadata.csv", dtype=str)
-    assert list(meta.columns) == ISSUE_METADATA_COLUMNS
+    assert list(meta.columns) == MIMIC_METADATA_COLUMNS
     chex = pd.read_csv(m / "mimic-cxr-2.0.0-chexpert.csv")
     assert list(chex.columns) == ["subject_id", "study_id"] + CHEXPERT_LABELS
     vals = chex[CHEXPERT_LABELS].to_numpy(float).ravel()
@@ -206,7 +207,6 @@ def test_labels_agree_with_reports_and_truth(cohort):
 
 def test_report_extractor_recovers_the_csv_labels(cohort):
     """bmjlib.text.reports (the chain's rule-based extractor) reads the phantom's reports back to its CSV."""
-    reports = pytest.importorskip("bmjlib.text.reports")
     out, _ = cohort
     m = out / "mimic"
     chex = pd.read_csv(m / "mimic-cxr-2.0.0-chexpert.csv")

@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 
 from bmjlib.data import registration as R
+from bmjlib.data.registration_eval import benchmark, phantom_accuracy, phantom_pairs
 from bmjlib.io import atomic_write_png, read_image, to_uint8
+from bmjlib.phantom import cohort as phantom
 from test_cohort_fixture import draw_chest, pose_matrix, true_affine
 
 HANNOVER = Path(__file__).resolve().parent.parent.parent / "shared" / "real_cxr" / "hannover"
@@ -180,8 +182,6 @@ def test_auto_threshold_is_the_robust_outlier_rule():
 
 
 def test_benchmark_and_phantom_accuracy_on_a_tiny_phantom(tmp_path):
-    phantom = pytest.importorskip("bmjlib.phantom.cohort")
-    from bmjlib.data.registration_eval import benchmark, phantom_accuracy, phantom_pairs
     phantom.write_cohort(tmp_path, n_patients=6, size=128, seed=3, workers=1)
     # a shortened baseline keeps the test fast; the mechanics (same pairs, TRE vs truth, speed-up) are the same
     res = benchmark(tmp_path, n_pairs=2, ours=R.RegConfig(size=128), baseline=replace(R.PROGEMU, size=128, iterations=20),

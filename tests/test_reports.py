@@ -1,4 +1,4 @@
-"""Report sections, the rule-based finding extractor and CheXpert-style labels (issue 5, item 1)."""
+"""Report sections, the rule-based finding extractor and CheXpert-style labels."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The extractor against the phantom's known truth: every report of a generated cohort (issue 5, item 1).
+"""The extractor against the phantom's known truth: every report of a generated cohort.
 
 The phantom writes MIMIC-style reports from its phrase table (bmjlib.phantom.reports) and knows the
 disease state behind each one, so the extractor is checked exactly, not on a sample:
@@ -13,11 +13,11 @@ import math
 import pandas as pd
 import pytest
 
+from bmjlib.phantom import cohort as phantom
 from bmjlib.text.progression import changes
 from bmjlib.text.reports import chexpert_labels, extract_findings
 from bmjlib.schema import CHEXPERT_LABELS, FINDING_KEYS
 
-phantom = pytest.importorskip("bmjlib.phantom.cohort")
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):

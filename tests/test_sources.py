@@ -2,8 +2,6 @@
 16-bit / RGB images normalised, bad rows skipped with the file named, ICG-CXR dispatch, MIMIC demographics."""
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +96,7 @@ def test_icg_source_dispatches_to_the_icg_reader_and_keeps_its_pairs(tmp_path, m
                                            "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax")}})
         return rec, pairs
 
-    monkeypatch.setitem(sys.modules, "bmjlib.data.icg", types.SimpleNamespace(read_icg_records=fake))
+    monkeypatch.setattr("bmjlib.data.sources.read_icg_records", fake)
     data = load_source("icg", tmp_path, verify_images=True)
     assert seen == {"root": tmp_path, "check": True}
     assert data.records["source"].eq("icg").all()

@@ -1,6 +1,6 @@
 """The counterfactual explorer: pick a prior, type a hypothesis, see the counterfactual and what changed.
 
-Issue 10. BiomedJourney's release planned a demo app (paper §1, §6); this one lives in JupyterLab
+BiomedJourney's release planned a demo app (paper §1, §6); this one lives in JupyterLab
 (notebooks/explorer.ipynb). A prior comes from the phantom (rendered on the fly, with its true organ
 masks), from a file, or from the real radiographs in ../shared/real_cxr/hannover (CC BY 3.0, attribution
 shown beside the image); a progression description is typed or picked; the text and image guidance
@@ -28,18 +28,17 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from PIL import Image
-from skimage.transform import resize
 
 from bmjlib.data.registration_eval import phantom_pairs
 from bmjlib.icg import interpret as I
 from bmjlib.icg.interpret import difference_map, resize_masks, to_common_size
 from bmjlib.icg.interpret_run import TruthMasks, collect_evidence
-from bmjlib.io import atomic_write_bytes, read_image, sha256_file
+from bmjlib.io import atomic_write_bytes, read_image, resize_image, sha256_file, to_uint8
 from bmjlib.model.demo_model import cache_root, resolve_model
 from bmjlib.model.generate import default_guidance
 from bmjlib.model.pipeline import BiomedJourneyPipeline
 from bmjlib.phantom.anatomy import render
-from bmjlib.phantom.cohort import _state_obj, plan_patient
+from bmjlib.phantom.cohort import state_from_record, plan_patient
 from bmjlib.runtime import resolve
 from bmjlib.schema import HANNOVER_ATTRIBUTION, SEVERITY_WORDS
 from bmjlib.text.progression import SUGGESTIONS
@@ -92,7 +91,7 @@ def phantom_prior(index: int = 0, size: int = 256, seed: int = 0) -> Prior:
     for st in plan["studies"]:
         for im in st["images"]:
             if im["view_true"] == "PA":
-                img, masks = render(plan["patient"], _state_obj(st["state"]), im["pose"], im["exposure"],
+                img, masks = render(plan["patient"], state_from_record(st["state"]), im["pose"], im["exposure"],
                                     view="PA", size=size, noise_seed=im["noise_seed"], devices=st["devices"],
                                     masks=True)
                 state = ", ".join(f"{k} {v[0]}{' ' + v[1] if v[1] else ''}" for k, v in st["state"].items() if v[0])
@@ -145,9 +144,7 @@ def describe_change(prior: np.ndarray, cf: np.ndarray, masks: dict | None, inter
                 "cannot be measured per region; read the heat map.")
     p, c = I.to_common_size(prior, cf)
     if interpreter is not None and p.shape[0] > 64:  # measured at the calibration's size
-
-        p = resize(p, (64, 64), order=1, anti_aliasing=True).astype(np.float32)
-        c = resize(c, (64, 64), order=1, anti_aliasing=True).astype(np.float32)
+        p, c = resize_image(p, 64), resize_image(c, 64)
     ev = I.evidence(p, c, masks)
     if interpreter is not None:
         return I.sentence(interpreter.interpret(ev))
@@ -200,7 +197,7 @@ def cached_interpreter(phantom_dir: str | Path):
 
 
 def png_bytes(img: np.ndarray) -> bytes:
-    arr = img if img.dtype == np.uint8 else (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    arr = img if img.dtype == np.uint8 else to_uint8(img)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()

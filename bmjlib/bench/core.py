@@ -1,11 +1,12 @@
 """Benchmarks: how fast each step of the chain runs, how its cost grows, and how close it gets to the machine.
 
-Issue 9 ("Performance"). Paper anchors (§4.2): stage 1 took 288 A100-hours for 69,846 images x 200
+Paper anchors (§4.2): stage 1 took 288 A100-hours for 69,846 images x 200
 epochs, i.e. 13.5 images/s per A100; InstructPix2Pix samples with 100 steps and three UNet evaluations per
 step. `bmj bench [--quick] [--gpu]` measures, side by side in one run, every throughput the chain depends
 on and prints one table, also written to figures/benchmarks.md with the machine, the package versions and
-the command. A measurement whose code has not landed (or cannot run here) is a row that says why; no
-number in the table is anything but a measurement of this run.
+the command. A measurement that cannot run here for a stated reason (no GPU, no demo chain run yet) is a
+row that says why; a measurement that raises is a row marked failed with the error, and `bmj bench` then
+exits with status 1. No number in the table is anything but a measurement of this run.
 
 Peak memory is the process's peak resident set size during one measurement (Linux VmHWM, reset before
 each measurement through /proc/self/clear_refs; elsewhere a 5 ms psutil sampler), plus the CUDA
@@ -49,6 +50,7 @@ class Result:
     peak_mb: float | None = None
     note: str = ""             # configuration, fidelity, or why the row is not available
     extra: dict = field(default_factory=dict)   # machine-readable numbers behind `compare` / `note`
+    failed: bool = False       # the measurement raised (`note` names the error): `bmj bench` exits 1
 
     @property
     def available(self) -> bool:
@@ -162,7 +164,8 @@ def _cuda_ready() -> bool:
 
 
 def measure(group: str, name: str, fn: Callable[[], list[Result] | Result], log=print) -> list[Result]:
-    """Run one measurement with peak-memory tracking; turn a failure into a row that says why."""
+    """Run one measurement with peak-memory tracking. NotAvailable becomes a row that says why; any other
+    exception becomes a row with `failed=True` naming the error (the other measurements still run)."""
     t0 = time.perf_counter()
     try:
         with PeakMemory() as mem:
@@ -176,23 +179,9 @@ def measure(group: str, name: str, fn: Callable[[], list[Result] | Result], log=
     except Exception as e:  # a broken measurement must not hide the others
         tb = traceback.extract_tb(e.__traceback__)[-1]
         rows = [Result(group, name, note=f"failed: {type(e).__name__}: {e} "
-                                         f"({Path(tb.filename).name}:{tb.lineno})")]
+                                         f"({Path(tb.filename).name}:{tb.lineno})", failed=True)]
     log(f"  {name}: {time.perf_counter() - t0:.1f} s")
     return rows
-
-
-def _optional(module: str, attr: str, why: str) -> Any:
-    """Import `module.attr` or raise NotAvailable naming what is missing (other issues land it)."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        missing = getattr(e, "name", None) or str(e)
-        raise NotAvailable(f"{module} cannot be imported ({missing}); {why}") from None
-    if not hasattr(mod, attr):
-        raise NotAvailable(f"{module}.{attr} does not exist yet; {why}")
-    return getattr(mod, attr)
 
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> tuple[Any, float]:

@@ -1,13 +1,13 @@
-"""The GPU path of `bmj bench --gpu` (issue 9, item 3): the paper-scale model's training and sampling speed.
+"""The GPU path of `bmj bench --gpu`: the paper-scale model's training and sampling speed.
 
 The paper-scale UNet is Stable Diffusion v1.5's with 8 input channels (noisy latent || prior latent,
 InstructPix2Pix, paper §4.2), built here from its config literals with random weights, so nothing is
 downloaded; speed does not depend on the weights. A training step is the InstructPix2Pix step: noise the
 follow-up latent, concatenate the prior latent, predict the noise under cross-attention to the text
-states, MSE, AdamW. The issue's cost figure is 537 GFLOP per image per training step at 256 px; against
-an H100's ~800 TFLOP/s of dense bf16 matrix work that bounds training near 1,500 images/s. The same step
-is also counted with torch's FlopCounterMode on the meta device (no GPU needed), so the table shows the
-counted figure beside the issue's.
+states, MSE, AdamW. The reference estimate of its cost is 537 GFLOP per image per training step at
+256 px; against an H100's ~800 TFLOP/s of dense bf16 matrix work that bounds training near 1,500 images/s.
+The same step is also counted with torch's FlopCounterMode on the meta device (no GPU needed), so the
+table shows the counted figure beside the estimate.
 
 Arms, measured in one run on the same model: the baseline (fp32, the classic non-fused attention,
 frozen VAE and text encoder run on every batch) and the optimised path (bf16 autocast, SDPA attention,
@@ -30,8 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bmjlib.bench.core import BenchConfig, NotAvailable, PeakMemory, Result
 from bmjlib.model.configs import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
-GFLOP_PER_IMAGE = 537.0        # the issue's figure for one SD v1.5 UNet training step at 256 px
-PEAK_BF16_TFLOPS = 800.0       # H100 dense bf16, the issue's round figure
+GFLOP_PER_IMAGE = 537.0        # reference estimate for one SD v1.5 UNet training step at 256 px (flops_row counts it)
+PEAK_BF16_TFLOPS = 800.0       # H100 dense bf16, a round figure
 PAPER_RATE = 13.5              # paper's stage 1: 69,846 images x 200 epochs / 288 A100-hours
 
 
@@ -159,7 +159,7 @@ def flops_row(cfg: BenchConfig) -> Result:
     size = cfg.gpu_size
     gflop, mparams = count_train_gflop(dict(SD15_UNET_CONFIG, sample_size=size // 8), size)
     return Result("GPU", "SD v1.5-size 8-channel UNet: training FLOPs per image", gflop, "GFLOP",
-                  compare=f"issue's figure {GFLOP_PER_IMAGE:.0f} GFLOP",
+                  compare=f"reference estimate {GFLOP_PER_IMAGE:.0f} GFLOP",
                   note=f"{mparams:.0f} M parameters, {size} px, 77 text tokens, forward + backward, counted by "
                        f"FlopCounterMode on the meta device; at {PEAK_BF16_TFLOPS:.0f} TFLOP/s bf16 that bounds "
                        f"training at {PEAK_BF16_TFLOPS * 1e3 / gflop:,.0f} images/s",
@@ -230,7 +230,7 @@ def gpu_rows(cfg: BenchConfig, requested: bool, device: str | None = None,
                 rate, loss = train_rate(parts, arm, batch, cfg.gpu_steps)
             except Exception as e:
                 rows.append(Result("GPU", f"training samples/s: {arm.name}",
-                                   note=f"failed: {type(e).__name__}: {str(e)[:200]}"))
+                                   note=f"failed: {type(e).__name__}: {str(e)[:200]}", failed=True))
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 continue

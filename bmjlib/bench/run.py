@@ -40,7 +40,8 @@ def run(cfg: BenchConfig, gpu: bool = False, log=print) -> list[Result]:
 
 def main(quick: bool = False, out: str = "figures/benchmarks.md", gpu: bool = False,
          cfg: BenchConfig | None = None) -> int:
-    """`bmj bench`: run every measurement, print the table, write it (Markdown) to `out` and `out`.json."""
+    """`bmj bench`: run every measurement, print the table, write it (Markdown) to `out` and `out`.json.
+    Returns 1 without writing when a measurement failed, naming the failed rows; 0 otherwise."""
     cfg = cfg or (BenchConfig.quick() if quick else BenchConfig.full())
     command = "bmj bench" + (" --quick" if quick else "") + (" --gpu" if gpu else "") + \
               (f" --out {shlex.quote(out)}" if out != "figures/benchmarks.md" else "")
@@ -50,6 +51,12 @@ def main(quick: bool = False, out: str = "figures/benchmarks.md", gpu: bool = Fa
     meta = machine_info()
     print(render_text(rows))
     print(f"\n{sum(r.available for r in rows)} of {len(rows)} rows measured in {seconds:.0f} s")
+    failed = [r for r in rows if r.failed]
+    if failed:
+        # A table with a failed row is not published: the committed table stays as it was.
+        print(f"bmj bench: {len(failed)} measurement(s) failed, {out or 'no file'} not written: "
+              + "; ".join(f"{r.group} / {r.name}: {r.note}" for r in failed), file=sys.stderr)
+        return 1
     if out:
         path = resolve(out)
         atomic_write_text(path, render_markdown(rows, meta, command, seconds))

@@ -1,9 +1,10 @@
-"""The measurements behind `bmj bench` (issue 9), one function per row group; see bmjlib/bench/core.py.
+"""The measurements behind `bmj bench`, one function per row group; see bmjlib/bench/core.py.
 
 Each step's own module owns its `benchmark()` (phantom, registration, progression); this module calls it,
 and measures the model itself (training with cached vs on-the-fly encoding, DPM-Solver++ 20 steps vs
 100-step sampling at equal fidelity, scaling with image and batch size) through bmjlib.model.pipeline and
-bmjlib.model.train. A function raises `NotAvailable` with the reason when its code has not landed.
+bmjlib.model.train. Only the GPU timings can be legitimately unavailable (no GPU, or `--gpu` not asked):
+their `NotAvailable` becomes a row that says why.
 """
 from __future__ import annotations
 
@@ -19,19 +20,23 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 from skimage.metrics import structural_similarity
-from skimage.transform import resize
 
-from bmjlib.bench.core import BenchConfig, NotAvailable, Result, _optional
+from bmjlib.bench.core import BenchConfig, NotAvailable, Result
 from bmjlib.bench.gpu import flops_row, gpu_rows
-from bmjlib.data.registration import RegConfig, set_itk_threads
+from bmjlib.data.registration import RegConfig, register_pair, set_itk_threads
+from bmjlib.data.registration_eval import benchmark as registration_benchmark
+from bmjlib.data.registration_eval import phantom_pairs
 from bmjlib.data.sources import mimic_report_path
-from bmjlib.io import read_image
+from bmjlib.io import read_image, resize_image
 from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG
 from bmjlib.model.demo_model import DemoModelError, resolve_model
 from bmjlib.model.encoders import TextEncoder
-from bmjlib.model.latents import _read, build_cache
-from bmjlib.model.pipeline import BiomedJourneyPipeline, train_scheduler
+from bmjlib.model.latents import build_cache
+from bmjlib.model.pipeline import BiomedJourneyPipeline, to_batch, train_scheduler
 from bmjlib.model.train import diffusion_loss
+from bmjlib.phantom.cohort import write_cohort
+from bmjlib.text.progression import benchmark as progression_benchmark
+from bmjlib.text.progression import synthesise
 
 
 class Context:
@@ -55,7 +60,6 @@ def cohort(ctx: Context) -> Path:
     """A small phantom cohort (bmjlib.phantom.cohort.write_cohort) in the bench's temporary folder; its own
     summary is the phantom row's measurement."""
     if "cohort" not in ctx._cache:
-        write_cohort = _optional("bmjlib.phantom.cohort", "write_cohort", "lands with the phantom issue")
         cfg = ctx.cfg
         n_patients = max(3, cfg.phantom_images // 4)
         out = ctx.tmp / "phantom"
@@ -68,9 +72,6 @@ def truth_pairs(ctx: Context):
     """Truly-PA phantom pairs with image paths, the progression sentence (offline synthesiser, from the
     two reports) and the path of the true counterfactual."""
     if "pairs" not in ctx._cache:
-        phantom_pairs = _optional("bmjlib.data.registration_eval", "phantom_pairs", "lands with the registration issue")
-        synthesise = _optional("bmjlib.text.progression", "synthesise", "lands with the progression issue")
-
         root = cohort(ctx)
         tp = phantom_pairs(root)
         tp = tp[~tp["any_mislabeled"].astype(str).str.lower().isin(["true", "1"])].reset_index(drop=True)
@@ -95,8 +96,7 @@ def phantom_rate(ctx: Context) -> Result:
 
 def registration_rate(ctx: Context) -> Result:
     cfg = ctx.cfg
-    bench = _optional("bmjlib.data.registration_eval", "benchmark", "lands with the registration issue")
-    res = bench(phantom_dir=cohort(ctx), n_pairs=cfg.reg_pairs, seed=cfg.seed, log=None)
+    res = registration_benchmark(phantom_dir=cohort(ctx), n_pairs=cfg.reg_pairs, seed=cfg.seed, log=None)
     ours, pe = res["ours"], res["progemu"]
     return Result("Throughput", "registration pairs/s", ours["pairs_per_s"], "pairs/s",
                   compare=f"ProgEmu config {pe['pairs_per_s']:.3g} pairs/s (ours {res['speedup']:.1f}x)",
@@ -107,8 +107,7 @@ def registration_rate(ctx: Context) -> Result:
 
 def description_rate(ctx: Context) -> Result:
     cfg = ctx.cfg
-    bench = _optional("bmjlib.text.progression", "benchmark", "lands with the reports/progression issue")
-    res = bench(n_offline=cfg.descriptions, n_api=max(8, cfg.descriptions // 50), log=lambda m: None)
+    res = progression_benchmark(n_offline=cfg.descriptions, n_api=max(8, cfg.descriptions // 50), log=lambda m: None)
     return Result("Throughput", "offline descriptions/s", res["offline_pairs_per_s"], "descriptions/s",
                   compare=(f"API path {res['api_pairs_per_s']:.3g}/s (openai client -> loopback server, "
                            f"{res['api_latency_s'] * 1000:.0f} ms/answer, {res['api_concurrency']} in flight)"),
@@ -118,8 +117,6 @@ def description_rate(ctx: Context) -> Result:
 
 def registration_scaling(ctx: Context) -> list[Result]:
     cfg = ctx.cfg
-    register_pair = _optional("bmjlib.data.registration", "register_pair", "lands with the registration issue")
-
     tp = truth_pairs(ctx).head(cfg.scale_reg_pairs)
     set_itk_threads(1)
     rows = []
@@ -179,8 +176,8 @@ def _train_arm(pipe, rows, batch: int, steps: int, cached: bool, tmp: Path) -> t
             b = data.batch(idx, g, hflip=True, device="cpu")
         else:  # what training without the cache does: read, resize and encode every image and sentence
             sel = rows.iloc[idx.tolist()]
-            tg = torch.cat([_read(p, size) for p in sel["target_path"]])
-            pr = torch.cat([_read(p, size) for p in sel["prior_path"]])
+            tg = torch.cat([to_batch(read_image(p), size) for p in sel["target_path"]])
+            pr = torch.cat([to_batch(read_image(p), size) for p in sel["prior_path"]])
             b = {"target": pipe.encode_images(tg), "prior": pipe.encode_images(pr),
                  "text": pipe.text_encoder.encode(list(sel["text"]))}
         b["null"] = null
@@ -208,7 +205,6 @@ def _train_rows(ctx: Context):
 
 def training_cached(ctx: Context) -> list[Result]:
     cfg = ctx.cfg
-    _optional("bmjlib.model.train", "diffusion_loss", "lands with the model issue")
     rows = _train_rows(ctx)
     pipe = random_pipeline(cfg.image_size, cfg.seed)
     cached, loss_c, cache_s = _train_arm(pipe, rows, cfg.train_batch, cfg.train_steps, True, ctx.tmp / "lat")
@@ -225,7 +221,6 @@ def training_cached(ctx: Context) -> list[Result]:
 
 def training_batch_scaling(ctx: Context) -> list[Result]:
     cfg = ctx.cfg
-    _optional("bmjlib.model.train", "diffusion_loss", "lands with the model issue")
     rows = _train_rows(ctx)
     pipe = random_pipeline(cfg.image_size, cfg.seed)
     out = []
@@ -246,7 +241,7 @@ def sampler_rates(ctx: Context) -> list[Result]:
     tp = truth_pairs(ctx).head(cfg.gen_pairs)
     priors = np.stack([read_image(p) for p in tp["prior_path"]])
     size = pipe.image_size
-    truth = np.stack([_resize(read_image(p), size) for p in tp["truth_path"]])
+    truth = np.stack([resize_image(read_image(p), size) for p in tp["truth_path"]])
     rows = []
     for sched, steps in (("dpm", cfg.fast_steps), ("euler", cfg.slow_steps)):
         pipe(priors[:1], list(tp["description"])[:1], steps=2, scheduler=sched)  # warm-up
@@ -264,10 +259,6 @@ def sampler_rates(ctx: Context) -> list[Result]:
                    extra={"ssim": fss, "trained": trained}),
             Result("Throughput", f"counterfactuals/s, Euler {ss} steps (InstructPix2Pix length)", sr, "images/s",
                    note=f"{fid(sss)}; same priors, sentences and seeds", extra={"ssim": sss, "trained": trained})]
-
-
-def _resize(img, size: int):
-    return resize(img, (size, size), order=1, anti_aliasing=True).astype(np.float32)
 
 
 def generation_scaling(ctx: Context) -> list[Result]:

@@ -1,4 +1,4 @@
-"""The shipped demo model: BiomedJourney (paper §4.2) trained by the demo chain, loadable by name (issue 10).
+"""The shipped demo model: BiomedJourney (paper §4.2) trained by the demo chain, loadable by name.
 
 `resolve_model("demo")` returns a folder that `BiomedJourneyPipeline.from_pretrained` loads, so
 `bmj generate --model demo ...` works on a fresh install with no training run. Any other name is taken as
