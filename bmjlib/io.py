@@ -212,22 +212,26 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     applied). Raises `ImageError` naming the file for a missing, truncated or undecodable file, and for
     a blank (constant) image, which is never silently turned into zeros.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(path, "file does not exist")
-    if path.stat().st_size == 0:
-        raise ImageError(path, "file is empty")
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        arr = _read_dicom(path)
-    else:
-        arr = _read_raster(path)
-    arr = arr.astype(np.float32)
+    arr = read_pixels(path)
     lo, hi = float(arr.min()), float(arr.max())
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise ImageError(path, "image contains NaN or infinite values")
     if hi - lo < 1e-6:
         raise ImageError(path, f"image is blank (every pixel = {lo:g})")
     return (arr - lo) / (hi - lo)
+
+
+def read_pixels(path: str | os.PathLike) -> np.ndarray:
+    """The stored pixel values of an image as float32 (0-255 for 8-bit, DICOM after rescale), before
+    `read_image`'s scaling to [0, 1]: what a comparison in one intensity frame needs (e.g. an 8-bit PNG the
+    package wrote is read back as pixels / 255, not stretched again). Same errors as `read_image`."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise ImageError(path, "file is empty")
+    arr = _read_dicom(path) if path.suffix.lower() in (".dcm", ".dicom") else _read_raster(path)
+    return arr.astype(np.float32)
 
 
 def _read_raster(path: Path) -> np.ndarray:

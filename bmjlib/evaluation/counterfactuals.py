@@ -29,8 +29,7 @@ from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPip
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bmjlib.evaluation.metrics import ssim
-from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_json, atomic_write_png, fingerprint, read_image,
+from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_png, fingerprint, read_image,
                        resize_image, sha256_file, to_uint8)
 from bmjlib.model.pipeline import BiomedJourneyPipeline
 from bmjlib.runtime import resolve
@@ -146,8 +145,9 @@ def _load_diffusers(kind: str, path: Path, device: str) -> Callable:
 
 def generate_model(name: str, spec: dict, pairs: pd.DataFrame, out_dir: str | Path, size: int, seed: int = 0,
                    batch_size: int = 16, settings: dict | None = None, device: str = "cpu",
-                   generator: Callable | None = None) -> pd.DataFrame:
-    """Generate `name`'s counterfactual for every pair (resumable); returns and writes index.csv."""
+                   generator: Callable | None = None, write_index: bool = True) -> pd.DataFrame:
+    """Generate `name`'s counterfactual for every pair (resumable); returns and writes index.csv (not when
+    `write_index` is False: a caller that generates one folder in several calls writes its own index)."""
     settings = dict(settings or {})
     out = Path(out_dir) / name
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,8 @@ def generate_model(name: str, spec: dict, pairs: pd.DataFrame, out_dir: str | Pa
             rows.append({"pair_id": pid, "model": name, "path": f"{pid}.png", "prompt": prompts[i],
                          "seed": seed + i, "sha256": e["sha256"]})
     index = pd.DataFrame(rows, columns=["pair_id", "model", "path", "prompt", "seed", "sha256"])
-    atomic_write_csv(out / "index.csv", index)
+    if write_index:
+        atomic_write_csv(out / "index.csv", index)
     if skipped:
         atomic_write_csv(out / "skipped.csv", pd.DataFrame(skipped))
     return index
@@ -245,48 +246,9 @@ GUIDANCE_GRID = [(t, i) for t in (1.5, 2.0, 3.0, 4.5, 7.5) for i in (1.5, 2.5, 4
 GUIDANCE_FILE = "guidance.json"
 
 
-def select_guidance(run_dir: str | Path, out_dir: str | Path, size: int, settings: dict | None = None,
-                    grid=GUIDANCE_GRID, seed: int = 0, max_pairs: int | None = 64,
-                    batch_size: int = 16) -> tuple[pd.DataFrame, dict]:
-    """Choose the two guidance scales of §5.1's sampler on the VALIDATION pairs (never the test pairs).
-
-    InstructPix2Pix's defaults (7.5 / 1.5) suit a well-trained model; a small demo model trained for minutes
-    is not one. Every (text, image) pair of `grid` generates BiomedJourney's counterfactual of each
-    validation pair (same seeds), scored by the mean SSIM to the phantom's true counterfactual (the prior
-    patient in the prior's pose with the follow-up's disease: the image a perfect model would make). The
-    best is written to out_dir/guidance.json, which `resolve_guidance` reads for "auto". Needs the phantom
-    truth; on other data give the scales as numbers. Returns (table, choice)."""
-    run, out = resolve(run_dir), Path(out_dir)
-    truth = run / "00_phantom" / "truth"
-    if not (truth / "pairs.csv").is_file():
-        raise FileNotFoundError(f"{truth / 'pairs.csv'}: choosing the guidance scales needs the phantom's true "
-                                "counterfactuals; give text_scale and image_scale as numbers")
-    pairs = test_pairs(run_dir, split="val", max_pairs=max_pairs)
-    cf = pd.read_csv(truth / "pairs.csv", dtype=str).set_index("pair_id")["counterfactual_path"]
-    target = np.stack([resize_image(read_image(truth / cf[p]), size) for p in pairs["pair_id"]])
-    spec = model_specs(run_dir)["biomedjourney"]
-    gen = load_generator("biomedjourney", spec)
-    rows = []
-    for ts, im in tqdm(grid, desc="guidance on val pairs", unit="setting"):
-        arm = out / f"text{ts:g}_image{im:g}"
-        s = dict(settings or {}, text_scale=float(ts), image_scale=float(im))
-        generate_model("biomedjourney", spec, pairs, arm, size, seed, batch_size, s, generator=gen)
-        scores = ssim(load_outputs(arm, "biomedjourney", list(pairs["pair_id"])), target)
-        rows.append({"text_scale": float(ts), "image_scale": float(im), "val_ssim": float(scores.mean()),
-                     "n_pairs": len(pairs)})
-    table = pd.DataFrame(rows)
-    best = table.loc[table["val_ssim"].idxmax()]
-    choice = {"text_scale": float(best["text_scale"]), "image_scale": float(best["image_scale"]),
-              "val_ssim": float(best["val_ssim"]), "n_val_pairs": len(pairs), "criterion":
-              "mean SSIM to the true counterfactual on validation pairs", "settings": settings or {}}
-    atomic_write_json(out / GUIDANCE_FILE, choice)
-    atomic_write_csv(out / "guidance_val.csv", table)
-    return table, choice
-
-
 def resolve_guidance(run_dir: str | Path, text_scale, image_scale) -> tuple[float, float]:
     """The sampler's (text, image) guidance scales: numbers as given; "auto" = the choice notebook 05 made on
-    validation pairs (05_stage2/guidance/guidance.json, `select_guidance`)."""
+    validation pairs (05_stage2/guidance/guidance.json, `validity.select_guidance`)."""
     if not any(isinstance(v, str) for v in (text_scale, image_scale)):
         return float(text_scale), float(image_scale)
     bad = [v for v in (text_scale, image_scale) if isinstance(v, str) and v != "auto"]

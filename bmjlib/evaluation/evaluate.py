@@ -68,15 +68,16 @@ def load_sources(run_dir: str | Path, gen_dir: str | Path, pairs: pd.DataFrame, 
     ids = pairs["pair_id"].tolist()
     out = {m: resize_image(load_outputs(gen_dir, m, ids), size) for m in models}
     ref_col = "registered_path" if "registered_path" in pairs else "followup_path"
-    out[REFERENCE] = resize_image(np.stack([read_image(_abs(p, root)) for p in pairs[ref_col]]), size)
-    out["prior"] = resize_image(np.stack([read_image(_abs(p, root)) for p in pairs["prior_path"]]), size)
+    out[REFERENCE] = resize_image(np.stack([read_image(source_path(p, root)) for p in pairs[ref_col]]), size)
+    out["prior"] = resize_image(np.stack([read_image(source_path(p, root)) for p in pairs["prior_path"]]), size)
     truth = run / "00_phantom" / "truth" / "counterfactual"
     if truth.is_dir() and all((truth / f"{p}.png").is_file() for p in ids):
         out["truth"] = resize_image(np.stack([read_image(truth / f"{p}.png") for p in ids]), size)
     return out
 
 
-def _abs(p, root):
+def source_path(p, root=None) -> Path:
+    """A path from a pair table: as it is when absolute or no `root` is given, else under `root`."""
     p = Path(str(p))
     return p if p.is_absolute() or root is None else Path(root) / p
 

@@ -217,6 +217,25 @@ def load_judges(d: str | Path, scale: str = "demo", weights_dir: str | Path | No
     return {k: cls.load(Path(d) / k) for k, cls in DEMO_JUDGES.items()}
 
 
+# The judges are trained once per run, in notebook 05 (the guidance scales are chosen with them), and read by
+# the notebooks after it.
+JUDGES_STEP = "05_stage2"
+
+
+def judges_dir(run_dir: str | Path) -> Path:
+    """Where a run keeps its demo judges: <run>/05_stage2/judges."""
+    return resolve(run_dir) / JUDGES_STEP / "judges"
+
+
+def run_judges(run_dir: str | Path, scale: str = "demo", size: int = 64, epochs: int = 12, width: int = 16,
+               seed: int = 0, weights_dir: str | Path | None = None) -> dict:
+    """The judges of a run: at demo scale trained on the phantom's real images into `judges_dir(run_dir)` (or
+    reused from there when nothing changed), at paper scale torchxrayvision's from `weights_dir`."""
+    if scale == "paper":
+        return load_judges(judges_dir(run_dir), scale="paper", weights_dir=weights_dir or None)
+    return train_demo_judges(run_dir, judges_dir(run_dir), size=size, epochs=epochs, width=width, seed=seed)
+
+
 # --------------------------------------------------------------------------- training data (phantom truth)
 
 def sex_male(v) -> float:

@@ -192,6 +192,11 @@ class BiomedJourneyPipeline:
             out.append(((x.mean(1, keepdim=True) + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(out)
 
+    def reconstruct(self, images, size: int | None = None) -> np.ndarray:
+        """Images in [0,1] through the VAE and back (N,H,W at the model's size): the best a latent model can
+        return, the reference of the evaluation's null-edit and reversibility probes."""
+        return self.decode_latents(self.encode_images(images, size))[:, 0].numpy()
+
     @torch.no_grad()
     def text_states(self, prompts: Sequence[str]) -> torch.Tensor:
         """Frozen text-tower token states N,L,D (before the learnable projection), memoised per prompt."""

@@ -31,6 +31,7 @@ index), so output is byte-identical for a seed whatever the number of workers.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -218,6 +219,37 @@ def plan_patient(seed: int, index: int, size: int) -> dict:
 def state_from_record(state: dict) -> State:
     """The renderer's State from a plan's {finding: (grade, side)} record."""
     return State(sev={k: v[0] for k, v in state.items()}, side={k: v[1] for k, v in state.items()})
+
+
+def render_variant(out: str | Path, dicom_id: str, changes: dict[str, tuple[int, str]]) -> np.ndarray:
+    """Image `dicom_id` of the cohort written at `out`, drawn again with its disease state changed by
+    `changes` ({finding key: (grade, side)}, e.g. {"effusion": (2, "left")}) and everything else as it was
+    (patient, pose, exposure, detector noise, devices): the phantom's true answer to an edit such as "new
+    moderate left pleural effusion" (the evaluation's dose-response probes). uint8 (size, size)."""
+    out = Path(out)
+    summary = json.loads((out / "summary.json").read_text())
+    seed, size, n = int(summary["seed"]), int(summary["size"]), int(summary["patients"])
+    images = _truth_images(str(out))
+    if dicom_id not in images.index:
+        raise KeyError(f"{out / 'truth' / 'images.csv'}: no image {dicom_id!r}")
+    subject = int(images.at[dicom_id, "subject_id"])
+    index = next((i for i in range(n) if subject_id_for(i) == subject), None)
+    if index is None:
+        raise KeyError(f"{out}: subject {subject} is not one of the cohort's {n} patients")
+    plan = plan_patient(seed, index, size)
+    st, im = next((st, im) for st in plan["studies"] for im in st["images"] if im["dicom_id"] == dicom_id)
+    state = state_from_record(st["state"])
+    for key, (grade, side) in changes.items():
+        if key not in KEYS:
+            raise ValueError(f"render_variant: finding key {key!r} is not one of {KEYS}")
+        state.sev[key], state.side[key] = int(grade), side if grade else ""
+    return render(plan["patient"], state, im["pose"], im["exposure"], view=im["view_true"], size=size,
+                  noise_seed=im["noise_seed"], devices=st["devices"])
+
+
+@functools.lru_cache(maxsize=4)
+def _truth_images(out: str) -> pd.DataFrame:
+    return pd.read_csv(Path(out) / "truth" / "images.csv", dtype={"dicom_id": str}).set_index("dicom_id")
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -177,6 +177,27 @@ def synthesise(prior_report: str, followup_report: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def describe_change(finding: str, change: str, severity: int = 0, side: str = "") -> str:
+    """The synthesiser's sentence for one finding's change, e.g. ("Pleural Effusion", "new", 2, "left") ->
+    "New moderate left pleural effusion." (`change`: new | worse | better | resolved | unchanged). The
+    evaluation's probes (null edit, add-then-resolve, dose response) speak with the same words as the
+    descriptions the model was trained on."""
+    if finding not in _NAMES or change not in _ORDER:
+        raise ValueError(f"describe_change: finding {finding!r} / change {change!r} unknown "
+                         f"(findings {list(_NAMES)}, changes {list(_ORDER)})")
+    stated = {"status": "present", "severity": int(severity), "side": side, "change": None}
+    absent = {"status": "absent", "severity": 0, "side": side, "change": None}
+    prior, follow = (stated, absent) if change == "resolved" else (None, stated)
+    text = _clause(finding, change, prior, follow)
+    return text[0].upper() + text[1:] + "."
+
+
+def null_description(prior_report: str) -> str:
+    """The description the synthesiser writes for a stable pair whose two reports both read like the prior
+    ("Unchanged moderate left pleural effusion." / "No acute cardiopulmonary abnormality on either study.")."""
+    return synthesise(prior_report, prior_report)
+
+
 def loopback_model(body: dict, n: int):
     """A responder for llm_server.ChatServer that answers like an LLM, using the offline synthesiser."""
     return ok(synthesise(*reports_from_messages(body["messages"])))

@@ -1,0 +1,318 @@
+"""Counterfactual validity (bmjlib.evaluation.validity): known answers on the phantom's own renders and on a
+small run folder: copying has effectiveness 0 and change error 1, the truth change error 0, a change on the
+wrong side loses laterality-aware effectiveness, noise loses preservation but not effectiveness, the physical
+measures recover the phantom's grades, truth-less runs leave the truth columns empty, the guidance rule."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from bmjlib.evaluation import counterfactuals as C
+from bmjlib.evaluation import metrics as M
+from bmjlib.evaluation import validity as V
+from bmjlib.io import atomic_write_png, read_image, read_pixels, resize_image, to_uint8
+from bmjlib.phantom.anatomy import render
+from bmjlib.phantom.body import image_ctr
+from bmjlib.phantom.cohort import plan_patient, state_from_record
+from bmjlib.schema import FINDINGS, ORGANS
+from bmjlib.text.progression import describe_change, null_description
+from test_judges import BLOB, make_fake_run
+
+SIZE = 64
+EFF = FINDINGS.index("Pleural Effusion")
+
+
+# --------------------------------------------------------------------------- the phantom's own renders
+
+def phantom(index: int, changes: dict, size: int = 256):
+    """(image in [0,1], masks organs x H x W, true CTR) of patient `index`'s first image with `changes`."""
+    plan = plan_patient(0, index, size)
+    st, im = plan["studies"][0], plan["studies"][0]["images"][0]
+    s = state_from_record(st["state"])
+    for k, (g, side) in changes.items():
+        s.sev[k], s.side[k] = g, side
+    img, masks = render(plan["patient"], s, im["pose"], im["exposure"], view=im["view_true"], size=size,
+                        noise_seed=im["noise_seed"], devices=st["devices"], masks=True)
+    return img / 255.0, np.stack([masks[o] for o in ORGANS]), image_ctr(plan["patient"], s, im["view_true"])
+
+
+class SideBlindJudge:
+    """A known-answer finding judge that cannot tell sides: pleural effusion = the larger opaque fraction of the
+    two lungs of fixed masks (the prior's: outputs stay in its frame); other findings 0."""
+    def __init__(self, masks):
+        self.masks = masks[None]
+
+    def predict(self, images):
+        x = np.asarray(images, float)
+        m = np.repeat(self.masks, len(x), 0)
+        out = np.zeros((len(x), len(FINDINGS)))
+        out[:, EFF] = np.maximum(V.opaque_fraction(x, m, "left"), V.opaque_fraction(x, m, "right"))
+        return out
+
+
+@pytest.fixture(scope="module")
+def effusion_case():
+    """A patient without effusion (prior) and the truth with a new large LEFT effusion, at 64 px."""
+    prior, masks, _ = phantom(8, {"effusion": (0, "")})
+    truth, _, _ = phantom(8, {"effusion": (3, "left")})
+    small = resize_image(np.stack([masks.astype(np.float32)]).reshape(-1, 256, 256), SIZE).reshape(6, SIZE, SIZE)
+    return resize_image(prior, SIZE)[None], resize_image(truth, SIZE)[None], small > 0.5
+
+
+def test_the_change_region_is_where_the_truth_differs(effusion_case):
+    prior, truth, _ = effusion_case
+    region = V.changed_region(prior, truth)
+    assert region.any() and not V.changed_region(prior, prior).any()
+    raw = np.abs(truth - prior) > V.REGION_THRESHOLD
+    assert (region | ~raw).all() and region.sum() > raw.sum()  # dilated, never shrunk
+    # the new effusion is in the patient's left = the image's right half
+    assert region[0][:, SIZE // 2:].sum() > 5 * region[0][:, :SIZE // 2].sum()
+
+
+def test_copy_has_change_error_one_and_truth_zero(effusion_case):
+    prior, truth, _ = effusion_case
+    region = V.changed_region(prior, truth)
+    assert V.change_error(prior, prior, truth, region)[0] == pytest.approx(1.0)
+    assert V.change_error(truth, prior, truth, region)[0] == 0.0
+    half = prior + 0.5 * (truth - prior)
+    assert V.change_error(half, prior, truth, region)[0] == pytest.approx(0.5, abs=1e-6)
+    assert V.preservation_ssim(truth, truth, region)[0] == pytest.approx(1.0)
+    # a stable pair has no changed region: the change error is undefined, not 0 or 1
+    assert np.isnan(V.change_error(prior, prior, prior, V.changed_region(prior, prior))[0])
+
+
+def test_the_wrong_side_loses_laterality_aware_effectiveness(effusion_case):
+    prior, truth, masks = effusion_case
+    judge = SideBlindJudge(masks)
+    wrong = np.clip(prior + (truth - prior)[..., ::-1], 0, 1)  # the same change, mirrored onto the right lung
+    target, changed = np.zeros((1, 5)), np.zeros((1, 5), bool)
+    target[0, EFF], changed[0, EFF] = 1, True
+    sides = np.full((1, 5), "", dtype=object)
+    sides[0, EFF] = "left"
+    p0 = judge.predict(prior)
+    eff = {}
+    for name, out in (("truth", truth), ("wrong", wrong)):
+        sc = V.finding_scores(judge, out, prior)
+        eff[name] = (V.shifts(sc, p0, target, changed)[0, EFF], V.shifts(sc, p0, target, changed, sides)[0, EFF])
+    assert eff["truth"][0] > 0.1
+    # the side-blind judge scores both alike; the hybrid sees only the requested side
+    assert eff["wrong"][0] == pytest.approx(eff["truth"][0], rel=0.35)
+    assert eff["truth"][1] == pytest.approx(eff["truth"][0])
+    assert eff["wrong"][1] < 0.2 * eff["truth"][1]
+
+
+def test_noise_loses_preservation_but_not_effectiveness(effusion_case):
+    prior, truth, masks = effusion_case
+    judge = SideBlindJudge(masks)
+    noisy = np.clip(truth + np.random.default_rng(0).normal(0, 0.04, truth.shape), 0, 1)
+    region = V.changed_region(prior, truth)
+    assert V.preservation_ssim(noisy, truth, region)[0] < 0.8 * V.preservation_ssim(truth, truth, region)[0]
+    target, changed = np.zeros((1, 5)), np.zeros((1, 5), bool)
+    target[0, EFF], changed[0, EFF] = 1, True
+    p0 = judge.predict(prior)
+    e_truth = V.shifts(V.finding_scores(judge, truth, prior), p0, target, changed)[0, EFF]
+    e_noisy = V.shifts(V.finding_scores(judge, noisy, prior), p0, target, changed)[0, EFF]
+    assert e_noisy > 0.7 * e_truth
+
+
+def test_physical_measures_recover_the_phantoms_grades():
+    for index in (3, 8):
+        ctrs, true = [], []
+        fluid, density = [], []
+        for g in (0, 1, 2, 3):
+            _, masks, ctr = phantom(index, {"cardiomegaly": (g, "")})
+            ctrs.append(V.cardiothoracic_ratio(masks[None])[0])
+            true.append(ctr)
+            x, masks, _ = phantom(index, {"effusion": (g, "left")})
+            fluid.append(V.opaque_fraction(x[None], masks[None], "left")[0])
+            x, masks, _ = phantom(index, {"edema": (g, "bilateral")})
+            density.append(V.lung_density(x[None], masks[None])[0])
+        assert np.allclose(ctrs, true, atol=0.02), (ctrs, true)
+        assert V.dose_rho([0, 1, 2, 3], fluid) == 1.0 and V.dose_rho([0, 1, 2, 3], density) == 1.0
+
+
+def test_dose_rho_known_answers():
+    assert V.dose_rho([1, 2, 3], [0.1, 0.5, 0.9]) == 1.0
+    assert V.dose_rho([1, 2, 3], [0.9, 0.5, 0.1]) == -1.0
+    assert V.dose_rho([1, 2, 3], [0.4, 0.4, 0.4]) == 0.0  # no response to the dose
+    assert np.isnan(V.dose_rho([1, 2, 3], [0.4, np.nan, 0.4]))
+
+
+def test_untouched_organs_follow_the_changed_findings():
+    changed = np.zeros(5, bool)
+    sides = np.full(5, "", dtype=object)
+    assert V.untouched_organs(changed, sides) == list(range(len(ORGANS)))
+    changed[EFF], sides[EFF] = True, "left"
+    kept = [ORGANS[i] for i in V.untouched_organs(changed, sides)]
+    assert "left_lung" not in kept and "diaphragm" not in kept and {"right_lung", "heart", "spine"} <= set(kept)
+    changed[FINDINGS.index("Cardiomegaly")] = True
+    assert [ORGANS[i] for i in V.untouched_organs(changed, sides)] == ["spine"]
+
+
+def test_probe_sentences_are_the_synthesisers():
+    assert describe_change("Pleural Effusion", "new", 2, "left") == "New moderate left pleural effusion."
+    assert describe_change("Pleural Effusion", "resolved", 2, "left") == "Resolved left pleural effusion."
+    assert describe_change("Cardiomegaly", "new", 3) == "New severe cardiomegaly."
+    assert null_description("IMPRESSION: Small left pleural effusion.") == "Unchanged small left pleural effusion."
+    assert null_description("") == "No acute cardiopulmonary abnormality on either study."
+    with pytest.raises(ValueError, match="'Fracture'"):
+        describe_change("Fracture", "new")
+
+
+# --------------------------------------------------------------------------- a run folder
+
+class BlobJudge:
+    """Known-answer finding judge for the fake run: each finding's blob brightness above the background."""
+    def predict(self, images):
+        x = np.asarray(images, float)
+        s = x.shape[-1] / 32
+        return np.stack([x[:, int(r * s), int(c * s)] - x[:, int(2 * s), int(16 * s)] for r, c in BLOB.values()], 1)
+
+
+class ThresholdSegmenter:
+    def predict(self, images):
+        x = np.asarray(images)
+        return np.stack([x > 0.2 + 0.08 * k for k in range(6)], axis=1)
+
+
+JUDGES = {"finding": BlobJudge(), "anatomy": ThresholdSegmenter()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from test_pipeline import tiny_pipeline
+
+    run = make_fake_run(tmp_path_factory.mktemp("validity"), n_patients=25)
+    (run / "03_descriptions").mkdir()
+    shutil.copy(run / "01_cohort" / "pairs.csv", run / "03_descriptions" / "pairs.csv")
+    pipe = tiny_pipeline()
+    for m in ("05_stage2/model", "05_stage2/one_stage/model", "04_stage1/model"):
+        pipe.save_pretrained(run / m)
+    gen = run / "06_generate"
+    pairs = C.test_pairs(run)
+    C.generate_model("copy_prior", C.model_specs(run)["copy_prior"], pairs, gen, size=32)
+    rng = np.random.default_rng(0)
+    for pid, prior in zip(pairs["pair_id"], pairs["prior_path"]):
+        # an oracle that returns the truth in its prior's intensity frame, and the truth with noise everywhere
+        _, lo, hi = V.prior_frame(prior)
+        t = np.clip((read_pixels(run / "00_phantom" / "truth" / "counterfactual" / f"{pid}.png") - lo) / (hi - lo), 0, 1)
+        atomic_write_png(gen / "oracle" / f"{pid}.png", to_uint8(t))
+        atomic_write_png(gen / "noisy" / f"{pid}.png", to_uint8(np.clip(t + rng.normal(0, 0.05, t.shape), 0, 1)))
+    return run, pipe
+
+
+def test_validity_table_known_answers(run, monkeypatch):
+    run, pipe = run
+    calls = []
+    real = M.bootstrap_ci
+
+    def recording(stat, n, n_boot=1000, seed=0, level=0.95):
+        out = real(stat, n, n_boot, seed, level)
+        calls.append(out)
+        return out
+    monkeypatch.setattr(V.M, "bootstrap_ci", recording)
+    table, per_pair = V.evaluate_validity(run, run / "06_generate", JUDGES, ["oracle", "noisy", "copy_prior"],
+                                          size=32, vae=pipe, n_boot=50)
+    t = table.set_index("source")
+    assert list(t.index) == ["oracle", "noisy", "copy_prior", "previous_label", "reference", "truth", "vae_truth"]
+    assert t.loc["copy_prior", "effectiveness"] == 0.0 and t.loc["copy_prior", "change_error"] == pytest.approx(1.0)
+    assert t.loc["oracle", "change_error"] == 0.0 and t.loc["oracle", "preservation_ssim"] == pytest.approx(1.0)
+    assert t.loc["truth", "effectiveness"] > 0.2 and t.loc["truth", "effectiveness_rel"] == pytest.approx(1.0)
+    assert t.loc["oracle", "effectiveness_rel"] == pytest.approx(1.0)
+    assert t.loc["noisy", "preservation_ssim"] < t.loc["oracle", "preservation_ssim"] - 0.03
+    assert t.loc["noisy", "effectiveness_rel"] > 0.8
+    # copying the prior's labels is worth nothing on the findings that changed
+    assert t.loc["previous_label", "changed_auroc"] == 0.0
+    target, _ = V.label_changes(C.test_pairs(run))
+    prior = np.stack([C.test_pairs(run)[f"prior_{f}"].to_numpy(float) for f in FINDINGS], 1)
+    assert t.loc["previous_label", "pathology_auroc"] == M.pathology_auroc(prior, target, FINDINGS)["mean"]
+    assert np.isnan(t.loc["previous_label", "effectiveness"])
+    assert t.loc["vae_truth", "preservation_ssim"] < 1.0  # the random VAE loses the image
+    # every published interval is what the bootstrap function returned, and brackets the estimate
+    assert len(calls) == len(table)
+    oracle = calls[0]
+    assert (t.loc["oracle", "effectiveness_lo"], t.loc["oracle", "effectiveness_hi"]) == oracle["effectiveness"]
+    for s in ("noisy", "truth"):
+        assert t.loc[s, "effectiveness_lo"] <= t.loc[s, "effectiveness"] <= t.loc[s, "effectiveness_hi"]
+    assert set(per_pair["source"]) == {"oracle", "noisy", "copy_prior", "reference", "truth", "vae_truth"}
+    published = V.validity_table(table)
+    assert published.set_index("source").loc["previous_label", "preservation_ssim"] == ""
+
+
+def test_without_a_truth_the_truth_columns_are_empty(run, tmp_path):
+    run, pipe = run
+    bare = tmp_path / "run"
+    shutil.copytree(run, bare)
+    shutil.rmtree(bare / "00_phantom" / "truth" / "counterfactual")
+    table, _ = V.evaluate_validity(bare, bare / "06_generate", JUDGES, ["oracle", "copy_prior"], size=32, vae=pipe,
+                                   n_boot=0)
+    t = table.set_index("source")
+    assert "truth" not in t.index and "vae_truth" not in t.index
+    for c in V.TRUTH_COLUMNS:
+        assert t[c].isna().all(), c
+    assert t.loc["oracle", "effectiveness"] > 0.2 and t.loc["copy_prior", "effectiveness"] == 0.0
+    assert t.loc["copy_prior", "anatomy_dice"] == 1.0 and t["anatomy_dice"].drop("previous_label").notna().all()
+
+
+def test_probes_chain_and_score(run, tmp_path):
+    run, pipe = run
+    pairs = C.test_pairs(run)
+    plan = V.generate_probes(run, tmp_path, ["copy_prior", "biomedjourney"], size=32, n_priors=2,
+                             settings={"steps": 2})
+    first = pairs["pair_id"][0]
+    null = plan[(plan["pair_id"] == first) & (plan["kind"] == "null")].sort_values("step")
+    assert list(null["step"]) == list(range(1, 11)) and null["source"].iloc[1] == f"{first}__null1"
+    assert null["prompt"].nunique() == 1
+    prior = pairs.iloc[0]
+    for f in V.DOSE_FINDINGS:  # dose probes exactly for the dose findings the prior does not have
+        has = plan[(plan["pair_id"] == first) & (plan["finding"] == f) & (plan["kind"] == "dose")]
+        assert len(has) == (0 if prior[f"prior_{f}"] == 1 else 3)
+    made = {p.stem for p in (tmp_path / "biomedjourney").glob("*.png")}
+    assert made == set(plan["probe_id"])
+    # step 2 of the null chain starts from step 1's output (step k's seeds are seed + 1000 k + row)
+    gen = C.load_generator("biomedjourney", C.model_specs(run)["biomedjourney"])
+    again = gen(read_image(tmp_path / "biomedjourney" / f"{first}__null1.png")[None], [null["prompt"].iloc[0]], 2000,
+                steps=2)
+    assert np.abs(again[0] - read_image(tmp_path / "biomedjourney" / f"{first}__null2.png")).max() <= 1 / 255 + 1e-6
+    summary, per_prior = V.score_probes(run, tmp_path, JUDGES, ["copy_prior", "biomedjourney"], size=32, n_boot=20)
+    s = summary.set_index("source")
+    assert s.loc["copy_prior", "null_edit_ssim"] == pytest.approx(1.0)
+    assert s.loc["copy_prior", "null_edit_ssim_10"] == pytest.approx(1.0)
+    assert s.loc["copy_prior", "dose_response_rho"] == 0.0  # the same image at every dose
+    assert s.loc["biomedjourney", "null_edit_ssim"] < 1.0
+    assert len(per_prior) == 4 and s.loc["copy_prior", "null_edit_ssim_lo"] <= 1.0
+    # a rerun makes nothing again
+    mt = {p: p.stat().st_mtime_ns for p in (tmp_path / "biomedjourney").glob("*.png")}
+    V.generate_probes(run, tmp_path, ["biomedjourney"], size=32, n_priors=2, settings={"steps": 2})
+    assert all(p.stat().st_mtime_ns == t for p, t in mt.items())
+
+
+def test_guidance_rule_does_not_reward_copying(run):
+    run, pipe = run
+    out = run / "05_stage2" / "guidance"
+    grid = [(1.5, 1.5), (7.5, 1.5), (2.0, 4.0)]
+    table, choice = V.select_guidance(run, out, JUDGES, size=32, settings={"steps": 2}, grid=grid, vae=pipe)
+    val = C.test_pairs(run, split="val")
+    assert choice["n_val_pairs"] == len(val) > 0
+    assert set(table["model"]) == {"biomedjourney", "one_stage", "copy_prior", "reference", "truth", "vae_truth"}
+    bmj = table[table["model"] == "biomedjourney"]
+    floor = V.PRESERVATION_FLOOR * table.set_index("model").loc["vae_truth", "preservation"]
+    kept = bmj[bmj["preservation"] >= floor]
+    best = kept.loc[kept["effectiveness"].idxmax()] if len(kept) else bmj.loc[bmj["preservation"].idxmax()]
+    assert (choice["text_scale"], choice["image_scale"]) == (best["text_scale"], best["image_scale"])
+    assert table["chosen"].sum() == 1 and choice["met_floor"] == bool(len(kept))
+    # copying scores zero effectiveness: the rule can never prefer it to a setting that edits
+    assert table.set_index("model").loc["copy_prior", "effectiveness"] == 0.0
+    # only validation pairs were generated, never a test pair
+    made = {p.stem for p in (out / "text7.5_image1.5" / "biomedjourney").glob("*.png")}
+    assert made == set(val["pair_id"]) and not made & set(C.test_pairs(run)["pair_id"])
+    # the curve's numbers are the validity metrics of those files
+    row = bmj[(bmj["text_scale"] == 7.5) & (bmj["image_scale"] == 1.5)].iloc[0]
+    t, _ = V.evaluate_validity(run, out / "text7.5_image1.5", JUDGES, ["biomedjourney"], size=32, n_boot=0,
+                               pairs=val)
+    assert t.set_index("source").loc["biomedjourney", "effectiveness"] == pytest.approx(row["effectiveness"])
+    assert C.resolve_guidance(run, "auto", "auto") == (choice["text_scale"], choice["image_scale"])
+    fig = V.plot_edit_preservation(table, choice, run / "figs")
+    assert (run / "figs" / "fig_edit_preservation.png").is_file() and fig is not None
