@@ -279,3 +279,29 @@ def test_reports_look_like_mimic():
     assert (labels[["Atelectasis", "Cardiomegaly", "Edema", "Pleural Effusion", "Pneumothorax"]] == -1).any().any()
     assert (labels["No Finding"] == 1).any() and (labels["Support Devices"] == 1).any()
     assert len(set(texts)) == len(texts)  # varied phrasing, no two reports identical
+
+
+def test_render_variant_with_the_followups_state_is_the_true_counterfactual(cohort):
+    """Drawing the prior again with the follow-up's disease gives the stored true counterfactual, byte for byte;
+    a probe's change (a large left effusion) changes the image; bad names are refused."""
+    from PIL import Image
+
+    from bmjlib.phantom.cohort import render_variant
+
+    out, _ = cohort
+    t = out / "truth"
+    imgs = pd.read_csv(t / "images.csv", keep_default_na=False).set_index("dicom_id")
+    r = pd.read_csv(t / "pairs.csv", dtype=str).iloc[0]
+    fu = imgs.loc[r.followup_dicom_id]
+    state = {k: (int(fu[f"{k}_sev"]), fu[f"{k}_side"]) for k in phantom.KEYS}
+    again = render_variant(out, r.prior_dicom_id, state)
+    assert np.array_equal(again, np.asarray(Image.open(t / r.counterfactual_path)))
+    pr = imgs.loc[r.prior_dicom_id]
+    same = render_variant(out, r.prior_dicom_id, {})
+    grade = int(pr["effusion_sev"])
+    fluid = render_variant(out, r.prior_dicom_id, {"effusion": (3 if grade < 3 else 0, "left")})
+    assert not np.array_equal(fluid, same)
+    with pytest.raises(KeyError, match="no image 'nope'"):
+        render_variant(out, "nope", {})
+    with pytest.raises(ValueError, match="finding key 'fracture'"):
+        render_variant(out, r.prior_dicom_id, {"fracture": (1, "")})

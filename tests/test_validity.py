@@ -254,6 +254,12 @@ def test_without_a_truth_the_truth_columns_are_empty(run, tmp_path):
         assert t[c].isna().all(), c
     assert t.loc["oracle", "effectiveness"] > 0.2 and t.loc["copy_prior", "effectiveness"] == 0.0
     assert t.loc["copy_prior", "anatomy_dice"] == 1.0 and t["anatomy_dice"].drop("previous_label").notna().all()
+    # the guidance rule falls back to the anatomy of untouched organs, against the real follow-up's
+    (bare / "05_stage2" / "guidance").mkdir(parents=True, exist_ok=True)
+    table, choice = V.select_guidance(bare, bare / "05_stage2" / "guidance", JUDGES, size=32, settings={"steps": 2},
+                                      grid=[(1.5, 1.5), (7.5, 1.5)], models=("biomedjourney",))
+    assert choice["preservation_metric"] == "anatomy_dice" and choice["ceiling_source"] == "reference"
+    assert set(table["model"]) == {"biomedjourney", "copy_prior", "reference"}
 
 
 def test_probes_chain_and_score(run, tmp_path):

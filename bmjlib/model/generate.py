@@ -41,7 +41,7 @@ def resolve_model(model: str) -> Path:
 
 def default_guidance(model_dir: str | Path) -> tuple[float, float]:
     """(text, image) guidance scales for a model folder: those chosen for it on validation pairs when the folder
-    carries them (guidance.json, written by `counterfactuals.select_guidance` and shipped with the demo model),
+    carries them (guidance.json, written by `validity.select_guidance` and shipped with the demo model),
     else InstructPix2Pix's defaults."""
     f = Path(model_dir) / "guidance.json"
     if f.is_file():

@@ -236,7 +236,7 @@ def render_variant(out: str | Path, dicom_id: str, changes: dict[str, tuple[int,
     index = next((i for i in range(n) if subject_id_for(i) == subject), None)
     if index is None:
         raise KeyError(f"{out}: subject {subject} is not one of the cohort's {n} patients")
-    plan = plan_patient(seed, index, size)
+    plan = _cached_plan(seed, index, size)
     st, im = next((st, im) for st in plan["studies"] for im in st["images"] if im["dicom_id"] == dicom_id)
     state = state_from_record(st["state"])
     for key, (grade, side) in changes.items():
@@ -245,6 +245,11 @@ def render_variant(out: str | Path, dicom_id: str, changes: dict[str, tuple[int,
         state.sev[key], state.side[key] = int(grade), side if grade else ""
     return render(plan["patient"], state, im["pose"], im["exposure"], view=im["view_true"], size=size,
                   noise_seed=im["noise_seed"], devices=st["devices"])
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(seed: int, index: int, size: int) -> dict:
+    return plan_patient(seed, index, size)
 
 
 @functools.lru_cache(maxsize=4)
