@@ -137,6 +137,7 @@ def test_dose_rho_known_answers():
     assert V.dose_rho([1, 2, 3], [0.1, 0.5, 0.9]) == 1.0
     assert V.dose_rho([1, 2, 3], [0.9, 0.5, 0.1]) == -1.0
     assert V.dose_rho([1, 2, 3], [0.4, 0.4, 0.4]) == 0.0  # no response to the dose
+    assert V.dose_rho([1, 2, 3], [0.4, 0.4 + 3e-8, 0.4 - 2e-8]) == 0.0  # float noise is no response either
     assert np.isnan(V.dose_rho([1, 2, 3], [0.4, np.nan, 0.4]))
 
 

@@ -43,6 +43,7 @@ probe columns.
 """
 from __future__ import annotations
 
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -311,11 +312,12 @@ def physical_measure(finding: str, images: np.ndarray, masks: np.ndarray, side: 
 
 def dose_rho(grades, values) -> float:
     """Spearman rho between requested grades and a response; 0 when the response does not vary (no dose
-    response), NaN when a value is missing."""
+    response: equal up to float noise, e.g. a judge's outputs on identical images in other batch positions),
+    NaN when a value is missing."""
     v = np.asarray(values, float)
     if np.isnan(v).any():
         return float("nan")
-    if np.ptp(v) == 0:
+    if np.ptp(v) <= 1e-6 * max(1.0, float(np.abs(v).max())):
         return 0.0
     return float(spearmanr(grades, v).statistic)
 
@@ -694,3 +696,38 @@ def write_validity_table(table: pd.DataFrame, fig_dir, size: int, name: str = "t
                " priors). 95 % bootstrap intervals.")
     note = VALIDITY_NOTE.format(threshold=REGION_THRESHOLD, dilate=region_dilation(size), size=size)
     atomic_write_text(fig_dir / f"{name}.md", f"{caption}\n\n{markdown_table(validity_table(table))}{note}")
+
+
+def plot_validity_examples(run_dir: str | Path, gen_dir: str | Path, model: str = "biomedjourney", size: int = 64,
+                           n: int = 4, fig_dir=None, name: str = "fig_validity_examples"):
+    """The test pairs with the largest true change: prior, true counterfactual, the model's output, and the two
+    differences a reader should compare (truth - prior: the requested change; output - prior: the change made),
+    with the changed region outlined. One intensity frame for all (`load_frames`)."""
+    pairs = test_pairs(run_dir)
+    imgs = load_frames(run_dir, gen_dir, pairs, [model], size)
+    if "truth" not in imgs:
+        raise FileNotFoundError(f"{resolve(run_dir)}: the examples need the phantom's true counterfactuals")
+    region = changed_region(imgs["prior"], imgs["truth"])
+    pick = np.argsort(-region.reshape(len(region), -1).sum(1))[:n]
+    cols = ["prior", "true counterfactual", model, "truth - prior", f"{model} - prior"]
+    fig, axes = plt.subplots(len(pick), len(cols), figsize=(2.1 * len(cols), 2.3 * len(pick)), squeeze=False)
+    for r, i in enumerate(pick):
+        p, t, o = imgs["prior"][i], imgs["truth"][i], imgs[model][i]
+        for c, (img, cmap) in enumerate(((p, "gray"), (t, "gray"), (o, "gray"), (t - p, "RdBu_r"), (o - p, "RdBu_r"))):
+            ax = axes[r, c]
+            if cmap == "gray":
+                ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img, cmap=cmap, vmin=-0.3, vmax=0.3)
+            ax.contour(region[i], levels=[0.5], colors="yellow", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=8)
+        desc = str(pairs.at[i, "description"])
+        axes[r, 0].set_ylabel("\n".join(textwrap.wrap(desc, 28)[:4]), fontsize=6)
+    fig.suptitle("Validity examples (test pairs with the largest true change; yellow: changed region; "
+                 "red = brighter, blue = darker)", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, fig_dir, name)
+    return fig
