@@ -102,3 +102,11 @@ def test_outputs_are_written_once_and_rerun_is_a_no_op(mimic, tmp_path):
     mt = [p.stat().st_mtime_ns for p in man]
     write_data_manifest(c.pairs, c.records, tmp_path / "dm", "fixture", root=mimic)
     assert [p.stat().st_mtime_ns for p in man] == mt
+
+
+def test_pairs_carry_their_source_and_credentialed_flag(mimic, tmp_path):
+    c = build_cohort(load_source("mimic", mimic), require_positive=False)
+    assert set(c.pairs["source"]) == {"mimic"} and c.pairs["credentialed"].all()
+    assert c.records["credentialed"].all()
+    back = pd.read_csv(write_cohort(c, tmp_path / "01")["pairs.csv"])
+    assert back["credentialed"].dtype == bool and back["credentialed"].all()

@@ -115,3 +115,54 @@ def test_a_bad_prior_file_is_named_in_the_app(model_dir, tmp_path):
     with pytest.raises(Exception):
         app.load_prior()
     assert "broken.png" in app.status.value
+
+
+@pytest.mark.parametrize("widget,value,msg", [("text_scale", float("nan"), "text scale nan is not allowed"),
+                                              ("image_scale", float("nan"), "image scale nan is not allowed"),
+                                              ("seed", -3, "seed -3 is not allowed")])
+def test_the_app_refuses_settings_the_pipeline_refuses(model_dir, widget, value, msg):
+    """A slider does not stop NaN (NaN passes its min/max comparison): the app names it and generates nothing."""
+    app = E.Explorer(model=str(model_dir), phantom_size=64, interpreter=None)
+    before = app.img_cf.value
+    getattr(app, widget).value = value
+    app.start([app.prompt.value]).join(120)
+    assert app.status.value.startswith("<b") and f"not generated: {msg}" in app.status.value
+    assert app.result is None and app.img_cf.value == before and not app.go.disabled
+    assert app.pipe is None  # refused before the model was even loaded
+
+
+def test_the_sliders_clamp_what_is_out_of_range(model_dir):
+    app = E.Explorer(model=str(model_dir), phantom_size=64, interpreter=None)
+    app.text_scale.value, app.image_scale.value, app.steps.value = float("inf"), -2.0, 0
+    assert (app.text_scale.value, app.image_scale.value, app.steps.value) == (15.0, 0.0, 1)
+
+
+def test_sample_refuses_steps_outside_1_to_1000(pipe):
+    prior = np.full((64, 64), 0.5, np.float32)
+    for steps in (0, -1, 1001):
+        with pytest.raises(ValueError, match=f"steps {steps} is not allowed: give a whole number from 1 to 1000"):
+            E.sample(pipe, prior, ["x"], steps=steps)
+
+
+def test_the_app_says_when_a_description_is_cut(model_dir):
+    app = E.Explorer(model=str(model_dir), phantom_size=64, interpreter=None)
+    long_prompt = " ".join(["New large left pleural effusion with mediastinal shift."] * 6)
+    kept, total = app.load_model().text_encoder.prompt_tokens(long_prompt)
+    assert kept == 48 < total
+    app.steps.value = 1
+    app.start([long_prompt]).join(120)
+    assert app.status.value.startswith("done: 1 image"), app.status.value
+    assert f"{kept} of {total} tokens kept" in app.status.value
+    app.start(["New small left pleural effusion."]).join(120)
+    assert "tokens kept" not in app.status.value
+
+
+def test_a_damaged_model_folder_is_named_in_the_app(model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(model_dir, bad)
+    (bad / "unet" / "config.json").write_text("{not json")
+    app = E.Explorer(model=str(bad), phantom_size=64, interpreter=None)
+    app.start([app.prompt.value]).join(120)
+    assert "unet/config.json is not valid JSON" in app.status.value and app.result is None

@@ -206,3 +206,14 @@ def test_writer_names_missing_columns(tmp_path):
     with pytest.raises(ValueError, match="registered_path"):
         write_icg(pd.DataFrame({"pair_id": ["a"], "subject_id": ["1"], "prior_study_id": ["2"],
                                 "followup_study_id": ["3"], "prior_path": ["x"]}), tmp_path)
+
+
+def test_credentialed_rows_are_never_exported_as_open_data(tmp_path):
+    import pandas as pd
+
+    from bmjlib.data.icg import write_icg
+    rows = pd.DataFrame([{"pair_id": "1_2_3", "subject_id": "1", "prior_study_id": "2", "followup_study_id": "3",
+                          "prior_path": "a.png", "registered_path": "b.png", "credentialed": True}])
+    with pytest.raises(ValueError, match="origin 'phantom' would mark credentialed rows as open data"):
+        write_icg(rows, tmp_path / "out", origin="phantom")
+    assert not (tmp_path / "out").exists()

@@ -187,7 +187,8 @@ def test_backend_configuration_errors(kw, msg, monkeypatch):
     ("icg", "compatible", "http://gpu.hospital.org:8000/v1", ["gpu.hospital.org"], True),
     ("icg", "compatible", "http://gpu.hospital.org:8000/v1", ["*.hospital.org"], True),
     ("phantom", "openai", None, [], True),                                   # not credentialed
-    ("csv", "compatible", "https://api.together.xyz/v1", [], True),
+    ("csv", "compatible", "https://api.together.xyz/v1", [], False),         # credentialed unless the rows say not
+    ("my-hospital-export", "openai", None, [], False),                      # an unknown name counts as credentialed
     ("mimic", "offline", "", [], True),                                      # no network
     ("mimic", "replay", "", [], True),
 ])
@@ -227,6 +228,7 @@ def test_rows_marked_credentialed_are_guarded_whatever_the_profile_says():
     assert progression.data_source(pairs, "phantom") == "icg"
     assert progression.data_source(pairs.drop(columns="source"), "phantom") == "credentialed"
     assert progression.data_source(pairs.assign(credentialed=False).drop(columns="source"), "phantom") == "phantom"
+    assert progression.data_origin(pairs.assign(credentialed=False).drop(columns="source"), "csv") == ("csv", False)
     with pytest.raises(llm.DataUseError, match="icg report text to api.openai.com"):
         progression.describe_pairs(pairs, "openai", "gpt-4", source="phantom", progress=False)
 

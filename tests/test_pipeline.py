@@ -153,6 +153,23 @@ def test_bad_inputs(pipe):
         BiomedJourneyPipeline.from_pretrained("/nonexistent/model")
 
 
+@pytest.mark.parametrize("kw,msg", [
+    ({"text_scale": float("nan")}, "text scale nan is not allowed"),
+    ({"image_scale": -1.0}, "image scale -1.0 is not allowed"),
+    ({"text_scale": float("inf")}, "text scale inf is not allowed"),
+    ({"steps": 0}, "steps 0 is not allowed: give a whole number from 1 to 1000"),
+    ({"steps": 1001}, "steps 1001 is not allowed"),
+    ({"steps": -1}, "steps -1 is not allowed"),
+    ({"seed": -1}, "seed -1 is not allowed"),
+])
+def test_sampling_settings_are_checked_before_any_work(pipe, kw, msg):
+    """The pipeline itself refuses settings that would give a black image or an endless loop, before sampling."""
+    calls = []
+    with pytest.raises(ValueError, match=msg):
+        pipe(prior_image(), "a", **{"steps": 1, **kw}, callback=lambda k, n: calls.append(k))
+    assert calls == []
+
+
 def test_dummy_prior_is_constant_128(pipe):
     d = pipe.dummy_prior(2)
     assert d.shape == (2, 32, 32) and np.all(np.rint(d * 255) == 128)

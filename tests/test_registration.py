@@ -225,3 +225,26 @@ def test_inspiration_change_does_not_lock_onto_the_wrong_rib(tmp_path, index, pa
     assert tre(R.RegConfig()) < 0.6
     # one pass over the whole image, as before the second pass existed: a rib spacing (~12 px) off
     assert tre(R.RegConfig(smooth=(2.0, 1.0, 0.0), metric_rows=1.0)) > 5.0
+
+
+def test_flipped_score_sees_a_turned_image():
+    img = draw_chest(64, seed=5)
+    valid = np.ones_like(img, dtype=bool)
+    assert R.flipped_score(img, img[::-1], valid) == pytest.approx(1.0)
+    assert R.flipped_score(img, img[::-1, ::-1], valid) == pytest.approx(1.0)
+    assert R.flipped_score(img, img, valid) < R.ncc(img, img)
+    assert np.isnan(R.flipped_score(img, img, np.zeros_like(valid)))
+
+
+def test_the_absolute_floor_holds_whatever_the_threshold(tmp_path):
+    """A numeric threshold below the floor does not let noise through; the floor is a parameter too."""
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        atomic_write_png(tmp_path / f"{name}.png", to_uint8(rng.random((128, 128))))
+    pairs = pd.DataFrame([("noise", str(tmp_path / "a.png"), str(tmp_path / "b.png"))],
+                         columns=["pair_id", "prior_path", "followup_path"])
+    reg = R.register_pairs(pairs, tmp_path / "r", R.RegConfig(size=128), threshold=-1.0, progress=False)
+    assert reg.loc[0, "status"] == "rejected" and "< floor 0.200" in reg.loc[0, "reason"]
+    assert abs(reg.loc[0, "score_after"]) < 0.1 and 0 < R.SCORE_FLOOR < 0.5
+    again = R.register_pairs(pairs, tmp_path / "r", R.RegConfig(size=128), threshold=-1.0, floor=-1.0, progress=False)
+    assert "floor" not in again.loc[0, "reason"] and again.attrs["floor"] == -1.0

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bmjlib.data.cohort import build_cohort
-from bmjlib.data.sources import hannover_cohort_csv, load_source, read_csv_cohort
+from bmjlib.data.sources import SourceError, hannover_cohort_csv, load_source, read_csv_cohort
 from test_cohort_fixture import make_mimic
 
 HANNOVER = Path(__file__).resolve().parent.parent.parent / "shared" / "real_cxr" / "hannover"
@@ -62,7 +62,9 @@ def test_byo_csv_missing_columns_are_named(tmp_path):
     pd.DataFrame({"who": ["a"], "image": ["x.png"], "day": [0]}).to_csv(tmp_path / "d.csv", index=False)
     with pytest.raises(ValueError, match="no subject_id column"):
         read_csv_cohort(tmp_path / "d.csv")
-    assert len(read_csv_cohort(tmp_path / "d.csv", columns={"subject_id": "who"}).problems) == 1
+    # with the column mapped, the one row's image is missing: nothing usable is left, and the error says so
+    with pytest.raises(SourceError, match=r"d\.csv: no usable image left: all 1 rows were skipped .*x\.png: image file"):
+        read_csv_cohort(tmp_path / "d.csv", columns={"subject_id": "who"})
 
 
 def test_mimic_records_carry_time_labels_demographics(tmp_path):
@@ -94,9 +96,9 @@ def test_icg_source_dispatches_to_the_icg_reader_and_keeps_its_pairs(tmp_path, m
                                  for l in ("Atelectasis", "Cardiomegaly", "Consolidation",
                                            "Enlarged Cardiomediastinum", "Fracture", "Lung Lesion", "Lung Opacity",
                                            "Pleural Effusion", "Pleural Other", "Pneumonia", "Pneumothorax")}})
-        return rec, pairs
+        return rec, pairs, pd.DataFrame(columns=["path", "problem"])
 
-    monkeypatch.setattr("bmjlib.data.sources.read_icg_records", fake)
+    monkeypatch.setattr("bmjlib.data.sources.read_icg", fake)
     data = load_source("icg", tmp_path, verify_images=True)
     assert seen == {"root": tmp_path, "check": True}
     assert data.records["source"].eq("icg").all()

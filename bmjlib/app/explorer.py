@@ -11,10 +11,13 @@ finding's severity (small / moderate / large), the journey of the paper's Fig. 9
 
 Generation runs in a worker thread and reports each sampling step to a progress bar, so the notebook
 stays responsive. `sample()` is the pipeline's own sampling loop (BiomedJourneyPipeline._sample) with a
-per-step callback; a test checks that both give identical images.
+per-step callback; a test checks that both give identical images. Settings the pipeline refuses (guidance
+scales that are not finite numbers >= 0, steps outside 1..1000, a negative seed) are named in the status
+line and nothing is generated; a description longer than the text encoder reads is said to be cut.
 """
 from __future__ import annotations
 
+import html
 import io
 import pickle
 import threading
@@ -35,8 +38,8 @@ from bmjlib.icg.interpret import difference_map, resize_masks, to_common_size
 from bmjlib.icg.interpret_run import TruthMasks, collect_evidence
 from bmjlib.io import atomic_write_bytes, read_image, resize_image, sha256_file, to_uint8
 from bmjlib.model.demo_model import cache_root, resolve_model
-from bmjlib.model.generate import default_guidance
-from bmjlib.model.pipeline import BiomedJourneyPipeline
+from bmjlib.model.generate import default_guidance, load_pipeline
+from bmjlib.model.pipeline import check_sampling
 from bmjlib.phantom.anatomy import render
 from bmjlib.phantom.cohort import state_from_record, plan_patient
 from bmjlib.runtime import resolve
@@ -265,7 +268,7 @@ class Explorer:
     def load_model(self):
         if self.pipe is None:
             self.status.value = f"loading model {self.model_name!r}..."
-            self.pipe = BiomedJourneyPipeline.from_pretrained(self.model_dir)
+            self.pipe = load_pipeline(self.model_dir)
         return self.pipe
 
     def load_interpreter(self):
@@ -313,16 +316,33 @@ class Explorer:
         self.progress.max, self.progress.value = n, k
         self.progress.description = f"step {k}/{n}"
 
+    def notices(self, prompts: list[str]) -> list[str]:
+        """What the text encoder does not read: one line per description cut to its token limit."""
+        enc = self.load_model().text_encoder
+        found = [(p, enc.truncation_notice(p)) for p in dict.fromkeys(prompts)] if enc is not None else []
+        return [f"'{p[:40]}{'...' if len(p) > 40 else ''}': {n}" for p, n in found if n]
+
     def _run(self, prompts: list[str], sweep: bool) -> None:
         try:
             self.go.disabled = self.sweep_btn.disabled = True
+            settings = (self.text_scale.value, self.image_scale.value, self.steps.value, self.seed.value)
+            try:
+                check_sampling(*settings)
+            except ValueError as e:
+                self.status.value = f"<b style='color:#b00'>not generated: {html.escape(str(e))}</b>"
+                return
             prior = self.prior or self.load_prior()
             pipe = self.load_model()
+            notes = self.notices(prompts)
             self.status.value = f"generating {len(prompts)} counterfactual(s)..."
             t0 = time.perf_counter()
-            out = sample(pipe, prior.image, prompts, self.text_scale.value, self.image_scale.value,
-                         self.steps.value, "dpm", self.seed.value, callback=self._progress)
+            out = sample(pipe, prior.image, prompts, *settings[:2], settings[2], "dpm", settings[3],
+                         callback=self._progress)
             dt = time.perf_counter() - t0
+            if not np.isfinite(out).all():
+                self.status.value = ("<b style='color:#b00'>not shown: the model produced non-finite pixel values "
+                                     "(NaN or inf); try smaller guidance scales</b>")
+                return
             self.result = out
             self.img_cf.value = png_bytes(out[0])
             self.cap_cf.value = f"counterfactual: <i>{prompts[0]}</i>"
@@ -336,7 +356,8 @@ class Explorer:
                                                    W.HTML("prior")])] + [
                     W.VBox([W.Image(value=png_bytes(o), format="png", layout=W.Layout(width="160px", height="160px")),
                             W.HTML(f"<small>{p}</small>")]) for o, p in zip(out, prompts)]
-            self.status.value = f"done: {len(out)} image(s) in {dt:.1f} s"
+            self.status.value = f"done: {len(out)} image(s) in {dt:.1f} s" + "".join(
+                f"<br><b style='color:#a60'>note: {html.escape(n)}</b>" for n in notes)
         except Exception as e:  # the app shows the error; the thread must not die silently
             self.status.value = f"<b style='color:#b00'>{type(e).__name__}: {e}</b>"
         finally:

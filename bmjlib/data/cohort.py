@@ -17,6 +17,10 @@ From the records of any data source (`bmjlib.data.sources`) to the pairs the res
    folders send a seeded `test_fraction` of patients to test first.
 
 Stage-1 images (§4.2) are the train/val-partition PA images with a non-empty IMPRESSION.
+
+Every pair carries its source and `credentialed` (true if either image's record is; see
+`bmjlib.data.sources`), so the data-use guard of notebook 03 decides from the rows. A cohort that ends
+with no pair raises `CohortError`, one line naming the data and the stage where the pairs ran out.
 """
 from __future__ import annotations
 
@@ -29,8 +33,10 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from bmjlib.data.sources import SourceError
 from bmjlib.io import Manifest, atomic_write_text, fingerprint, save_figure, sha256_file
 from bmjlib.schema import CHEXPERT_LABELS, PAIR_COLUMNS, label_col
+from bmjlib.text.llm import require_bool
 
 # CheXpert observations that do not count as a finding for the positive-finding filter.
 NOT_FINDINGS = ("No Finding", "Support Devices")
@@ -40,14 +46,23 @@ PAPER_COUNTS = {"PA image-report pairs": 157148, "stage-1 images (train/val PA w
                 "train pairs": 9354, "val pairs": 1056, "test pairs": 1214}
 
 
+# Columns after PAIR_COLUMNS and the labels: where the pair's text comes from, and whether it is credentialed.
+PROVENANCE = ["source", "credentialed"]
+
+
+class CohortError(SourceError):
+    """A cohort with no pair left; the message names the data and the stage where the pairs ran out."""
+
+
 @dataclass
 class Cohort:
     records: pd.DataFrame     # every usable image, with `split` (by patient)
     candidates: pd.DataFrame  # consecutive PA pairs before the positive-finding filter
-    pairs: pd.DataFrame       # PAIR_COLUMNS + prior_/followup_ labels, after the filter
+    pairs: pd.DataFrame       # PAIR_COLUMNS + prior_/followup_ labels + times + PROVENANCE, after the filter
     stage1: pd.DataFrame      # image-report rows for stage 1
     problems: pd.DataFrame    # skipped inputs (path, problem)
     settings: dict
+    duplicates: int = 0       # repeated input rows removed by the reader
 
 
 def has_positive_finding(labels: pd.DataFrame) -> pd.Series:
@@ -105,17 +120,24 @@ def _pair_table(rows) -> pd.DataFrame:
              "prior_findings": p.findings, "prior_impression": p.impression,
              "followup_findings": f.findings, "followup_impression": f.impression,
              "age": p.age, "sex": p.sex, "race": p.race,
-             "prior_time": p.study_time, "followup_time": f.study_time}
+             "prior_time": p.study_time, "followup_time": f.study_time, "source": p.get("source", ""),
+             "credentialed": _flag(p.get("credentialed", True)) or _flag(f.get("credentialed", True))}
         for l in CHEXPERT_LABELS:
             r[label_col("prior", l)] = p[l]
             r[label_col("followup", l)] = f[l]
         out.append(r)
-    return pd.DataFrame(out, columns=cols + ["prior_time", "followup_time"])
+    return pd.DataFrame(out, columns=cols + ["prior_time", "followup_time"] + PROVENANCE)
+
+
+def _flag(v) -> bool:
+    """A record's `credentialed` value; anything but an explicit false counts as credentialed."""
+    return not (v is False or str(v).strip().lower() in ("false", "0", "0.0"))
 
 
 def build_cohort(data, views: tuple[str, ...] = ("PA",), require_positive: bool = True, seed: int = 0,
                  val_fraction: float = 0.1, test_fraction: float = 0.1) -> Cohort:
     """Records of a source (`sources.SourceData`) -> pairs, splits and stage-1 images (module docstring)."""
+    require_positive = require_bool("require_positive", require_positive)
     rec = data.records.copy()
     split = assign_splits(rec, seed, val_fraction, test_fraction)
     rec["split"] = rec["subject_id"].map(split)
@@ -132,11 +154,29 @@ def build_cohort(data, views: tuple[str, ...] = ("PA",), require_positive: bool 
     else:
         keep = pd.Series(True, index=cand.index)
     pairs = cand[keep.to_numpy()].reset_index(drop=True)
+    if pairs.empty:
+        raise CohortError(f"{getattr(data, 'origin', '') or 'data source'}: 0 pairs: {_why_no_pairs(rec, cand, views)}")
     pa = rec[rec["view"].isin(views)]
     stage1 = pa[pa["split"].isin(["train", "val"]) & (pa["impression"].str.strip() != "")].reset_index(drop=True)
     settings = {"views": list(views), "require_positive": require_positive, "seed": seed,
                 "val_fraction": val_fraction, "test_fraction": test_fraction}
-    return Cohort(rec, cand, pairs, stage1, data.problems, settings)
+    return Cohort(rec, cand, pairs, stage1, data.problems, settings, getattr(data, "duplicates", 0))
+
+
+def _why_no_pairs(rec: pd.DataFrame, cand: pd.DataFrame, views) -> str:
+    """Where the pairs ran out, in words (for CohortError)."""
+    shown = "/".join(views)
+    if rec.empty:
+        return "no usable image"
+    n_view = int(rec["view"].isin(views).sum())
+    if n_view == 0:
+        found = ", ".join(f"{v or 'blank'} {n}" for v, n in rec["view"].value_counts().head(5).items())
+        return f"none of the {len(rec)} images has view {shown} (views found: {found})"
+    if cand.empty:
+        return (f"no patient has two {shown} studies at different times ({n_view} {shown} images of "
+                f"{rec.loc[rec['view'].isin(views), 'subject_id'].nunique()} patients)")
+    return (f"none of the {len(cand)} candidate pairs has a positive CheXpert finding in either study "
+            f"(require_positive: false keeps them)")
 
 
 def counts_table(c: Cohort) -> pd.DataFrame:
@@ -146,6 +186,7 @@ def counts_table(c: Cohort) -> pd.DataFrame:
     rows = [("patients", c.records["subject_id"].nunique()),
             ("images (all views)", len(c.records)),
             ("skipped inputs (unreadable / missing)", len(c.problems)),
+            ("repeated input rows removed", c.duplicates),
             ("PA images", len(pa)),
             ("PA image-report pairs", len(pa_report)),
             ("stage-1 images (train/val PA with impression)", len(c.stage1)),

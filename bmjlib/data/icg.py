@@ -273,6 +273,14 @@ def _copy_png(src: str, dst: Path) -> None:
         atomic_write_png(dst, to_uint8(read_image(src)))
 
 
+def rows_credentialed(table: pd.DataFrame) -> bool:
+    """Whether any row of a table is credentialed data: a true `credentialed` value, or no such column (what
+    the project cannot classify counts as credentialed)."""
+    if "credentialed" not in table.columns:
+        return True
+    return bool(table["credentialed"].astype(str).str.strip().str.lower().isin(["true", "1", "1.0"]).any())
+
+
 def write_icg(pairs: pd.DataFrame, out_root, interpretations: pd.DataFrame | None = None,
               records: pd.DataFrame | None = None, origin: str = "phantom") -> pd.DataFrame:
     """Export registered triples as ICG-CXR pair folders under `out_root/<branch>/pa/1/<split>/p<subject>/`.
@@ -295,6 +303,9 @@ def write_icg(pairs: pd.DataFrame, out_root, interpretations: pd.DataFrame | Non
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise ValueError(f"write_icg: pairs table lacks columns {missing}")
+    if origin in OPEN_ORIGINS and "credentialed" in df.columns and rows_credentialed(df):
+        raise ValueError(f"write_icg: origin {origin!r} would mark credentialed rows as open data; export them "
+                         "with their own origin (e.g. 'mimic')")
     times: dict[tuple[str, str], pd.Timestamp] = {}
     if records is None and {"prior_time", "followup_time"} <= set(df.columns):  # notebook 01's pair times
         records = pd.DataFrame({"subject_id": list(df["subject_id"]) * 2,

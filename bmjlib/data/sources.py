@@ -12,53 +12,157 @@ the 14 CheXpert label columns, one row per image, whatever the source:
 
 Bad input never becomes silent zeros: an image file that is missing (or, with ``verify_images``,
 truncated / blank / undecodable) and a report file that is absent each drop that image with a message
-naming the file and the problem; `SourceData.problems` lists them and the caller counts them.
+naming the file and the problem; `SourceData.problems` lists them and the caller counts them. Repeated
+rows (the same image twice) are removed and counted (`SourceData.duplicates`). A file that is empty,
+unparseable or has a header only, and a source with no usable image left, raise `SourceError`, one line
+naming the file and the problem.
+
+Every record carries `credentialed` (does its report text fall under a credentialed data use agreement?),
+decided by the reader, never by a profile's name for the source alone: the phantom folder written by step
+00 is not credentialed; MIMIC-CXR, CheXpert Plus and ICG-CXR are (ICG-CXR rows as the ICG reader marks
+them); a bring-your-own CSV is, unless the profile declares ``data_credentialed: false``, and its rows whose
+image paths have the MIMIC-CXR-JPG shape stay credentialed whatever the profile says. The column goes
+with the pairs through every step, and the LLM data-use guard reads it.
 """
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bmjlib.data.icg import read_icg_records
+from bmjlib.data.icg import read_icg
 from bmjlib.io import ImageError, atomic_write_csv, read_image
 from bmjlib.runtime import resolve
 from bmjlib.schema import CHEXPERT_LABELS, RECORD_COLUMNS
+from bmjlib.text.llm import declared_credentialed, require_bool
 from bmjlib.text.reports import parse_sections as _parse
+
+log = logging.getLogger("bmjlib.data.sources")
 
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 MIMIC_CHEXPERT = "mimic-cxr-2.0.0-chexpert.csv"
 # Day offsets of a bring-your-own cohort become timestamps from this epoch (only the order matters).
 EPOCH = pd.Timestamp("2000-01-01")
+# Columns every record carries after RECORD_COLUMNS + CHEXPERT_LABELS.
+PROVENANCE_COLUMNS = ["credentialed"]
+# What a reader knows of its source; any other source (csv included) is credentialed unless declared not.
+CREDENTIALED_BY_SOURCE = {"phantom": False, "mimic": True, "chexpertplus": True, "icg": True}
+# An image path in the MIMIC-CXR(-JPG) layout (files/p1X/pNNNNNNNN/sNNNNNNNN/<dicom>.jpg, or converted).
+MIMIC_PATH_RE = re.compile(r"(?:^|[/\\])files[/\\]p1\d[/\\]p\d{8}[/\\]s\d{8}[/\\][^/\\]+\.(?:jpg|jpeg|png|dcm)$", re.I)
+
+
+class SourceError(ValueError):
+    """A data source that leaves nothing usable (empty, header only, every row bad); names the file."""
 
 
 @dataclass
 class SourceData:
-    records: pd.DataFrame                      # RECORD_COLUMNS + CHEXPERT_LABELS, one row per usable image
+    records: pd.DataFrame                      # RECORD_COLUMNS + CHEXPERT_LABELS + credentialed, one row per image
     pairs: pd.DataFrame | None = None          # only for sources that ship their pairs (ICG-CXR)
     problems: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "problem"]))
+    duplicates: int = 0                        # repeated rows removed (the same image listed again)
+    origin: str = ""                           # the file or folder read, for messages downstream
 
     def report(self) -> str:
         """One line per kind of problem with its count, e.g. 'skipped 2 images: file does not exist (2)'."""
+        dup = f"; removed {self.duplicates} repeated rows" if self.duplicates else ""
         if self.problems.empty:
-            return "no problems: every image and report was readable"
+            return "no problems: every image and report was readable" + dup
         kinds = self.problems["problem"].str.split("(").str[0].str.strip().value_counts()
-        return f"skipped {len(self.problems)} images: " + "; ".join(f"{k} ({v})" for k, v in kinds.items())
+        return f"skipped {len(self.problems)} images: " + "; ".join(f"{k} ({v})" for k, v in kinds.items()) + dup
 
 
-def load_source(source: str, root: str | Path, verify_images: bool = False, **kw) -> SourceData:
-    """Read a data source into records. `root`: the dataset folder (for "csv": the CSV file)."""
+def load_source(source: str, root: str | Path, verify_images: bool = False, credentialed: str | bool = "auto",
+                **kw) -> SourceData:
+    """Read a data source into records. `root`: the dataset folder (for "csv": the CSV file).
+
+    `credentialed`: the profile's data_credentialed (auto | true | false; see the module docstring).
+    """
     root = Path(root)
+    declared = declared_credentialed(credentialed)
+    verify_images = require_bool("verify_images", verify_images)
     if source in ("mimic", "phantom"):
-        return read_mimic(root, verify_images=verify_images, source=source, **kw)
-    if source == "csv":
-        return read_csv_cohort(root, verify_images=verify_images, **kw)
+        data = read_mimic(root, verify_images=verify_images, source=source, **kw)
+    elif source == "csv":
+        data = read_csv_cohort(root, verify_images=verify_images, **kw)
+    elif source == "icg":
+        records, pairs, skipped = read_icg(root, check_images=verify_images, **kw)
+        if records.empty:
+            first = f" (first: {skipped.iloc[0]['path']}: {skipped.iloc[0]['problem']})" if len(skipped) else ""
+            raise SourceError(f"{root}: no usable ICG-CXR pair folder ({len(skipped)} skipped){first}")
+        data = SourceData(_conform(records, "icg"), pairs, skipped.reset_index(drop=True), origin=str(root))
+    else:
+        raise ValueError(f"unknown data source {source!r}: expected mimic, phantom, csv or icg")
+    return mark_credentialed(data, source, declared)
+
+
+def mark_credentialed(data: SourceData, source: str, declared: str | bool = "auto") -> SourceData:
+    """Set each record's (and shipped pair's) `credentialed` from the reader's knowledge and the profile's
+    declaration (module docstring). A declared true marks everything; a declared false opens only sources
+    the project cannot classify (csv) and never rows whose paths have the MIMIC-CXR-JPG shape."""
+    rec = data.records
+    known = CREDENTIALED_BY_SOURCE.get(source)
+    if source == "phantom" and data.origin and not is_phantom_folder(data.origin):
+        log.warning("%s: read as the phantom but not written by step 00 (no summary.json and truth/ beside it): "
+                    "treated as credentialed", data.origin)
+        known = True
     if source == "icg":
-        records, pairs = read_icg_records(root, check_images=verify_images, **kw)
-        return SourceData(_conform(records, "icg"), pairs)
-    raise ValueError(f"unknown data source {source!r}: expected mimic, phantom, csv or icg")
+        flags = rec["credentialed"].fillna(True).astype(bool)
+    elif known is not None:
+        flags = pd.Series(known, index=rec.index)
+    else:
+        flags = pd.Series(declared is not False, index=rec.index)
+        looks_mimic = rec["image_path"].astype(str).str.contains(MIMIC_PATH_RE)
+        if declared is False and looks_mimic.any():
+            log.warning("%s: %d rows have MIMIC-CXR-JPG image paths and stay credentialed although "
+                        "data_credentialed is false", data.origin, int(looks_mimic.sum()))
+        flags = flags | looks_mimic
+    if declared is True:
+        flags = pd.Series(True, index=rec.index)
+    elif declared is False and known:
+        log.warning("data_credentialed: false is ignored for source %s: its reader knows the data are credentialed",
+                    source)
+    rec = rec.assign(credentialed=flags.astype(bool).to_numpy())
+    pairs = data.pairs
+    if pairs is not None:  # a shipped pair is credentialed if it says so or either of its images is
+        by_image = dict(zip(rec["image_path"], rec["credentialed"]))
+        own = (pairs["credentialed"].fillna(True).astype(bool).tolist() if "credentialed" in pairs.columns
+               else [True] * len(pairs))
+        blank = [""] * len(pairs)
+        prior, follow = (pairs[c].tolist() if c in pairs.columns else blank for c in ("prior_path", "followup_path"))
+        pairs = pairs.assign(credentialed=[declared is True or o or bool(by_image.get(a) or by_image.get(b))
+                                           for a, b, o in zip(prior, follow, own)])
+    return SourceData(rec, pairs, data.problems, data.duplicates, data.origin)
+
+
+def is_phantom_folder(root: str | Path) -> bool:
+    """True for the `mimic/` folder step 00 writes: its parent holds the generator's summary.json and truth/."""
+    parent = Path(root).parent
+    return (parent / "summary.json").is_file() and (parent / "truth").is_dir()
+
+
+def read_table(path: Path, what: str, **kw) -> pd.DataFrame:
+    """pd.read_csv with every way a file can hold nothing usable turned into one SourceError naming it."""
+    try:
+        df = pd.read_csv(path, **kw)
+    except pd.errors.EmptyDataError:
+        raise SourceError(f"{path}: {what} is empty (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"{path}: {what} cannot be parsed as CSV ({first})") from None
+    if df.empty:
+        raise SourceError(f"{path}: {what} has a header but no rows")
+    return df
+
+
+def _nothing_left(origin, summary: str, problems: list[tuple[str, str]]) -> SourceError:
+    """The one-line error of a source with no usable image: where, how many went, and the first reason."""
+    first = f"; first: {problems[0][0]}: {problems[0][1]}" if problems else ""
+    return SourceError(f"{origin}: no usable image left: {summary} ({len(problems)} problems{first})")
 
 
 # --------------------------------------------------------------------------- MIMIC-CXR-JPG layout
@@ -89,13 +193,24 @@ def _need(path: Path, what: str) -> Path:
 def read_mimic(root: str | Path, verify_images: bool = False, source: str = "mimic") -> SourceData:
     """Read the MIMIC-CXR-JPG layout (also the phantom's) into records; see the module docstring."""
     root = Path(root)
-    meta = pd.read_csv(_need(root / MIMIC_METADATA, "metadata CSV"),
-                       dtype={"dicom_id": str, "subject_id": str, "study_id": str})
-    labels = pd.read_csv(_need(root / MIMIC_CHEXPERT, "CheXpert labels CSV"),
-                         dtype={"subject_id": str, "study_id": str})
-    missing = [c for c in CHEXPERT_LABELS if c not in labels.columns]
+    meta = read_table(_need(root / MIMIC_METADATA, "metadata CSV"), "metadata CSV",
+                      dtype={"dicom_id": str, "subject_id": str, "study_id": str})
+    labels = read_table(_need(root / MIMIC_CHEXPERT, "CheXpert labels CSV"), "CheXpert labels CSV",
+                        dtype={"subject_id": str, "study_id": str})
+    need = [c for c in ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime")
+            if c not in meta.columns]
+    if need:
+        raise SourceError(f"{root / MIMIC_METADATA}: columns missing: {need}")
+    missing = [c for c in ["subject_id", "study_id", *CHEXPERT_LABELS] if c not in labels.columns]
     if missing:
         raise ValueError(f"{root / MIMIC_CHEXPERT}: label columns missing: {missing}")
+    n_meta, n_labels = len(meta), len(labels)
+    meta = meta.drop_duplicates().drop_duplicates("dicom_id")
+    labels = labels.drop_duplicates().drop_duplicates(["subject_id", "study_id"])
+    duplicates = (n_meta - len(meta)) + (n_labels - len(labels))
+    if duplicates:
+        log.warning("%s: removed %d repeated rows (%d metadata, %d labels; the first of each kept)", root,
+                    duplicates, n_meta - len(meta), n_labels - len(labels))
     df = meta.merge(labels[["subject_id", "study_id", *CHEXPERT_LABELS]], on=["subject_id", "study_id"], how="left")
     df["source"] = source
     df["view"] = df["ViewPosition"].fillna("").astype(str).str.upper()
@@ -123,9 +238,12 @@ def read_mimic(root: str | Path, verify_images: bool = False, source: str = "mim
             problems.append((rep, f"report file absent (image {Path(img).name} skipped)"))
             keep[i] = False
     df = df[keep].copy()
+    if df.empty:
+        raise _nothing_left(root / MIMIC_METADATA, f"all {len(keep)} images it lists were skipped", problems)
     df["findings"] = [sections[r].get("findings", "") for r in df["report_path"]]
     df["impression"] = [sections[r].get("impression", "") for r in df["report_path"]]
-    out = SourceData(_conform(df, source), problems=pd.DataFrame(problems, columns=["path", "problem"]))
+    out = SourceData(_conform(df, source), problems=pd.DataFrame(problems, columns=["path", "problem"]),
+                     duplicates=duplicates, origin=str(root))
     return verify(out) if verify_images else out
 
 
@@ -187,7 +305,7 @@ def read_csv_cohort(csv_path: str | Path, image_root: str | Path | None = None, 
     csv_path = Path(csv_path)
     if not csv_path.exists():
         raise FileNotFoundError(f"{csv_path}: cohort CSV not found")
-    raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    raw = read_table(csv_path, "cohort CSV", dtype=str, keep_default_na=False)
     img_root = Path(image_root) if image_root is not None else csv_path.parent
     col = {}
     for ours, aliases in CSV_ALIASES.items():
@@ -199,6 +317,11 @@ def read_csv_cohort(csv_path: str | Path, image_root: str | Path | None = None, 
     if col["study_time"] is None and col["day"] is None:
         raise ValueError(f"{csv_path}: needs a date column ({CSV_ALIASES['study_time']}) or a day offset "
                          f"({CSV_ALIASES['day']})")
+    n_rows = len(raw)
+    raw = raw.drop_duplicates()
+    duplicates = n_rows - len(raw)
+    if duplicates:
+        log.warning("%s: removed %d repeated rows", csv_path, duplicates)
     df = pd.DataFrame({"subject_id": raw[col["subject_id"]].astype(str)})
     paths = [Path(p) for p in raw[col["image_path"]]]
     df["image_path"] = [str(p if p.is_absolute() else (img_root / p).resolve()) for p in paths]
@@ -228,10 +351,20 @@ def read_csv_cohort(csv_path: str | Path, image_root: str | Path | None = None, 
     df["partition"] = ""
     df["report_path"] = ""
     problems = [(p, "no valid date or day offset") for p in df.loc[bad_time, "image_path"]]
-    exists = np.array([Path(p).exists() for p in df["image_path"]])
-    problems += [(p, "image file does not exist") for p in df.loc[~exists & ~bad_time.to_numpy(), "image_path"]]
-    df = df[exists & ~bad_time.to_numpy()]
-    out = SourceData(_conform(df, "csv"), problems=pd.DataFrame(problems, columns=["path", "problem"]))
+    no_id = (df["subject_id"].str.strip() == "").to_numpy()
+    problems += [(p, "no patient id") for p in df.loc[no_id & ~bad_time.to_numpy(), "image_path"]]
+    exists = np.array([Path(p).is_file() for p in df["image_path"]], dtype=bool)
+    ok = ~bad_time.to_numpy() & ~no_id
+    problems += [(p, "image file does not exist") for p in df.loc[~exists & ok, "image_path"]]
+    df = df[exists & ok]
+    # the same image file in two valid rows with other values: the first row is kept, the others are problems
+    again = df["image_path"].duplicated().to_numpy()
+    problems += [(p, "image listed again with other values (first row kept)") for p in df.loc[again, "image_path"]]
+    df = df[~again]
+    if df.empty:
+        raise _nothing_left(csv_path, f"all {n_rows} rows were skipped", problems)
+    out = SourceData(_conform(df, "csv"), problems=pd.DataFrame(problems, columns=["path", "problem"]),
+                     duplicates=duplicates, origin=str(csv_path))
     return verify(out) if verify_images else out
 
 
@@ -247,9 +380,13 @@ def verify(data: SourceData, views: tuple[str, ...] | None = None) -> SourceData
             read_image(p)
         except ImageError as e:
             bad.append((i, e.path, e.problem))
-    problems = pd.concat([data.problems, pd.DataFrame([(p, m) for _, p, m in bad], columns=["path", "problem"])],
-                         ignore_index=True)
-    return SourceData(rec.drop(index=[i for i, _, _ in bad]).reset_index(drop=True), data.pairs, problems)
+    new = pd.DataFrame([(p, m) for _, p, m in bad], columns=["path", "problem"])
+    problems = pd.concat([data.problems, new], ignore_index=True) if len(new) else data.problems
+    kept = rec.drop(index=[i for i, _, _ in bad]).reset_index(drop=True)
+    if kept.empty:
+        raise _nothing_left(data.origin or "data source", f"none of the {len(rec)} images decodes",
+                            [tuple(r) for r in new.itertuples(index=False)])
+    return SourceData(kept, data.pairs, problems, data.duplicates, data.origin)
 
 
 def _conform(df: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -266,7 +403,9 @@ def _conform(df: pd.DataFrame, source: str) -> pd.DataFrame:
         df[c] = df[c].fillna("").astype(str)
     df["source"] = source
     df["age"] = pd.to_numeric(df["age"], errors="coerce")
-    return df[RECORD_COLUMNS + CHEXPERT_LABELS].reset_index(drop=True)
+    if "credentialed" not in df.columns:
+        df["credentialed"] = True  # until mark_credentialed decides; never open by default
+    return df[RECORD_COLUMNS + CHEXPERT_LABELS + PROVENANCE_COLUMNS].reset_index(drop=True)
 
 
 def source_root(source: str, data_root: str | Path, run_dir: str | Path) -> Path:

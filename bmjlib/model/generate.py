@@ -5,19 +5,28 @@
         --steps 20 --scheduler dpm --seed 0]
 
 The prior may be PNG (8/16-bit), JPEG or DICOM (read by io.read_image). The output PNG has the prior's
-size. Errors name the thing and the problem: a missing model folder, an unreadable image, an empty prompt.
+size. Every input is checked before the model runs, and a refusal is one line naming the thing and the
+problem, with nothing written: a missing or damaged model folder, an unreadable or oversized image, an empty
+prompt, guidance scales that are not finite numbers >= 0, steps outside 1..1000, an output that would
+overwrite the prior or cannot be written. A prompt longer than the text encoder reads is used cut to its
+first tokens, and said so (a warning naming how many tokens were kept of how many).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+from safetensors import SafetensorError
 
 from bmjlib.io import ImageError, atomic_write_png, read_image, resize_image, to_uint8
+from bmjlib.model.demo_model import DemoModelError
 from bmjlib.model.demo_model import resolve_model as shipped
-from bmjlib.model.pipeline import BiomedJourneyPipeline
+from bmjlib.model.pipeline import SCHEDULERS, BiomedJourneyPipeline, ModelFolderError, check_sampling
 from bmjlib.runtime import resolve
 
 DEFAULTS = {"text_scale": 7.5, "image_scale": 1.5, "steps": 20, "scheduler": "dpm"}
@@ -42,44 +51,114 @@ def resolve_model(model: str) -> Path:
 def default_guidance(model_dir: str | Path) -> tuple[float, float]:
     """(text, image) guidance scales for a model folder: those chosen for it on validation pairs when the folder
     carries them (guidance.json, written by `validity.select_guidance` and shipped with the demo model),
-    else InstructPix2Pix's defaults."""
+    else InstructPix2Pix's defaults. A damaged guidance.json raises GenerateError naming it."""
     f = Path(model_dir) / "guidance.json"
-    if f.is_file():
+    if not f.is_file():
+        return DEFAULTS["text_scale"], DEFAULTS["image_scale"]
+    try:
         g = json.loads(f.read_text())
-        return float(g["text_scale"]), float(g["image_scale"])
-    return DEFAULTS["text_scale"], DEFAULTS["image_scale"]
+        ts, isc = float(g["text_scale"]), float(g["image_scale"])
+        check_sampling(ts, isc)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GenerateError(f"model {model_dir}: guidance.json is not valid JSON ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        why = f"has no {e}" if isinstance(e, KeyError) else f"is unusable ({e})"
+        raise GenerateError(f"model {model_dir}: guidance.json {why}") from None
+    return ts, isc
+
+
+def load_pipeline(model_dir: str | Path) -> BiomedJourneyPipeline:
+    """BiomedJourneyPipeline.from_pretrained, with a damaged model folder reported as one GenerateError line."""
+    try:
+        return BiomedJourneyPipeline.from_pretrained(model_dir)
+    except ModelFolderError as e:
+        raise GenerateError(str(e)) from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise GenerateError(f"model {model_dir} cannot be loaded ({type(e).__name__}: {first})") from None
+
+
+def check_output(out: str | os.PathLike, prior: str | os.PathLike) -> Path:
+    """Refuse an output that is not a .png, is a folder, is the prior itself (same resolved path, or the
+    same file through a link) or lies under a file or an unwritable folder."""
+    path = Path(out)
+    if not str(out).lower().endswith(".png"):
+        raise GenerateError(f"output {out} must be a .png file")
+    if path.is_dir():
+        raise GenerateError(f"output {out} is a folder, not a .png file")
+    same = os.path.realpath(path) == os.path.realpath(prior)
+    if not same and path.exists() and Path(prior).exists():
+        same = os.path.samefile(path, prior)
+    if same:
+        raise GenerateError(f"output {out} is the prior image {prior}: refusing to overwrite the input "
+                            "(choose another --out)")
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise GenerateError(f"output {out} cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GenerateError(f"output {out} cannot be written: folder {folder} is not writable")
+    return path
 
 
 def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | None = None,
              image_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
-             seed: int = 0) -> Path:
-    """Validate inputs, run the pipeline, write the counterfactual as an 8-bit PNG at the prior's size."""
-    if not prompt or not prompt.strip():
+             seed: int = 0, warn: Callable[[str], None] | None = None) -> Path:
+    """Validate inputs, run the pipeline, write the counterfactual as an 8-bit PNG at the prior's size.
+
+    Raises GenerateError (one line) for any bad input, before the model runs; nothing is written then.
+    `warn(message)` receives notices, e.g. a prompt cut to the text encoder's length (default:
+    warnings.warn)."""
+    if not isinstance(prompt, str) or not prompt.strip():
         raise GenerateError("prompt is empty: give a progression description, e.g. 'new small left effusion'")
-    if not str(out).lower().endswith(".png"):
-        raise GenerateError(f"output {out} must be a .png file")
+    steps = DEFAULTS["steps"] if steps is None else steps
+    scheduler = scheduler or DEFAULTS["scheduler"]
+    if scheduler not in SCHEDULERS:
+        raise GenerateError(f"scheduler {scheduler!r} is unknown: choose one of {', '.join(SCHEDULERS)}")
+    try:
+        check_sampling(DEFAULTS["text_scale"] if text_scale is None else text_scale,
+                       DEFAULTS["image_scale"] if image_scale is None else image_scale, steps, seed)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    check_output(out, prior)
     model_dir = resolve_model(model)
+    ts, isc = default_guidance(model_dir)
     try:
         image = read_image(prior)
     except ImageError as e:
-        raise GenerateError(f"prior image {e.path}: {e.problem}") from e
-    pipe = BiomedJourneyPipeline.from_pretrained(model_dir)
-    ts, isc = default_guidance(model_dir)
-    result = pipe(image, prompt.strip(),
-                  text_scale=ts if text_scale is None else text_scale,
+        raise GenerateError(f"prior image {e.path}: {e.problem}") from None
+    pipe = load_pipeline(model_dir)
+    prompt = prompt.strip()
+    notice = pipe.text_encoder.truncation_notice(prompt) if pipe.text_encoder is not None else None
+    if notice:
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(notice)
+    result = pipe(image, prompt, text_scale=ts if text_scale is None else text_scale,
                   image_scale=isc if image_scale is None else image_scale,
-                  steps=steps or DEFAULTS["steps"], scheduler=scheduler or DEFAULTS["scheduler"], seed=seed)[0]
+                  steps=int(steps), scheduler=scheduler, seed=int(seed))[0]
+    if not np.isfinite(result).all():
+        raise GenerateError("the model produced non-finite pixel values (NaN or inf), nothing written: "
+                            "try smaller guidance scales")
     result = resize_image(result, image.shape)
-    return atomic_write_png(out, to_uint8(np.clip(result, 0, 1)))
+    try:
+        return atomic_write_png(out, to_uint8(np.clip(result, 0, 1)))
+    except OSError as e:
+        raise GenerateError(f"output {out} cannot be written ({e.strerror or e})") from None
 
 
 def generate_cli(args) -> int:
     """Entry point of `bmj generate` (argparse namespace from bmjlib.cli). Returns the exit status."""
+    def say(message) -> None:
+        print("bmj generate: " + " ".join(str(message).split()), file=sys.stderr)  # always one line
+
     try:
         path = generate(args.model, args.prior, args.prompt, args.out, args.text_scale, args.image_scale,
-                        args.steps, args.scheduler, args.seed)
-    except (GenerateError, FileNotFoundError) as e:
-        print(f"bmj generate: {e}", file=sys.stderr)
+                        args.steps, args.scheduler, args.seed, warn=lambda m: say(f"warning: {m}"))
+    except (GenerateError, FileNotFoundError, DemoModelError) as e:
+        say(e)
         return 2
+    except KeyboardInterrupt:
+        say("interrupted, nothing written")
+        return 130
     print(f"wrote {path}")
     return 0

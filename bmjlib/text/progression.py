@@ -205,6 +205,10 @@ def loopback_model(body: dict, n: int):
 
 # --------------------------------------------------------------------------- the pipeline over pairs
 
+class NoPairsError(ValueError):
+    """Step 03 has no pair to describe, or described none; the message names the file."""
+
+
 @dataclass
 class DescribeResult:
     pairs: pd.DataFrame       # input rows that got a description, plus description, instruction_impression
@@ -220,42 +224,77 @@ def instruction_impression(row) -> str:
     return _text(row.get("followup_impression")) or _text(row.get("followup_findings"))
 
 
-def data_source(pairs: pd.DataFrame, source: str) -> str:
-    """The source the guard must assume: the profile's, unless the rows say they are credentialed
-    (a `source` column naming mimic / chexpertplus / icg, or a true `credentialed` column, as ICG-CXR
-    rows carry)."""
-    names = [str(source or "").lower()]
+_FALSE = {"false", "0", "0.0", "no"}
+
+
+def credentialed_flags(values: pd.Series) -> pd.Series:
+    """A `credentialed` column (booleans, or their text after a CSV round trip) -> booleans; a blank or
+    unreadable value counts as credentialed."""
+    return ~values.map(lambda v: str(v).strip().lower()).isin(_FALSE)
+
+
+def data_origin(pairs: pd.DataFrame, source: str, declared: str | bool = "auto") -> tuple[str, bool]:
+    """(name for the guard's messages, whether the text is credentialed), decided from the rows.
+
+    Credentialed when any row says so (a `source` column naming mimic / chexpertplus / icg, or a true or
+    blank `credentialed` value), when the profile's `source` names a credentialed dataset, when
+    `declared` (the profile's data_credentialed) is true, or when the table has no `credentialed` column
+    and `declared` is not false. Open only when every row is marked `credentialed = False` by its reader
+    (or, without the column, the profile declares the data not credentialed). A declared false never
+    reopens rows a reader marked credentialed: that is what llm_data_use_override (logged) is for.
+    """
+    declared = llm.declared_credentialed(declared)
+    source = str(source or "").lower()
+    names = [source]
     if "source" in pairs.columns:
         names += sorted(set(pairs["source"].dropna().astype(str).str.lower()))
-    cred = [n for n in names if n in llm.CREDENTIALED_SOURCES]
-    if cred:
-        return cred[0]
-    if "credentialed" in pairs.columns and pairs["credentialed"].astype(str).str.lower().isin(["true", "1"]).any():
-        return "credentialed"
-    return source
+    named = [n for n in names if n in llm.CREDENTIALED_SOURCES]
+    if named:
+        return named[0], True
+    if "credentialed" in pairs.columns:
+        if credentialed_flags(pairs["credentialed"]).any():
+            return "credentialed", True
+        return source, declared is True
+    if declared is False:
+        return source, False
+    return (source if source not in llm.OPEN_SOURCES else "credentialed"), True
+
+
+def data_source(pairs: pd.DataFrame, source: str, declared: str | bool = "auto") -> str:
+    """The name the guard reports for this table (`data_origin`'s first element)."""
+    return data_origin(pairs, source, declared)[0]
 
 
 def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "", base_url: str = "",
                    azure_endpoint: str = "", api_version: str = "", key_env: str = "", source: str = "phantom",
                    allow_hosts: str | list[str] = "", data_use_override: bool = False, concurrency: int = 4,
                    cache_path: str | Path | None = None, retry: llm.RetryPolicy | None = None,
-                   timeout: float = 60.0, progress: bool = True) -> DescribeResult:
+                   timeout: float = 60.0, progress: bool = True, credentialed: str | bool = "auto") -> DescribeResult:
     """Write one description per pair with `backend`; see the module docstring.
 
-    The data-use guard runs before any client exists. Pairs with no report text at all fail without a
-    call. Successful answers are cached (JSONL, keyed by backend, model, prompt version and the two
-    reports), so a rerun sends only the pairs that failed.
+    The data-use guard runs before any client exists, on what the rows say (`data_origin`; `credentialed`
+    is the profile's data_credentialed), and again on every request the client sends. Booleans must be
+    real booleans. Pairs with no report text at all fail without a call. Successful answers are cached
+    (JSONL, keyed by backend, model, prompt version and the two reports), so a rerun sends only the
+    pairs that failed.
     """
     t0 = time.perf_counter()
+    data_use_override = llm.require_bool("llm_data_use_override", data_use_override)
+    progress = llm.require_bool("progress", progress)
+    llm.refuse_secrets(llm_allow_hosts=allow_hosts)
+    endpoint = llm.Endpoint.from_profile(backend, model, base_url, azure_endpoint, api_version, key_env)
     missing = [c for c in ["pair_id"] + TEXT_COLUMNS if c not in pairs.columns]
     if missing:
         raise ValueError(f"pair table lacks the columns {missing} (expected schema.PAIR_COLUMNS)")
     dup = pairs["pair_id"][pairs["pair_id"].duplicated()].unique()
     if len(dup):
         raise ValueError(f"pair table has {len(dup)} duplicated pair_id values, e.g. {list(dup[:3])}")
-    endpoint = llm.Endpoint.from_profile(backend, model, base_url, azure_endpoint, api_version, key_env)
-    source = data_source(pairs, source)
-    decision = llm.check_data_use(source, backend, endpoint.url, llm.parse_hosts(allow_hosts), data_use_override)
+    source, cred = data_origin(pairs, source, credentialed)
+    hosts = llm.parse_hosts(allow_hosts)
+    decision = llm.check_data_use(source, backend, endpoint.url, hosts, data_use_override, cred)
+
+    def check_url(url: str) -> str:  # the same rules for every request the client sends
+        return llm.check_data_use(source, backend, url, hosts, data_use_override, cred, quiet=True)
 
     rows = pairs.to_dict("records")
     reports = {r["pair_id"]: (compose_report(r["prior_findings"], r["prior_impression"]),
@@ -285,7 +324,7 @@ def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "
         if backend == "replay":
             call = llm.replay_call
         else:
-            call = llm.make_api_call(endpoint, retry, timeout)
+            call = llm.make_api_call(endpoint, retry, timeout, check_url=check_url)
         meta = {"backend": backend, "model": model, "prompt_version": version}
         got = llm.run_requests(requests, call, cache, concurrency, meta, progress)
         outcomes.update(got)
@@ -308,19 +347,25 @@ def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "
 def run_step(run_dir, backend: str = "offline", model: str = "", base_url: str = "", azure_endpoint: str = "",
              api_version: str = "", key_env: str = "", source: str = "phantom", allow_hosts: str = "",
              data_use_override: bool = False, concurrency: int = 4, cache_file: str = "",
-             progress: bool = True, retry: llm.RetryPolicy | None = None, timeout: float = 60.0) -> DescribeResult:
+             progress: bool = True, retry: llm.RetryPolicy | None = None, timeout: float = 60.0,
+             credentialed: str | bool = "auto") -> DescribeResult:
     """Notebook 03: 02_registration/pairs.csv -> 03_descriptions/{pairs,failures}.csv + run.json.
 
     A rerun with the same inputs and no failures is a no-op (io.Manifest); with failures, only the
-    failed pairs are sent again (the cache answers the rest).
+    failed pairs are sent again (the cache answers the rest). Every column of 02's table, `credentialed`
+    included, is kept in 03's.
     """
+    data_use_override = llm.require_bool("llm_data_use_override", data_use_override)
+    credentialed = llm.declared_credentialed(credentialed)
+    llm.refuse_secrets(llm_allow_hosts=allow_hosts, llm_cache_file=cache_file)
     src = resolve(run_dir) / "02_registration" / "pairs.csv"
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist: run step 02 (registration) first")
     out = step_dir(run_dir, "03_descriptions")
     cache_path = resolve(cache_file) if cache_file else out / "llm_cache.jsonl"
     host = llm.Endpoint.from_profile(backend, model, base_url, azure_endpoint, api_version, key_env).url
-    key = fingerprint(sha256_file(src), backend, model, host, PROMPT_VERSION, SYNTH_VERSION, source)
+    key = fingerprint(sha256_file(src), backend, model, host, PROMPT_VERSION, SYNTH_VERSION, source, credentialed,
+                      llm.parse_hosts(allow_hosts), data_use_override)
     manifest = Manifest(out / "manifest.json", root=out)
     if all(manifest.is_current(f, key) for f in ("pairs.csv", "failures.csv")):
         done = pd.read_csv(out / "failures.csv", dtype=str, keep_default_na=False)
@@ -328,10 +373,16 @@ def run_step(run_dir, backend: str = "offline", model: str = "", base_url: str =
             meta = json.loads((out / "run.json").read_text())
             return DescribeResult(pd.read_csv(out / "pairs.csv", dtype={"subject_id": str}), done,
                                   meta["decision"], 0, 0, 0.0)
-    pairs = pd.read_csv(src, dtype={"subject_id": str, "prior_study_id": str, "followup_study_id": str,
-                                    "prior_dicom_id": str, "followup_dicom_id": str})
+    try:
+        pairs = pd.read_csv(src, dtype={"subject_id": str, "prior_study_id": str, "followup_study_id": str,
+                                        "prior_dicom_id": str, "followup_dicom_id": str})
+    except pd.errors.EmptyDataError:
+        raise NoPairsError(f"{src}: empty file (no header, no rows): rerun step 02 (registration)") from None
+    if pairs.empty:
+        raise NoPairsError(f"{src}: 0 pairs: every pair failed or was rejected in step 02 (its registration.csv "
+                           f"says why)")
     res = describe_pairs(pairs, backend, model, base_url, azure_endpoint, api_version, key_env, source, allow_hosts,
-                         data_use_override, concurrency, cache_path, retry, timeout, progress)
+                         data_use_override, concurrency, cache_path, retry, timeout, progress, credentialed)
     atomic_write_csv(out / "pairs.csv", res.pairs)
     atomic_write_csv(out / "failures.csv", res.failures)
     for f in ("pairs.csv", "failures.csv"):
@@ -339,9 +390,14 @@ def run_step(run_dir, backend: str = "offline", model: str = "", base_url: str =
     manifest.save()
     atomic_write_json(out / "run.json", {
         "backend": backend, "model": model, "host": llm.host_of(host) if host else "", "source": source,
-        "decision": res.decision, "data_use_override": bool(data_use_override), "prompt_version": PROMPT_VERSION,
+        "data_credentialed": credentialed, "decision": res.decision, "data_use_override": data_use_override,
+        "prompt_version": PROMPT_VERSION,
         "synth_version": SYNTH_VERSION, "pairs_in": len(pairs), "described": len(res.pairs),
-        "failed": len(res.failures), "calls": res.calls, "cached": res.cached, "seconds": round(res.seconds, 2)})
+        "failed": len(res.failures), "calls": res.calls, "cached": res.cached})
+    if res.pairs.empty:
+        first = res.failures.iloc[0]
+        raise NoPairsError(f"{out / 'failures.csv'}: none of the {len(pairs)} pairs got a description (first: "
+                           f"{first['pair_id']}: {first['reason']}); a rerun retries them")
     return res
 
 
