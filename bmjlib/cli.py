@@ -15,7 +15,7 @@ def _reproduce(a: argparse.Namespace) -> int:
 
     try:
         run_chain(a.profile, out=a.out, start=a.start, stop=a.stop, force=a.force)
-    except ChainError as e:
+    except (ChainError, ValueError, FileNotFoundError) as e:  # profile and range problems: one line, no traceback
         print(f"bmj reproduce: {e}", file=sys.stderr)
         return 1
     return 0
@@ -67,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prior", required=True, help="PNG, JPEG or DICOM prior image")
     g.add_argument("--prompt", required=True, help="progression description, e.g. 'new small left effusion'")
     g.add_argument("--out", required=True, help="output PNG")
-    g.add_argument("--text-scale", type=float, default=None)
-    g.add_argument("--image-scale", type=float, default=None)
-    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--text-scale", type=float, default=None,
+                   help="text guidance s_T, a finite number >= 0 (default: the model's guidance.json, else 7.5)")
+    g.add_argument("--image-scale", type=float, default=None,
+                   help="image guidance s_I, a finite number >= 0 (default: the model's guidance.json, else 1.5)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps, 1 to 1000 (default 20)")
     g.add_argument("--scheduler", default=None, choices=["ddim", "dpm", "euler"])
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)

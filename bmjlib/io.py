@@ -11,8 +11,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +49,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(path: str | os.PathLike, obj) -> Path:
+    """torch.save, atomically and byte-reproducibly: the archive is built in memory, so the record name
+    inside it does not come from the temporary file's random name."""
+    import torch  # deferred: io stays importable without loading torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -204,13 +216,22 @@ class Manifest:
 
 # --------------------------------------------------------------------------- reading images
 
+# The largest image the package reads: 100 megapixels. The largest projection radiographs are far smaller
+# (a 43 x 43 cm chest detector at 0.1 mm pitch is 4300 x 4300 = 18.5 MP; full-field mammography is about
+# 30 MP), the model itself works at 256 px or less, and 100 MP is already 400 MB as float32; a larger
+# file is refused with ImageError before it is decoded (a 'decompression bomb' never fills the memory).
+MAX_IMAGE_PIXELS = 100_000_000
+DICOM_MAGIC_OFFSET = 128  # a DICOM file (PS3.10) is a 128-byte preamble, then b"DICM", whatever its name
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read a radiograph as a 2-D float32 array in [0, 1].
 
     PNG/JPEG of any bit depth (8- or 16-bit; 16-bit is scaled by its own range, not clamped), RGB or
-    RGBA (converted to luminance), and DICOM (.dcm; rescale slope/intercept and MONOCHROME1 inversion
-    applied). Raises `ImageError` naming the file for a missing, truncated or undecodable file, and for
-    a blank (constant) image, which is never silently turned into zeros.
+    RGBA (converted to luminance), and DICOM (recognised by its content, so with any file name or none;
+    rescale slope/intercept and MONOCHROME1 inversion applied). Raises `ImageError` naming the file for a
+    missing, truncated or undecodable file, for an image over MAX_IMAGE_PIXELS, and for a blank (constant)
+    image, which is never silently turned into zeros.
     """
     arr = read_pixels(path)
     lo, hi = float(arr.min()), float(arr.max())
@@ -228,15 +249,50 @@ def read_pixels(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise ImageError(path, "file does not exist")
+    if path.is_dir():
+        raise ImageError(path, "is a folder, not an image file")
     if path.stat().st_size == 0:
         raise ImageError(path, "file is empty")
-    arr = _read_dicom(path) if path.suffix.lower() in (".dcm", ".dicom") else _read_raster(path)
+    dicom = is_dicom(path) or path.suffix.lower() in (".dcm", ".dicom")
+    arr = _read_dicom(path) if dicom else _read_raster(path)
     return arr.astype(np.float32)
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """True when the file is a DICOM file by content: b"DICM" after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(DICOM_MAGIC_OFFSET + 4)
+    except OSError:
+        return False
+    return head[DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
+def _too_large(path: Path, width: int | None, height: int | None, pixels: int | None = None) -> ImageError:
+    pixels = pixels if pixels is not None else width * height
+    size = f"{width} x {height} pixels" if width and height else f"{pixels:,} pixels"
+    return ImageError(path, f"image is {size} ({pixels / 1e6:.1f} megapixels), over the limit of "
+                            f"{MAX_IMAGE_PIXELS / 1e6:g} megapixels for images read by bmjlib "
+                            "(bmjlib.io.MAX_IMAGE_PIXELS); downsample it first")
+
+
+def _png_size(path: Path) -> tuple[int, int] | tuple[None, None]:
+    """(width, height) from a PNG's IHDR chunk without decoding, else (None, None)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return None, None
 
 
 def _read_raster(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # the size limit is MAX_IMAGE_PIXELS, checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # reads the header only
+        with im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise _too_large(path, im.width, im.height)
             im.load()  # forces a full decode, so a truncated file fails here
             mode = im.mode
             if mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
@@ -247,8 +303,13 @@ def _read_raster(path: Path) -> np.ndarray:
                 arr = np.asarray(im, dtype=np.float32)
             else:
                 arr = np.asarray(im.convert("L"), dtype=np.float32)
+    except Image.DecompressionBombError as e:  # PIL's own limit (2 x its MAX_IMAGE_PIXELS) is hit at open
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(path, *_png_size(path), int(found.group(1)) if found else None) from None
     except UnidentifiedImageError:
         raise ImageError(path, "not a readable image (unknown or corrupt format)") from None
+    except PermissionError:
+        raise ImageError(path, "cannot be read (permission denied)") from None
     except (OSError, SyntaxError) as e:  # PIL raises OSError("image file is truncated ...")
         raise ImageError(path, f"corrupt or truncated image ({e})") from None
     if arr.ndim != 2:
@@ -260,7 +321,14 @@ def _read_dicom(path: Path) -> np.ndarray:
     import pydicom  # deferred: only DICOM priors need it
 
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(str(path), defer_size="1 MB")  # pixel data is read only after the size check
+        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except Exception as e:  # pydicom raises many types for bad files
+        raise ImageError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    if rows * cols * frames > MAX_IMAGE_PIXELS:
+        raise _too_large(path, cols, rows, rows * cols * frames)
+    try:
         arr = ds.pixel_array.astype(np.float32)
     except Exception as e:  # pydicom raises many types for bad files
         raise ImageError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from None

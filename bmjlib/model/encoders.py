@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from bmjlib.io import ImageError, atomic_write_json, read_image, resize_image
 from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG
-from bmjlib.runtime import fit_cpu_threads
+from bmjlib.runtime import record_timing, use_run_threads
 
 
 def load_images(paths: Sequence[str | os.PathLike], size: int, skip_bad: bool = False,
@@ -124,6 +124,28 @@ class TextEncoder(nn.Module):
                for i in range(0, len(prompts), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.context_length, self.width)
 
+    def prompt_tokens(self, prompt: str) -> tuple[int, int]:
+        """(tokens the tower reads, tokens the prompt has), start and end tokens included. The tokenizer
+        keeps the first `context_length` tokens of a longer prompt and drops the rest."""
+        tok = self.tokenizer
+        hf = getattr(tok, "tokenizer", None)
+        if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):  # open_clip's BPE tokenizer
+            total = len(tok.encode(prompt)) + 2
+        elif hf is not None and callable(hf):  # open_clip's wrapper of a Hugging Face tokenizer
+            clean = getattr(tok, "clean_fn", None) or (lambda t: t)
+            total = len(hf(clean(prompt), truncation=False, verbose=False)["input_ids"])
+        else:
+            total = int((tok([prompt])[0] != 0).sum())
+        return min(total, self.context_length), total
+
+    def truncation_notice(self, prompt: str) -> str | None:
+        """One line saying that `prompt` is longer than the text encoder reads, or None when it fits."""
+        kept, total = self.prompt_tokens(prompt)
+        if kept >= total:
+            return None
+        return (f"the prompt is {total} tokens long but the text encoder reads only {self.context_length}: "
+                f"{kept} of {total} tokens kept, the rest of the prompt is ignored")
+
     def save(self, folder: str | os.PathLike) -> Path:
         """Write open_clip's local-dir layout: open_clip_config.json + open_clip_model.safetensors
         (+ the HF tokenizer files for HF text towers such as BiomedCLIP's)."""
@@ -178,7 +200,7 @@ def train_demo_clip(images: np.ndarray, texts: Sequence[str], val_images: np.nda
                     seed: int = 0, config: dict | None = None, max_seconds: float | None = None) -> dict:
     """Train the demo CLIP contrastively (open_clip's ClipLoss), save it (TextEncoder.load-able folder),
     and return held-out image->report retrieval metrics + timing."""
-    fit_cpu_threads()
+    use_run_threads()
     torch.manual_seed(seed)
     cfg = copy.deepcopy(config or DEMO_CLIP_CONFIG)
     cfg["vision_cfg"]["image_size"] = int(images.shape[-1])
@@ -227,8 +249,9 @@ def train_demo_clip(images: np.ndarray, texts: Sequence[str], val_images: np.nda
         uniq = list(dict.fromkeys(val_texts))
         tf = model.encode_text(tokenizer(uniq))
     metrics = retrieval_topk(imf, list(val_texts), dict(zip(uniq, tf)))
-    metrics.update(steps=step, seconds=round(time.time() - t0, 1), final_loss=float(np.mean(losses[-10:])))
+    metrics.update(steps=step, final_loss=float(np.mean(losses[-10:])))
     atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+    record_timing("demo CLIP", time.time() - t0, steps=step)
     return metrics
 
 
@@ -248,7 +271,7 @@ def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os
     set its `scaling_factor` to 1 / std of the training latents (as SD does), save it, and return held-out
     PSNR / SSIM on whole images. `crop`: train on random crop x crop patches (the VAE is convolutional, so
     half-size crops cost a quarter and still teach it whole images)."""
-    fit_cpu_threads()
+    use_run_threads()
     torch.manual_seed(seed)
     cfg = dict(copy.deepcopy(config or DEMO_VAE_CONFIG), sample_size=int(images.shape[-1]))
     vae = AutoencoderKL(**cfg)
@@ -288,9 +311,9 @@ def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os
     psnr, ssim = psnr_ssim(val_images, rec01)
     vae.save_pretrained(out_dir)
     metrics = {"psnr": psnr, "ssim": ssim, "n_val": len(val_images), "steps": done,
-               "scaling_factor": vae.config.scaling_factor, "seconds": round(time.time() - t0, 1),
-               "final_loss": float(np.mean(losses[-10:]))}
+               "scaling_factor": vae.config.scaling_factor, "final_loss": float(np.mean(losses[-10:]))}
     atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+    record_timing("demo VAE", time.time() - t0, steps=done)
     return metrics
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,13 +43,65 @@ from bmjlib.io import atomic_dir, atomic_write_json, resize_image
 from bmjlib.model.configs import DEMO_UNET_CONFIG, SD15_SCHEDULER_CONFIG, SD15_VAE_CONFIG
 from bmjlib.model.demo_model import resolve_model
 from bmjlib.model.encoders import TextEncoder
-from bmjlib.runtime import fit_cpu_threads
+from bmjlib.runtime import use_run_threads
 
 PIPELINE_FILE = "bmj_pipeline.json"
 DUMMY_PRIOR_VALUE = 128 / 255  # stage 1's prior: a constant-128 image (paper §4.2)
 
 
 SCHEDULERS = ("ddim", "dpm", "euler")
+# A sampler cannot take more steps than the training schedule has timesteps.
+MAX_STEPS = int(SD15_SCHEDULER_CONFIG["num_train_timesteps"])
+MAX_SEED = 2 ** 63 - 1
+# The JSON files of a saved model folder: (path inside the folder, needed only with a stored text encoder).
+MODEL_JSON = ((PIPELINE_FILE, False), ("vae/config.json", False), ("unet/config.json", False),
+              ("scheduler/scheduler_config.json", False), ("text_encoder/open_clip_config.json", True))
+
+
+class ModelFolderError(ValueError):
+    """A saved model folder that cannot be loaded; the message names the folder, the file and the problem."""
+
+
+def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int = 20, seed: int = 0) -> None:
+    """Refuse settings that cannot give a meaningful image, with a ValueError naming the setting: guidance
+    scales must be finite numbers >= 0 (NaN guidance decodes to a black image), steps a whole number from
+    1 to MAX_STEPS, the seed a whole number from 0 to MAX_SEED."""
+    for name, v in (("text scale", text_scale), ("image scale", image_scale)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"{name} {v!r} is not a number")
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} {float(v)} is not allowed: guidance scales must be finite numbers >= 0")
+    for name, v, lo, hi in (("steps", steps, 1, MAX_STEPS), ("seed", seed, 0, MAX_SEED)):
+        whole = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer()
+        if not whole or not lo <= int(v) <= hi:
+            raise ValueError(f"{name} {v} is not allowed: give a whole number from {lo} to {hi}")
+
+
+def read_model_meta(path: str | os.PathLike, text_encoder: bool = True) -> dict:
+    """The saved model folder's bmj_pipeline.json, after checking that it and the parts' JSON configs parse
+    (the stored text encoder's only when `text_encoder` and the folder has one): a damaged or missing file
+    raises ModelFolderError (one line naming the folder and the file)."""
+    path = Path(path)
+    meta = None
+    for rel, text_only in MODEL_JSON:
+        f = path / rel
+        if text_only and not (text_encoder and (meta or {}).get("has_text_encoder", True)):
+            continue
+        if not f.is_file():
+            raise ModelFolderError(f"model folder {path}: {rel} is missing")
+        try:
+            value = json.loads(f.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+            raise ModelFolderError(f"model folder {path}: {rel} is not valid JSON{where}") from None
+        if not isinstance(value, dict):
+            raise ModelFolderError(f"model folder {path}: {rel} is not a JSON object")
+        if rel == PIPELINE_FILE:
+            meta = value
+            size = meta.get("image_size")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+                raise ModelFolderError(f"model folder {path}: {rel} has no valid image_size (got {size!r})")
+    return meta
 
 
 def build_unet(config: dict | None = None, **overrides):
@@ -228,7 +282,7 @@ class BiomedJourneyPipeline:
         denoising step (total = steps x batches), e.g. for a progress bar in a widget.
         """
         if self.device.type == "cpu":
-            fit_cpu_threads()
+            use_run_threads()
         for m in (self.vae, self.unet, self.projection, self.text_encoder):
             if m is not None:
                 m.eval()
@@ -243,8 +297,7 @@ class BiomedJourneyPipeline:
             prompts = prompts * n
         if len(priors) != len(prompts):
             raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
-        if steps < 1:
-            raise ValueError("steps must be >= 1")
+        check_sampling(text_scale, image_scale, steps, seed)
         it = range(0, n, batch_size)
         if progress:
             it = tqdm(it, desc="generate", unit="batch")
@@ -324,7 +377,7 @@ class BiomedJourneyPipeline:
             what = "does not exist" if not path.exists() else f"has no {PIPELINE_FILE}"
             raise FileNotFoundError(f"model folder {path} {what}: not a saved BiomedJourneyPipeline "
                                     "(train one with notebooks 04-05 or bmjlib.model.train.train_stage)")
-        meta = json.loads(meta_file.read_text())
+        meta = read_model_meta(path, text_encoder=text_encoder is None)
         vae = AutoencoderKL.from_pretrained(path / "vae")
         unet = UNet2DConditionModel.from_pretrained(path / "unet")
         sched = dict(DDPMScheduler.load_config(path / "scheduler"))
