@@ -7,7 +7,9 @@ here against the repository root.
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,44 +43,79 @@ def step_dir(run_dir: str | os.PathLike, step: str) -> Path:
     return d
 
 
-def load_profile(name_or_file: str) -> dict[str, Any]:
+class ProfileError(ValueError):
+    """A profile cannot be used as written (the message names the profile and the problem)."""
+
+
+def load_profile(name_or_file: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a profile: a packaged name (smoke, demo, paper) or a YAML file of flat values.
 
-    A profile file may say `base: demo` to start from a packaged profile and override a few values.
+    A profile file may say `base: demo` (or another file) to start from that profile and override a few
+    values; a chain of bases that comes back to itself is refused.
     """
     p = Path(name_or_file)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
             raise FileNotFoundError(f"profile file {p} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"profile {p}: expected a mapping of name: value, got {type(values).__name__}")
-        base = values.pop("base", None)
-        merged = load_profile(base) if base else {}
-        merged.update(values)
-        merged["profile"] = values.get("profile", p.stem)
-        return merged
-    packaged = PROFILE_DIR / f"{name_or_file}.yaml"
-    if not packaged.exists():
-        names = ", ".join(sorted(q.stem for q in PROFILE_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"no profile named {name_or_file!r} (packaged: {names}; or give a .yaml file)")
-    values = yaml.safe_load(packaged.read_text()) or {}
+        ident, name, text = str(p.resolve()), p.stem, p.read_text()
+    else:
+        packaged = PROFILE_DIR / f"{name_or_file}.yaml"
+        if not packaged.exists():
+            names = ", ".join(sorted(q.stem for q in PROFILE_DIR.glob("*.yaml")))
+            raise FileNotFoundError(f"no profile named {name_or_file!r} (packaged: {names}; or give a .yaml file)")
+        ident, name, text = str(packaged.resolve()), str(name_or_file), packaged.read_text()
+    if ident in _seen:
+        raise ProfileError(f"profile {name}: its base: chain comes back to itself "
+                           f"({' -> '.join(Path(x).stem for x in _seen + (ident,))})")
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ProfileError(f"profile {name}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ProfileError(f"profile {name}: expected a mapping of name: value, got {type(values).__name__}")
     base = values.pop("base", None)
-    merged = load_profile(base) if base else {}
+    merged = load_profile(str(base), _seen + (ident,)) if base else {}
     merged.update(values)
-    merged["profile"] = name_or_file
+    merged["profile"] = values.get("profile", name)
     return merged
 
 
-def fit_cpu_threads() -> int:
-    """Use one intra-op thread when the CPU is oversubscribed (load average above the core count): OpenMP's
-    spin-waiting then makes a 2-thread step ~20x slower than a 1-thread one (measured on the 2-core machine
-    at load 17: 25 s vs 1 s per demo UNet step). Otherwise keep torch's default. Returns the thread count."""
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0] > cores
-    except OSError:
-        busy = False
-    if busy and torch.get_num_threads() > 1:
-        torch.set_num_threads(1)
-    return torch.get_num_threads()
+# The run's intra-op thread count: a recorded setting of the run (profile `threads`, 0 = the machine's cores),
+# passed by the chain to every notebook kernel through this variable. Never chosen from the machine's load:
+# float reductions then differ from run to run.
+THREADS_ENV = "BMJ_THREADS"
+
+
+def run_threads(threads: int | str | None = None) -> int:
+    """The thread count a run uses: `threads` if > 0, else $BMJ_THREADS, else the machine's cores."""
+    for v in (threads, os.environ.get(THREADS_ENV)):
+        try:
+            n = int(v) if v not in (None, "") else 0
+        except (TypeError, ValueError):
+            raise ProfileError(f"threads {v!r}: a whole number of threads (0 = every core)") from None
+        if n > 0:
+            return n
+    return os.cpu_count() or 1
+
+
+def use_run_threads() -> int:
+    """Set torch's intra-op threads to the run's recorded count (`run_threads`); returns it."""
+    n = run_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# Wall-clock times are logs, not results: they go to the run's logs/timings.jsonl (the chain names the file
+# in this variable), never into a step's outputs, so two runs of a step write byte-identical outputs.
+TIMINGS_ENV = "BMJ_TIMINGS"
+
+
+def record_timing(what: str, seconds: float, **extra) -> None:
+    """Append one timing line ({what, seconds, ...}) to $BMJ_TIMINGS; nothing when no run names one."""
+    f = os.environ.get(TIMINGS_ENV)
+    if not f:
+        return
+    row = {"what": what, "seconds": round(float(seconds), 3), **extra, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(f, "a") as fh:
+        fh.write(json.dumps(row, default=str) + "\n")

@@ -1,6 +1,5 @@
 """The papermill chain runner, on small fixture notebooks."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -103,7 +102,7 @@ def test_every_packaged_profile_loads():
 def test_unknown_profile_and_secret_keys_are_refused(tmp_path, chain):
     with pytest.raises(FileNotFoundError, match="no profile named"):
         load_profile("nonexistent")
-    with pytest.raises(ValueError, match="secrets never pass as notebook parameters"):
+    with pytest.raises(ChainError, match="secrets never pass as notebook parameters"):
         run_chain({"profile": "t", "openai_api_key": "sk-x"}, out=tmp_path / "r", notebook_dir=chain)
 
 

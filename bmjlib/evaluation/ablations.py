@@ -30,7 +30,7 @@ from bmjlib.io import atomic_write_csv
 from bmjlib.model.encoders import TextEncoder
 from bmjlib.model.stages import train_config
 from bmjlib.model.train import TrainConfig, train_stage
-from bmjlib.runtime import resolve
+from bmjlib.runtime import record_timing, resolve
 
 ARMS = [(d, r, t) for r in (False, True) for t in (False, True) for d in ("impression", "description")]
 TEXT_COLUMN = {"impression": "instruction_impression", "description": "description"}
@@ -98,7 +98,8 @@ def run_arms(arms: list[tuple], run_dir, out_dir, config, judges: dict, size: in
         r = summary[summary["source"] == name].iloc[0].to_dict()
         info = json.loads((out / "models" / name / "train.json").read_text())
         rows.append({"arm": name, "instruction": desc, "registration": reg, "two_stage": two, "encoder": enc,
-                     "train_steps": info.get("steps"), "seconds": round(time.time() - t0, 1), **r})
+                     "train_steps": info.get("steps"), **r})
+        record_timing(f"ablation arm {name}", time.time() - t0)
     table = pd.DataFrame(rows)
     atomic_write_csv(out / "arms.csv", table)
     return table

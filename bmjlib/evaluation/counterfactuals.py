@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_png, fingerprint, read_image,
                        resize_image, sha256_file, to_uint8)
 from bmjlib.model.pipeline import BiomedJourneyPipeline
-from bmjlib.runtime import resolve
+from bmjlib.runtime import record_timing, resolve
 
 DEMO_MODELS = ["biomedjourney", "one_stage", "text_only", "copy_prior"]
 PAPER_MODELS = ["sd15", "ip2p"] + DEMO_MODELS
@@ -212,7 +212,7 @@ def generate_all(run_dir: str | Path, out_dir: str | Path, models: list[str] | N
                  size: int = 64, seed: int = 0, batch_size: int = 16, max_pairs: int | None = None,
                  settings: dict | None = None, sd_dir: str = "", ip2p_dir: str = "", device: str = "cpu",
                  skip_missing: bool = False) -> pd.DataFrame:
-    """Every model over the test pairs. Returns a summary (model, n_pairs, n_generated, seconds, status).
+    """Every model over the test pairs. Returns a summary (model, n_pairs, n_generated, status).
     `skip_missing`: a model whose weights are absent is reported as 'missing: ...' instead of raising."""
     pairs = test_pairs(run_dir, max_pairs=max_pairs)
     specs = model_specs(run_dir, scale, sd_dir, ip2p_dir)
@@ -226,8 +226,8 @@ def generate_all(run_dir: str | Path, out_dir: str | Path, models: list[str] | N
             if not skip_missing:
                 raise
             idx, status = pd.DataFrame(), f"missing: {e}"
-        rows.append({"model": name, "n_pairs": len(pairs), "n_generated": len(idx),
-                     "seconds": round(time.time() - t0, 1), "status": status})
+        rows.append({"model": name, "n_pairs": len(pairs), "n_generated": len(idx), "status": status})
+        record_timing(f"generate {name}", time.time() - t0, n_pairs=len(pairs))
     summary = pd.DataFrame(rows)
     atomic_write_csv(Path(out_dir) / "summary.csv", summary)
     return summary

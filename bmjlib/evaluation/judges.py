@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 
 from bmjlib.evaluation import metrics as M
 from bmjlib.evaluation.judges_xrv import load_paper_judges
-from bmjlib.io import (atomic_path, atomic_write_csv, atomic_write_json, fingerprint, read_image, resize_image,
+from bmjlib.io import (atomic_torch_save, atomic_write_csv, atomic_write_json, fingerprint, read_image, resize_image,
                        sha256_file)
-from bmjlib.runtime import resolve
+from bmjlib.runtime import record_timing, resolve
 from bmjlib.schema import FINDING_KEYS, FINDINGS, ORGANS
 
 JUDGE_FILE = "judge.json"
@@ -122,8 +122,7 @@ class _Judge:
     def save(self, d: str | Path) -> Path:
         d = Path(d)
         d.mkdir(parents=True, exist_ok=True)
-        with atomic_path(d / WEIGHTS_FILE) as tmp:
-            torch.save(self.net.state_dict(), tmp)
+        atomic_torch_save(d / WEIGHTS_FILE, self.net.state_dict())
         atomic_write_json(d / JUDGE_FILE, {"kind": self.kind, "size": self.size, "width": self.width,
                                             "heldout": self.heldout, "extra": self.extra,
                                             "weights_sha256": sha256_file(d / WEIGHTS_FILE)})
@@ -406,14 +405,14 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
         # dense and regression targets: smaller batches (more steps) converge within the same epochs
         bs, lr = {"anatomy": (16, 1e-2), "age": (16, 2e-3)}.get(kind, (64, 2e-3))
         _fit(judge, x, y, loss, epochs, seed, batch=bs, lr=lr, desc=f"judge {kind}")
-        judge.heldout = {**evaluate_judge(judge, ho), "n_train": int(len(x)), "n_heldout": int(len(ho["images"])),
-                         "train_seconds": round(time.time() - t1, 1)}
+        judge.heldout = {**evaluate_judge(judge, ho), "n_train": int(len(x)), "n_heldout": int(len(ho["images"]))}
+        record_timing(f"judge {kind}", time.time() - t1, n_train=int(len(x)))
         judge.save(out_dir / kind)
         judges[kind] = judge
         rows += [{"judge": kind, "metric": m, "value": v} for m, v in judge.heldout.items()]
     atomic_write_csv(out_dir / "heldout.csv", pd.DataFrame(rows))
-    atomic_write_json(stamp, {"key": key, "seconds": round(time.time() - t0, 1), "skipped": data["skipped"],
-                              "skipped_files": data["skipped_files"][:50]})
+    atomic_write_json(stamp, {"key": key, "skipped": data["skipped"], "skipped_files": data["skipped_files"][:50]})
+    record_timing("judges", time.time() - t0)
     return judges
 
 

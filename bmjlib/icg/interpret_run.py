@@ -29,11 +29,11 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from bmjlib.data.icg import read_icg, write_icg
+from bmjlib.data.icg import OPEN_ORIGINS, read_icg, rows_credentialed, write_icg
 from bmjlib.data.registration import parse_affine
 from bmjlib.evaluation.judges import load_judges
 from bmjlib.icg import interpret as I
-from bmjlib.io import (ImageError, atomic_write_csv, atomic_write_json, fingerprint, read_image,
+from bmjlib.io import (ImageError, atomic_dir, atomic_write_csv, atomic_write_json, fingerprint, read_image,
                        resize_image, save_figure, sha256_file, write_table)
 from bmjlib.runtime import resolve
 from bmjlib.schema import FINDINGS, label_col
@@ -440,15 +440,25 @@ def interpretation_figure(run_dir, tables: dict, model: str, fig_dir, size: int,
     return fig, save_figure(fig, fig_dir, name, dpi=130, bbox_inches=None)[0]
 
 
-def export_icg(run_dir, out_dir, tables: dict, origin: str = "phantom") -> tuple[pd.DataFrame, dict]:
+def export_icg(run_dir, out_dir, tables: dict, origin: str | None = None) -> tuple[pd.DataFrame, dict]:
     """Every registered triple of the run as ICG-CXR pair folders, with the reference interpretation
-    (registered follow-up vs prior) as changes-of-findings; read back and compared (nothing lost)."""
+    (registered follow-up vs prior) as changes-of-findings; read back and compared (nothing lost). The origin
+    written is 'phantom' only when no row is credentialed, else the rows' own source."""
     pairs = pair_table(run_dir)
     pairs = pairs[pairs["registered_path"].fillna("").astype(bool)].drop(columns=["affine", "counterfactual_path"],
                                                                         errors="ignore")
+    if origin is None:
+        source = str(pairs["source"].dropna().iloc[0]) if "source" in pairs and pairs["source"].notna().any() else ""
+        origin = ("phantom" if not rows_credentialed(pairs) else
+                  source if source and source not in OPEN_ORIGINS else "credentialed")
     s = tables["sentences"]
     interp = s[s["model"] == "reference"][["pair_id", "changes_of_findings"]]
-    written = write_icg(pairs, out_dir, interpretations=interp, origin=origin)
+    # Rebuilt whole, never appended to: pairs a previous run exported and this one does not are gone.
+    with atomic_dir(out_dir) as tmp:
+        written = write_icg(pairs, tmp, interpretations=interp, origin=origin)
+    for c in ("folder", "json"):
+        if c in written:
+            written[c] = [str(v).replace(str(tmp), str(Path(out_dir))) for v in written[c]]
     _, back, skipped = read_icg(out_dir)
     back = back.set_index("pair_id").loc[pairs["pair_id"]]
     same = {c: bool((pairs.set_index("pair_id")[c].fillna("").astype(str) ==

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from bmjlib.io import ImageError, atomic_path, read_image
+from bmjlib.io import ImageError, atomic_torch_save, read_image
 from bmjlib.model.pipeline import DUMMY_PRIOR_VALUE, to_batch
 
 CHUNK = 256
@@ -52,8 +52,7 @@ def _load(path: Path) -> dict:
 
 
 def _save(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    atomic_torch_save(path, obj)
 
 
 @dataclass

@@ -48,7 +48,7 @@ from bmjlib.model.configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from bmjlib.model.encoders import TextEncoder, load_vae
 from bmjlib.model.latents import CachedData, build_cache, module_fingerprint
 from bmjlib.model.pipeline import BiomedJourneyPipeline, build_unet, build_vae, expand_unet_in_channels, train_scheduler
-from bmjlib.runtime import fit_cpu_threads
+from bmjlib.runtime import record_timing, use_run_threads
 
 PRIOR_MODES = ("dummy", "registered", "unregistered")
 TARGET_COLUMN = {"dummy": "image_path", "registered": "registered_path", "unregistered": "followup_path"}
@@ -217,7 +217,7 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     """
     cfg = TrainConfig.from_dict(config)
     if not torch.cuda.is_available():
-        fit_cpu_threads()
+        use_run_threads()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = stage_rows(table, prior, text_column, split, root)
@@ -343,9 +343,11 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
             "key": key, "steps": step, "skipped_steps": skipped, "examples": n, "prior": prior,
             "text_column": text_column, "init_from": str(init_from) if init_from else None,
             # the UNet actually trained: with init_from, its saved config wins over cfg.unet_config
-            "config": {**asdict(cfg), "unet_config": dict(pipe.unet.config)}, "seconds_this_run": round(seconds, 1),
-            "samples_per_s": round(trained * cfg.batch_size / seconds, 1) if trained and seconds > 0 else None,
+            "config": {**asdict(cfg), "unet_config": dict(pipe.unet.config)},
             "model_sha256": sha256_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")})
+        rate = round(trained * cfg.batch_size / seconds, 1) if trained and seconds > 0 else None
+        record_timing(f"train {out.name}", seconds, steps=trained, samples_per_s=rate)
+        print(f"{out.name}: {trained} steps this run in {seconds:.1f} s ({rate} samples/s)")
         shutil.rmtree(ckpt_root, ignore_errors=True)
     acc.wait_for_everyone()
     return model_dir
