@@ -12,17 +12,22 @@ from bmjlib.io import read_image
 from test_judges import make_fake_run
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def fake_model_run(root, n_patients: int, models=("05_stage2/model", "04_stage1/model")):
+    """(run, pipeline): a fake run with descriptions (step 03) and a tiny random pipeline saved as each model."""
     from test_pipeline import tiny_pipeline
 
-    run = make_fake_run(tmp_path_factory.mktemp("cf"), n_patients=15)
+    run = make_fake_run(root, n_patients=n_patients)
     (run / "03_descriptions").mkdir()
     shutil.copy(run / "01_cohort" / "pairs.csv", run / "03_descriptions" / "pairs.csv")
     pipe = tiny_pipeline()
-    pipe.save_pretrained(run / "05_stage2" / "model")
-    pipe.save_pretrained(run / "04_stage1" / "model")
-    return run
+    for m in models:
+        pipe.save_pretrained(run / m)
+    return run, pipe
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return fake_model_run(tmp_path_factory.mktemp("cf"), 15)[0]
 
 
 def test_copy_prior_is_the_resized_prior(run, tmp_path):

@@ -18,7 +18,8 @@ from bmjlib.phantom.body import image_ctr
 from bmjlib.phantom.cohort import plan_patient, state_from_record
 from bmjlib.schema import FINDINGS, ORGANS
 from bmjlib.text.progression import describe_change, null_description
-from test_judges import BLOB, make_fake_run
+from test_counterfactuals import ThresholdSegmenter, fake_model_run
+from test_judges import BLOB
 
 SIZE = 64
 EFF = FINDINGS.index("Pleural Effusion")
@@ -172,25 +173,13 @@ class BlobJudge:
         return np.stack([x[:, int(r * s), int(c * s)] - x[:, int(2 * s), int(16 * s)] for r, c in BLOB.values()], 1)
 
 
-class ThresholdSegmenter:
-    def predict(self, images):
-        x = np.asarray(images)
-        return np.stack([x > 0.2 + 0.08 * k for k in range(6)], axis=1)
-
-
 JUDGES = {"finding": BlobJudge(), "anatomy": ThresholdSegmenter()}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from test_pipeline import tiny_pipeline
-
-    run = make_fake_run(tmp_path_factory.mktemp("validity"), n_patients=25)
-    (run / "03_descriptions").mkdir()
-    shutil.copy(run / "01_cohort" / "pairs.csv", run / "03_descriptions" / "pairs.csv")
-    pipe = tiny_pipeline()
-    for m in ("05_stage2/model", "05_stage2/one_stage/model", "04_stage1/model"):
-        pipe.save_pretrained(run / m)
+    run, pipe = fake_model_run(tmp_path_factory.mktemp("validity"), 25,
+                               models=("05_stage2/model", "05_stage2/one_stage/model", "04_stage1/model"))
     gen = run / "06_generate"
     pairs = C.test_pairs(run)
     C.generate_model("copy_prior", C.model_specs(run)["copy_prior"], pairs, gen, size=32)

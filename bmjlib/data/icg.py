@@ -34,6 +34,7 @@ from PIL import Image
 
 from bmjlib.io import atomic_write_bytes, atomic_write_png, read_image, to_uint8
 from bmjlib.schema import CHEXPERT_LABELS, PAIR_COLUMNS, RECORD_COLUMNS, label_col
+from bmjlib.text.progression import credentialed_flags
 
 MISSING_LABEL = -100          # ICG-CXR's value for a label the source did not provide
 BRANCHES = ("mimic_cxr", "chexpertplus")
@@ -275,10 +276,8 @@ def _copy_png(src: str, dst: Path) -> None:
 
 def rows_credentialed(table: pd.DataFrame) -> bool:
     """Whether any row of a table is credentialed data: a true `credentialed` value, or no such column (what
-    the project cannot classify counts as credentialed)."""
-    if "credentialed" not in table.columns:
-        return True
-    return bool(table["credentialed"].astype(str).str.strip().str.lower().isin(["true", "1", "1.0"]).any())
+    the project cannot classify counts as credentialed; a blank value too, as `credentialed_flags` reads it)."""
+    return "credentialed" not in table.columns or bool(credentialed_flags(table["credentialed"]).any())
 
 
 def write_icg(pairs: pd.DataFrame, out_root, interpretations: pd.DataFrame | None = None,

@@ -42,11 +42,16 @@ def _race_index(v) -> float:
     return float("nan")
 
 
+def finding_labels(pairs: pd.DataFrame, which: str) -> np.ndarray:
+    """N x K binarised CheXpert labels (schema.FINDINGS order) of the pairs' `which` study ('prior' or
+    'followup')."""
+    return np.stack([M.binarize_labels(pairs[f"{which}_{f}"].to_numpy(float)) for f in FINDINGS], 1)
+
+
 def truth_of(pairs: pd.DataFrame, scale: str = "demo") -> dict:
     """Labels of the test pairs: follow-up and prior findings (binarised CheXpert), retention attribute,
     age."""
-    fu = np.stack([M.binarize_labels(pairs[f"followup_{f}"].to_numpy(float)) for f in FINDINGS], 1)
-    pr = np.stack([M.binarize_labels(pairs[f"prior_{f}"].to_numpy(float)) for f in FINDINGS], 1)
+    fu, pr = finding_labels(pairs, "followup"), finding_labels(pairs, "prior")
     if scale == "paper":
         ret = pairs["race"].map(_race_index).to_numpy(float)
     else:

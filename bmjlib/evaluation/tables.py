@@ -58,11 +58,11 @@ def paper_cmig_check() -> pd.DataFrame:
                          for k, v in PAPER_T1.items()])
 
 
-def fmt(row: pd.Series | dict, key: str, scale: float = 100.0, digits: int = 1) -> str:
-    """'80.5 [77.1, 83.6]' from a summary row holding key, key_lo, key_hi; '-' when undefined."""
+def fmt(row: pd.Series | dict, key: str, scale: float = 100.0, digits: int = 1, missing: str = "-") -> str:
+    """'80.5 [77.1, 83.6]' from a summary row holding key, key_lo, key_hi; `missing` when undefined."""
     v = row.get(key, np.nan)
     if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "-"
+        return missing
     s = f"{v * scale:.{digits}f}"
     lo, hi = row.get(f"{key}_lo", np.nan), row.get(f"{key}_hi", np.nan)
     if lo is not None and hi is not None and not (np.isnan(lo) or np.isnan(hi)):

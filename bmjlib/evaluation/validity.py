@@ -56,9 +56,10 @@ from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 
 from bmjlib.evaluation import metrics as M
+from bmjlib.evaluation.tables import fmt
 from bmjlib.evaluation.counterfactuals import (GUIDANCE_FILE, GUIDANCE_GRID, generate_model, load_generator,
                                                model_specs, test_pairs)
-from bmjlib.evaluation.evaluate import source_path
+from bmjlib.evaluation.evaluate import finding_labels, source_path
 from bmjlib.io import (atomic_write_csv, atomic_write_json, atomic_write_text, markdown_table, read_image,
                        read_pixels, resize_image, save_figure, to_uint8)
 from bmjlib.phantom.cohort import render_variant
@@ -149,8 +150,7 @@ def load_frames(run_dir: str | Path, gen_dir: str | Path, pairs: pd.DataFrame, m
 def label_changes(pairs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(target, changed), N x K over schema.FINDINGS: the follow-up's binarised label, and whether it differs
     from the prior's (both known)."""
-    fu = np.stack([M.binarize_labels(pairs[f"followup_{f}"].to_numpy(float)) for f in FINDINGS], 1)
-    pr = np.stack([M.binarize_labels(pairs[f"prior_{f}"].to_numpy(float)) for f in FINDINGS], 1)
+    fu, pr = finding_labels(pairs, "followup"), finding_labels(pairs, "prior")
     return fu, (fu != pr) & ~np.isnan(fu) & ~np.isnan(pr)
 
 
@@ -328,7 +328,7 @@ def probe_plan(pairs: pd.DataFrame, n_priors: int) -> pd.DataFrame:
     """The probes of the first `n_priors` pairs: one row per generation, with the row it starts from
     (`source`: another probe's id, or "" for the pair's prior) and its step in that chain."""
     rows = []
-    prior = np.stack([M.binarize_labels(pairs[f"prior_{f}"].to_numpy(float)) for f in FINDINGS], 1)
+    prior = finding_labels(pairs, "prior")
     for i, (_, r) in enumerate(pairs.head(int(n_priors)).iterrows()):
         pid, side = r["pair_id"], ("left", "right")[i % 2]
         null = null_description(_report(r, "prior"))
@@ -475,24 +475,25 @@ def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str
 
 def evaluate_validity(run_dir: str | Path, gen_dir: str | Path, judges: dict, models: list[str], size: int,
                       vae=None, n_boot: int = 1000, seed: int = 0, pairs: pd.DataFrame | None = None,
-                      root: str | Path | None = None, probes_dir: str | Path | None = None
-                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      root: str | Path | None = None, probes_dir: str | Path | None = None,
+                      reference_rows: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, per_pair): one row per source (models with outputs, copy_prior among them, then previous_label,
     reference, truth and vae_truth when the run has a truth) with every validity column and its interval
-    (`<col>_lo`, `<col>_hi`); per_pair holds the pair-level values."""
+    (`<col>_lo`, `<col>_hi`); per_pair holds the pair-level values. `reference_rows=False` scores the models
+    only (no effectiveness_rel): what a guidance grid needs once its reference rows are known."""
     pairs = test_pairs(run_dir) if pairs is None else pairs.reset_index(drop=True)
     ids = pairs["pair_id"].tolist()
     have = [m for m in models if all((Path(gen_dir) / m / f"{p}.png").is_file() for p in ids)]
     imgs = load_frames(run_dir, gen_dir, pairs, have, size, root)
     prior = imgs.pop("prior")
-    sources = have + ["reference"]
-    if "truth" in imgs:
+    sources = have + ["reference"] * reference_rows
+    if "truth" in imgs and reference_rows:
         sources.append("truth")
         if vae is not None:
             imgs["vae_truth"] = resize_image(vae.reconstruct(imgs["truth"], size), size)
             sources.append("vae_truth")
     target, changed = label_changes(pairs)
-    prior_labels = np.stack([M.binarize_labels(pairs[f"prior_{f}"].to_numpy(float)) for f in FINDINGS], 1)
+    prior_labels = finding_labels(pairs, "prior")
     sides = change_sides(pairs, target, changed)
     p_prior = judges["finding"].predict(prior)
     m_prior = judges["anatomy"].predict(prior)
@@ -524,7 +525,7 @@ def evaluate_validity(run_dir: str | Path, gen_dir: str | Path, judges: dict, mo
         return stats
 
     per["previous_label"] = {"scores": np.nan_to_num(prior_labels)}
-    order = have + ["previous_label"] + [s for s in sources if s not in have]
+    order = have + ["previous_label"] * reference_rows + [s for s in sources if s not in have]
     rows, per_pair = [], []
     for s in order:
         stats = stats_for(per[s])
@@ -556,19 +557,10 @@ VALIDITY_COLUMNS = ["effectiveness", "effectiveness_rel", "effectiveness_lat", "
 
 
 def validity_table(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """The published table: per source each column as `value [lo, hi]`; empty where undefined."""
-    out = []
-    for _, r in table.iterrows():
-        row = {"source": r["source"], "n_pairs": int(r["n_pairs"])}
-        for c in VALIDITY_COLUMNS:
-            v = r.get(c, np.nan)
-            if v is None or pd.isna(v):
-                row[c] = ""
-                continue
-            lo, hi = r.get(f"{c}_lo", np.nan), r.get(f"{c}_hi", np.nan)
-            row[c] = f"{v:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if not pd.isna(lo) else "")
-        out.append(row)
-    return pd.DataFrame(out)
+    """The published table: per source each column as `value [lo, hi]` (`tables.fmt`); empty where undefined."""
+    return pd.DataFrame([{"source": r["source"], "n_pairs": int(r["n_pairs"]),
+                          **{c: fmt(r, c, scale=1.0, digits=digits, missing="") for c in VALIDITY_COLUMNS}}
+                         for _, r in table.iterrows()])
 
 
 # --------------------------------------------------------------------------- guidance: edit vs preservation
@@ -602,7 +594,7 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
             arm = out / f"text{ts:g}_image{im:g}"
             s = dict(settings or {}, text_scale=float(ts), image_scale=float(im))
             generate_model(m, specs[m], pairs, arm, size, seed, batch_size, s, generator=gen)
-            t, _ = evaluate_validity(run_dir, arm, judges, [m], size, vae=None, n_boot=0, pairs=pairs)
+            t, _ = evaluate_validity(run_dir, arm, judges, [m], size, n_boot=0, pairs=pairs, reference_rows=False)
             rows.append(dict(model=m, text_scale=float(ts), image_scale=float(im),
                              **_curve_point(t.set_index("source").loc[m], pres)))
     table = pd.DataFrame(rows)
@@ -652,7 +644,7 @@ def plot_edit_preservation(table: pd.DataFrame, choice: dict, fig_dir=None, name
     for _, r in table[table["model"].isin(list(marks))].iterrows():
         ax.scatter(r["preservation"], r["effectiveness"], marker=marks[r["model"]], s=90, color="black",
                    zorder=5, label=r["model"])
-    ch = table[table.get("chosen", False) == True]  # noqa: E712 (a boolean column)
+    ch = table[table["chosen"].astype(bool)] if "chosen" in table else table.iloc[:0]
     if len(ch):
         ax.scatter(ch["preservation"], ch["effectiveness"], s=260, facecolors="none", edgecolors="red", lw=2,
                    zorder=6, label=f"chosen: text {choice['text_scale']:g}, image {choice['image_scale']:g}")
