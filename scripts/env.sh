@@ -11,7 +11,14 @@ python="${BMJ_PYTHON:-python3}"
 stamp="$venv/.bmj-pyproject.sha256"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+ready() { [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; }
+if ! ready; then
+  # One creator at a time: a second command started meanwhile waits for the first one's environment.
+  mkdir -p "$(dirname "$venv")"
+  exec 9>"$venv.lock"
+  flock 9
+fi
+if ! ready; then
   echo "[env] creating environment in $venv (first run: several minutes, torch is large)" >&2
   "$python" -m venv "$venv"
   log="$venv/install.log"
