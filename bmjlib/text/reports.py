@@ -1,7 +1,10 @@
-"""Radiology reports: MIMIC-style sections, a rule-based finding extractor, CheXpert-style labels (paper §3).
+"""Radiology reports: MIMIC-style sections, a rule-based finding extractor, CheXpert-style labelling
+(BiomedJourney §3 "Data filtering" / "Text preprocessing", and the reference labels of §4.3).
 
-The paper works from the reports' IMPRESSION sections (§3, "Text preprocessing") and feeds two reports per
-pair to GPT-4 (Fig. 2). This module is the text side of that step, without a model:
+The paper works from the reports' IMPRESSION sections (§3, "Text preprocessing"), keeps studies with a
+CheXpert finding (§3, "Data filtering"), scores pathology against CheXpert labels of the reference
+report (§4.3), and feeds two reports per pair to GPT-4 (Fig. 2). This module is the text side of those
+steps, without a model:
 
 - `parse_sections(text)`: FINDINGS, IMPRESSION, COMPARISON, INDICATION, HISTORY (plus any other
   upper-case header), tolerant of missing sections, case and spacing variants and `___` PHI placeholders.
@@ -15,8 +18,11 @@ pair to GPT-4 (Fig. 2). This module is the text side of that step, without a mod
 
 The extractor follows the CheXpert labeler's three stages (mention -> negation -> uncertainty) with regular
 expressions instead of a dependency parse: a negation or hedge cue applies to the first mention after it
-in its clause and to further mentions joined to it by a plain list ("no effusion, pneumothorax or
-consolidation"); anything else (a severity word, a new verb) ends the cue's scope.
+in its clause and to every further mention of the same list, whatever nouns sit between them
+("no consolidations, pneumoperitoneum, large effusions or definite pneumothorax are seen"). A list ends
+at a verb or clause word (is, has, there, with, ...), at a new cue, at an item that opens with "the",
+states its own predicate ("the heart is enlarged", "effusion has increased") or, after a comma or "and"
+without "or"/"nor", opens with a severity or change word ("no pneumothorax, small left effusion").
 """
 from __future__ import annotations
 
@@ -118,18 +124,25 @@ def report_body(text: str) -> str:
 # --------------------------------------------------------------------------- mentions
 
 # Mention patterns per label. Order matters only for overlapping text (longest alternatives first).
-_SEV_ADV = r"(?:(?:mildly|slightly|minimally|moderately|markedly|severely|massively|substantially|significantly)\s+)?"
+_ADV = r"(?:mildly|slightly|minimally|moderately|markedly|severely|massively|substantially|significantly)"
+_SEV_ADV = rf"(?:{_ADV}\s+(?:to\s+{_ADV}\s+)?)?"
+_HEART_IS = r"(?:heart|cardiac)(?:\s+size|\s+silhouette)?\s+(?:is\s+|remains\s+|appears\s+)?(?:now\s+)?"
+_UPPER_NORMAL = r"(?:top|upper|high)[- ]normal|borderline|at\s+the\s+upper\s+limits?\s+of\s+normal"
 _MENTIONS: dict[str, str] = {
     "CardioNormal": (
-        r"(?:heart|cardiac)\s+(?:size|silhouette)\s+(?:is\s+|remains\s+|appears\s+)?(?:now\s+)?(?:normal|within\s+normal\s+limits|not\s+enlarged)"
-        r"|normal\s+(?:heart|cardiac)\s+(?:size|silhouette)|heart\s+is\s+(?:not\s+enlarged|normal\s+in\s+size)"
+        r"(?:heart|cardiac)\s+(?:size|silhouette)\s+(?:is\s+|remains\s+|appears\s+)?(?:now\s+)?"
+        r"(?:normal|within\s+normal\s+limits|not\s+(?:enlarged|large)\b)"
+        r"|normal\s+(?:heart|cardiac)\s+(?:size|silhouette)"
+        r"|heart\s+(?:is|remains|appears)\s+(?:now\s+)?(?:not\s+(?:enlarged|large)\b|(?:of\s+)?normal(?:\s+in)?(?:\s+size)?)"
         r"|cardiomediastinal\s+silhouette\s+(?:is\s+|remains\s+|appears\s+)?(?:normal|within\s+normal\s+limits|unremarkable)"
         r"|normal\s+cardiomediastinal\s+silhouette"),
+    # A large heart, however phrased ("the cardiac silhouette is large", "enlarged heart"); an enlarged
+    # CARDIOMEDIASTINAL silhouette may be mediastinal and counts as Enlarged Cardiomediastinum instead.
     "Cardiomegaly": (
-        r"cardiomegaly|(?:heart|cardiac)(?:\s+size|\s+silhouette)?\s+(?:is\s+|remains\s+|appears\s+)?(?:now\s+)?" + _SEV_ADV
-        + r"enlarged|enlarge(?:d|ment\s+of\s+the)\s+(?:heart|cardiac\s+silhouette)|cardiac\s+enlargement"
-        r"|(?:top[- ]normal|borderline)\s+(?:heart\s+size|cardiac\s+silhouette)"
-        r"|(?:heart|cardiac)\s+(?:size|silhouette)\s+(?:is\s+)?(?:top[- ]normal|borderline|at\s+the\s+upper\s+limits?\s+of\s+normal)"),
+        r"cardiomegaly|" + _HEART_IS + _SEV_ADV + r"(?:enlarged|large)\b"
+        r"|(?:" + _SEV_ADV + r"(?:enlarged|large)|enlargement\s+of\s+the)\s+(?:heart|cardiac\s+silhouette)|cardiac\s+enlargement"
+        r"|(?:(?:top|upper|high)[- ]normal|borderline)\s+(?:heart\s+size|cardiac\s+silhouette)"
+        r"|" + _HEART_IS + r"(?:" + _UPPER_NORMAL + r")"),
     "Pleural Effusion": (
         r"(?<!pericardial\s)(?:pleural\s+)?effusions?|pleural\s+fluid"
         r"|blunting\s+of\s+(?:the\s+|both\s+)?(?:(?:left|right|bilateral)\s+)?costophrenic\s+angles?"),
@@ -156,7 +169,8 @@ _MENTIONS: dict[str, str] = {
 # A label's regex runs only when one of its trigger words occurs in the text (a plain substring test),
 # which keeps the extractor fast enough for the synthesiser's >= 5,000 pairs/s.
 _TRIGGERS = {
-    "CardioNormal": ("normal", "not enlarged"), "Cardiomegaly": ("cardiomegaly", "enlarge", "borderline", "top"),
+    "CardioNormal": ("normal", "not enlarged", "not large"),
+    "Cardiomegaly": ("cardiomegaly", "large", "borderline", "top", "upper", "high"),
     "Pleural Effusion": ("effusion", "pleural fluid", "costophrenic"), "Pneumothorax": ("pneumothora", "ptx"),
     "Edema": ("edema", "congestion", "chf", "heart failure"), "Atelectasis": ("atelecta", "collapse"),
     DEVICES: ("tube", "line", "catheter", "picc", "pace", "icd", "defib", "lead", "port", "wire", "device"),
@@ -197,7 +211,7 @@ _UNC_PRE = re.compile(
     r"|can\s*not\s+(?:be\s+)?(?:exclude|excluded|ruled\s+out)|can't\s+exclude|not\s+(?:be\s+)?excluded|differential"
     r"|versus|vs|equivocal|borderline|top[- ]normal|presumed|early|subtle|difficult\s+to\s+exclude)\b|\?")
 _NEG_PRE = re.compile(
-    r"\b(?:no|not|without|negative\s+for|free\s+of|absence\s+of|resolution\s+of|resolved|removal\s+of"
+    r"\b(?:no|not|neither|without|negative\s+for|free\s+of|absence\s+of|resolution\s+of|resolved|removal\s+of"
     r"|interval\s+removal|clear\s+of|rule\s+out|ruled\s+out)\b")
 _UNC_POST = re.compile(
     r"^[\s,]*(?:(?:is|are)\s+)?(?:cannot|can\s*not|can't)\s+(?:be\s+)?(?:entirely\s+)?(?:excluded|ruled\s+out)"
@@ -207,16 +221,44 @@ _NEG_POST = re.compile(
     r"|(?:is|are|was|were)\s+(?:no\s+longer|not)\s+(?:clearly\s+)?(?:seen|visible|present|identified|evident|appreciated|visualized|demonstrated)"
     r"|(?:is|are)\s+(?:absent|resolved)|resolved|no\s+longer\s+(?:seen|visible|present)"
     r"|(?:(?:has|have)\s+been\s+|was\s+|were\s+)?(?:removed|withdrawn|discontinued))")
-# A gap that only joins list items keeps a negation/hedge cue in force ("no effusion, pneumothorax or edema").
-_LIST_GAP = re.compile(
-    r"^(?:[\s,/]|\b(?:or|and|nor|and/or|left|right|bilateral|pleural|pulmonary|focal|definite|acute|new"
-    r"|significant|appreciable|evident|visible|interstitial|sizable|large|of|any|signs|evidence)\b)*$")
+# List scope: a cue stays in force over the items of its list, whatever nouns sit between the mentions
+# ("no consolidation, pneumoperitoneum, or pleural effusion"). These end the list: a verb or clause word
+# in the gap; an item that opens with "the" ("no pneumothorax, and the tube ..."); a mention with its own
+# predicate ("... and the heart is enlarged") or followed by one ("..., effusion has increased"); after a
+# comma or "and", an item opening with a severity or change word ("no pneumothorax, small left effusion"),
+# unless an "or"/"nor" still joins the list further on ("no edema, sizable effusion or pneumothorax"); a
+# bare comma after the list's conjunction ("no pneumothorax or effusion, left lower lobe atelectasis"). A
+# new cue in the gap ends it too and starts its own scope, except a finding named as what a negated one
+# would suggest ("no consolidation to suggest pneumonia": both negated).
+_LIST_END = re.compile(
+    r"\b(?:is|are|was|were|be|been|being|has|have|had|seen|noted|present|identified|demonstrated|visualized"
+    r"|appreciated|remains?|persists?|appears?|shows?|demonstrates?|measur\w*|represents?|reflects?|consistent"
+    r"|compatible|there|which|with|but|however|although|though|whereas|while|yet|except|also|otherwise|now"
+    r"|status|post|after|following|since|due|secondary)\b"
+    r"|(?:^|,|\b(?:and|or|nor))\s*the\b")
+_LIST_OR = re.compile(r"\b(?:or|nor)\b")
+_LIST_CONJ = re.compile(r"\b(?:or|nor|and)\b")
+_ITEM_SPLIT = re.compile(r",|\b(?:and|with)\b")
+_STATEMENT = re.compile(r"\b(?:is|are|was|were|has|have|had|there|which|but|however|although|though|whereas|while|yet)\b")
+_NEG_LINK = re.compile(r"^\s*(?:to\s+(?:suggest|indicate)|(?:concerning|suspicious|worrisome)\s+for|suggestive\s+of"
+                       r"|diagnostic\s+of)(?:\s+(?:an?|any))?\s*$")
+_LIST_END_OR_OR = re.compile(_LIST_END.pattern + r"|\b(?:or|nor)\b")
+_ITEM_OPEN = re.compile(
+    r"\b(?:small|mild|moderate|minimal|trace|tiny|slight|large|severe|marked|massive|extensive|substantial"
+    r"|sizable|mildly|moderately|markedly|severely|new|newly|increas\w*|worse\w*|worsen\w*|enlarging"
+    r"|decreas\w*|improv\w*|unchanged|stable|persistent|residual|redemonstrated)\b")
+_OWN_PREDICATE = re.compile(r"\b(?:is|are|remains|appears)\b")
+_PREDICATE_AFTER = re.compile(
+    r"^\s*(?:(?:is|are|has|have)\s+(?:now\s+|again\s+|also\s+)?(?:been\s+)?(?:increas|decreas|worse|improv|larger"
+    r"|smaller|unchanged|stable|persist|redemonstrat)|remains?\b|persists?\b|measures?\b)")
 
 _LINK_RE = re.compile(r"\b(?:may|might|could|likely|probably)\s+(?:represent|reflect)s?\b|\b(?:consistent|compatible)\s+with\b"
                       r"|\b(?:likely|probably|possibly|suggesting|suggestive\s+of|concerning\s+for)\b")
-_SIDE_RE = re.compile(r"\b(?:(bilateral(?:ly)?|bibasilar|bibasal|both|biapical)|(left|lingula\w*|retrocardiac)|(right))\b")
+# The lingula is in the left lung only, the middle lobe in the right only.
+_SIDE_RE = re.compile(r"\b(?:(bilateral(?:ly)?|bibasilar|bibasal|both|biapical)|(left|lingula\w*|retrocardiac|lll|lul)"
+                      r"|(right|middle[\s-]+lob(?:e|ar)|rll|rul|rml))\b")
 _SIDE_POST = re.compile(r"^\s*(?:(?:is|are)\s+)?(?:(?:seen|present|noted)\s+)?(?:(?:at|on|in|within|along)\s+the\s+"
-                        r"(?:(left)|(right))|(bilaterally)|(?:(left)|(right))\s+greater\s+than)")
+                        r"(?:(left|lingula)|(right|middle[\s-]+lobe))|(bilaterally)|(?:(left)|(right))\s+greater\s+than)")
 _SEV_WORDS = re.compile(
     r"\b(?:small|mild|moderate|minimal|trace|tiny|slight|large|severe|marked|massive|extensive|substantial"
     r"|sizable|mildly|moderately|markedly|severely|massively|slightly|minimally|subsegmental|plate-?like"
@@ -272,27 +314,70 @@ def _tail(text: str, n_words: int) -> str:
     return " ".join(parts[-n_words:]) if len(parts) > n_words else text
 
 
+def _joins_list(gap: str, mention: str, post: str, rest: str, cue: str | None, closed: bool) -> bool:
+    """Whether a mention continues the list of the mention before it (`gap` lies between them, `post`
+    up to the next mention, `rest` to the end of the clause), so that the list's cue covers it too.
+    `cue`: the list's cue; `closed`: the list already had its conjunction."""
+    if _LIST_END.search(gap) or _OWN_PREDICATE.search(mention) or _PREDICATE_AFTER.match(post):
+        return False
+    if cue == "absent" and _NEG_LINK.match(gap):
+        return True
+    if _UNC_PRE.search(gap) or _NEG_PRE.search(gap):
+        return False
+    return _list_goes_on(gap, rest, closed)
+
+
+def _list_goes_on(gap: str, rest: str, closed: bool) -> bool:
+    """The list rules on commas and item openings (see _LIST_END) for text before a mention."""
+    head, comma, last = gap.rpartition(",")
+    if not (comma and (closed or _LIST_CONJ.search(head)) and not _LIST_CONJ.search(last)):
+        items = _ITEM_SPLIT.split(gap)
+        if len(items) == 1 or not _ITEM_OPEN.search(items[-1]) or _LIST_OR.search(gap):
+            return True
+    later = _LIST_END_OR_OR.search(rest)  # the list goes on to an "or" before anything ends it
+    return later is not None and later.group(0) in ("or", "nor")
+
+
+def _cue(region: str, rest: str) -> str | None:
+    """The cue in force for a mention that `region` precedes: a hedge anywhere in it, else its last
+    negation unless a statement or a new list item lies between that negation and the mention ("no acute
+    osseous abnormality, mild cardiomegaly")."""
+    if _UNC_PRE.search(region):
+        return "uncertain"
+    last = None
+    for last in _NEG_PRE.finditer(region):
+        pass
+    if last is None:
+        return None
+    after = region[last.end():]
+    return "absent" if not _STATEMENT.search(after) and _list_goes_on(after, rest, False) else None
+
+
 def _clause_mentions(clause: str, ms: list[tuple[int, int, str]]):
     """(label, status, side, severity, change) for each mention (start, end, label) of one clause."""
     chain_cue = None
+    closed = False
     chain: list[list] = []
     results: list[list] = []
     prev_end = 0
     for i, m in enumerate(ms):
         start, end, label = m
         gap = clause[prev_end:start]
-        continues = i > 0 and _LIST_GAP.match(gap) is not None
+        nxt = ms[i + 1][0] if i + 1 < len(ms) else len(clause)
+        post = clause[end:nxt]
+        mention = clause[start:end]
+        continues = i > 0 and _joins_list(gap, mention, post, clause[end:], chain_cue, closed)
+        closed = continues and (closed or _LIST_CONJ.search(gap) is not None)
         if not continues:
             if chain:
                 results.extend(chain)
             chain = []
             region = _PSEUDO_NEG.sub(" ", gap if i > 0 else clause[:start])
-            chain_cue = "uncertain" if _UNC_PRE.search(region) else "absent" if _NEG_PRE.search(region) else None
-        nxt = ms[i + 1][0] if i + 1 < len(ms) else len(clause)
-        post = clause[end:nxt]
-        mention = clause[start:end]
+            chain_cue = _cue(region, clause[end:])
+            closed = _LIST_CONJ.search(region) is not None
         near = _tail(gap, 4)
-        sev = _severity(near + " " + mention)
+        # "the cardiac silhouette is large" states the finding, not its grade
+        sev = _severity(near + " " + (_LARGE_RE.sub(" ", mention) if label == "Cardiomegaly" else mention))
         if not sev:
             pm = _SEV_POST.search(post)
             sev = _severity(pm.group(0)) if pm else 0
@@ -309,7 +394,7 @@ def _clause_mentions(clause: str, ms: list[tuple[int, int, str]]):
         status = chain_cue
         if label == "CardioNormal":
             label, status = "Cardiomegaly", status if status == "uncertain" else "absent"
-        elif label == "Cardiomegaly" and ("top" in mention or "borderline" in mention or "upper limit" in mention):
+        elif label == "Cardiomegaly" and _UPPER_NORMAL_RE.search(mention):
             status = "uncertain"
         if status is None:
             status = "uncertain" if _UNC_POST.match(post) else "absent" if _NEG_POST.match(post) else None
@@ -328,6 +413,8 @@ def _clause_mentions(clause: str, ms: list[tuple[int, int, str]]):
 
 
 _CLAUSE_SPLIT_PAREN = re.compile(r"[()]")
+_LARGE_RE = re.compile(r"\blarge\b")
+_UPPER_NORMAL_RE = re.compile(_UPPER_NORMAL)
 
 
 @lru_cache(maxsize=1 << 16)
