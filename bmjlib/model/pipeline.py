@@ -12,6 +12,13 @@ Sampling uses classifier-free guidance on both conditions (InstructPix2Pix, Broo
 where "image" conditioning is the prior's latent (dropped = zeros) and "text" is the projected token
 states (dropped = the empty prompt's states); the three predictions come from ONE batched UNet call.
 
+Latent conventions are InstructPix2Pix's (diffusers' `StableDiffusionInstructPix2PixPipeline` and
+`train_instruct_pix2pix.py`): the prior's latent is the VAE posterior mode as is (NOT multiplied by
+the VAE's `scaling_factor`), the noised target latent is scaled; a decoded image goes to [0, 1] per
+channel (clamped) before an RGB VAE's channels are averaged to one grey image. Model folders saved
+before this convention record none (`prior_latents` in bmj_pipeline.json) and keep sampling with the
+scaled prior latent they were trained with.
+
 One class serves both scales: `SD15_UNET_CONFIG` / `SD15_VAE_CONFIG` are Stable Diffusion v1.5's
 configs written as literals (paper scale, 256 px -> 32x32 latents); `DEMO_UNET_CONFIG` is a small UNet
 trained from scratch on the phantom cohort. A trained model is one folder (`save_pretrained`).
@@ -50,6 +57,7 @@ DUMMY_PRIOR_VALUE = 128 / 255  # stage 1's prior: a constant-128 image (paper §
 
 
 SCHEDULERS = ("ddim", "dpm", "euler")
+PRIOR_LATENTS = ("unscaled", "scaled")  # bmj_pipeline.json "prior_latents" (see the module docstring)
 # A sampler cannot take more steps than the training schedule has timesteps.
 MAX_STEPS = int(SD15_SCHEDULER_CONFIG["num_train_timesteps"])
 MAX_SEED = 2 ** 63 - 1
@@ -60,6 +68,31 @@ MODEL_JSON = ((PIPELINE_FILE, False), ("vae/config.json", False), ("unet/config.
 
 class ModelFolderError(ValueError):
     """A saved model folder that cannot be loaded; the message names the folder, the file and the problem."""
+
+
+# A model's default guidance scales: those chosen for it on validation pairs when its folder carries them
+# (GUIDANCE_FILE, written by `validity.select_guidance` and shipped with the demo model), else InstructPix2Pix's
+# 7.5 / 1.5. The pipeline call, `bmj generate` and the explorer all take their defaults from `read_guidance`.
+GUIDANCE_FILE = "guidance.json"
+IP2P_GUIDANCE = (7.5, 1.5)
+
+
+def read_guidance(path: str | os.PathLike) -> tuple[float, float]:
+    """(text, image) default guidance scales of a model folder: its guidance.json when present, else
+    IP2P_GUIDANCE. A damaged guidance.json raises ModelFolderError naming the folder and the problem."""
+    f = Path(path) / GUIDANCE_FILE
+    if not f.is_file():
+        return IP2P_GUIDANCE
+    try:
+        g = json.loads(f.read_text())
+        ts, isc = float(g["text_scale"]), float(g["image_scale"])
+        check_sampling(ts, isc)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} is not valid JSON ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        why = f"has no {e}" if isinstance(e, KeyError) else f"is unusable ({e})"
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} {why}") from None
+    return ts, isc
 
 
 def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int = 20, seed: int = 0) -> None:
@@ -101,6 +134,10 @@ def read_model_meta(path: str | os.PathLike, text_encoder: bool = True) -> dict:
             size = meta.get("image_size")
             if isinstance(size, bool) or not isinstance(size, int) or size < 8:
                 raise ModelFolderError(f"model folder {path}: {rel} has no valid image_size (got {size!r})")
+            conv = meta.get("prior_latents", "scaled")
+            if conv not in PRIOR_LATENTS:
+                raise ModelFolderError(f"model folder {path}: {rel} has prior_latents {conv!r}; expected one of "
+                                       f"{', '.join(PRIOR_LATENTS)}")
     return meta
 
 
@@ -177,8 +214,13 @@ class BiomedJourneyPipeline:
     Parts: `vae` (AutoencoderKL, 1 or 3 image channels; grey images are repeated), `unet`
     (8 input channels), `text_encoder` (frozen `encoders.TextEncoder`, may be None when only cached
     text states are used, e.g. the paper-scale dry run), `projection` (nn.Linear text width ->
-    cross-attention width), `scheduler_config` (the training noise schedule), `image_size`.
+    cross-attention width), `scheduler_config` (the training noise schedule), `image_size`, `guidance` (the
+    default (text, image) scales of `__call__`; `from_pretrained` reads them with `read_guidance`).
     """
+    guidance: tuple[float, float] = IP2P_GUIDANCE
+    # "unscaled": the prior's latent is the posterior mode as is (InstructPix2Pix); "scaled": x scaling_factor
+    # (models saved before bmj_pipeline.json recorded it)
+    prior_latents: str = "unscaled"
 
     def __init__(self, vae, unet, text_encoder, projection: nn.Module, scheduler_config: dict | None = None,
                  image_size: int = 64, null_prompt: str = ""):
@@ -225,25 +267,34 @@ class BiomedJourneyPipeline:
         return x.repeat(1, c, 1, 1) if c != 1 else x
 
     @torch.no_grad()
-    def encode_images(self, images, size: int | None = None, batch_size: int = 32) -> torch.Tensor:
-        """Images in [0,1] (H,W / N,H,W array or N,1,H,W tensor) -> scaled latents (posterior mode), on CPU."""
+    def encode_images(self, images, size: int | None = None, batch_size: int = 32,
+                      scaled: bool = True) -> torch.Tensor:
+        """Images in [0,1] (H,W / N,H,W array or N,1,H,W tensor) -> latents (posterior mode), float32 on CPU:
+        x the VAE's scaling_factor (the diffusion latent, the default) or, `scaled=False`, as is."""
         x = images if torch.is_tensor(images) and images.ndim == 4 else to_batch(images, size or self.image_size)
         dtype = next(self.vae.parameters()).dtype
         out = []
         for i in range(0, len(x), batch_size):
             xb = self._vae_in(x[i:i + batch_size].to(self.device, dtype))
             out.append(self.vae.encode(xb).latent_dist.mode().float().cpu())
-        return torch.cat(out) * self.vae.config.scaling_factor
+        z = torch.cat(out)
+        return z * self.vae.config.scaling_factor if scaled else z
+
+    def encode_prior(self, images, size: int | None = None) -> torch.Tensor:
+        """The prior image's conditioning latent, on CPU: the posterior mode as is (InstructPix2Pix), or scaled
+        for a model saved with `prior_latents` "scaled"."""
+        return self.encode_images(images, size, scaled=self.prior_latents == "scaled")
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Scaled latents -> images N,1,H,W in [0,1] (channels averaged for an RGB VAE), on CPU."""
+        """Scaled latents -> images N,1,H,W in [0,1], on CPU. As diffusers' VaeImageProcessor: each channel
+        is mapped to [0,1] and clamped; an RGB VAE's clamped channels are then averaged to one grey image."""
         dtype = next(self.vae.parameters()).dtype
         out = []
         for i in range(0, len(latents), batch_size):
             z = latents[i:i + batch_size].to(self.device, dtype) / self.vae.config.scaling_factor
             x = self.vae.decode(z).sample.float()
-            out.append(((x.mean(1, keepdim=True) + 1) / 2).clamp(0, 1).cpu())
+            out.append((x * 0.5 + 0.5).clamp(0, 1).mean(1, keepdim=True).cpu())
         return torch.cat(out)
 
     def reconstruct(self, images, size: int | None = None) -> np.ndarray:
@@ -268,8 +319,8 @@ class BiomedJourneyPipeline:
 
     # ---- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prior, prompt: str | Sequence[str], text_scale: float = 7.5, image_scale: float = 1.5,
-                 steps: int = 20, scheduler: str = "dpm", seed: int = 0, batch_size: int = 16,
+    def __call__(self, prior, prompt: str | Sequence[str], text_scale: float | None = None,
+                 image_scale: float | None = None, steps: int = 20, scheduler: str = "dpm", seed: int = 0, batch_size: int = 16,
                  out_size: int | None = None, progress: bool = False,
                  callback: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Generate counterfactual follow-ups. Returns float32 N,H,W in [0,1] at `out_size` (default the
@@ -278,7 +329,8 @@ class BiomedJourneyPipeline:
         `prior`: H,W or N,H,W float array in [0,1] (resized to the model's size); `prompt`: one string
         (broadcast) or N strings; a single prior with N prompts is broadcast too. Sample i's starting
         noise comes from seed + i, so a sample does not depend on the batch it is generated in.
-        `text_scale` = s_text, `image_scale` = s_image. `callback(done, total)` is called after every
+        `text_scale` = s_text, `image_scale` = s_image; None = the model's default (`self.guidance`: its folder's
+        guidance.json when loaded from one that has it, else InstructPix2Pix's 7.5 / 1.5). `callback(done, total)` is called after every
         denoising step (total = steps x batches), e.g. for a progress bar in a widget.
         """
         if self.device.type == "cpu":
@@ -297,6 +349,8 @@ class BiomedJourneyPipeline:
             prompts = prompts * n
         if len(priors) != len(prompts):
             raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
+        text_scale = self.guidance[0] if text_scale is None else text_scale
+        image_scale = self.guidance[1] if image_scale is None else image_scale
         check_sampling(text_scale, image_scale, steps, seed)
         it = range(0, n, batch_size)
         if progress:
@@ -328,7 +382,7 @@ class BiomedJourneyPipeline:
         dev = self.device
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=dev)
-        prior_lat = self.encode_images(priors).to(dev)
+        prior_lat = self.encode_prior(priors).to(dev)
         proj_dtype = self.projection.weight.dtype
         text_emb = self.projection(self.text_states(prompts).to(dev, proj_dtype)).float()
         null_emb = self.projection(self.text_states([self.null_prompt]).to(dev, proj_dtype)).float()
@@ -360,7 +414,7 @@ class BiomedJourneyPipeline:
             atomic_write_json(tmp / PIPELINE_FILE, {
                 "class": "BiomedJourneyPipeline", "image_size": self.image_size,
                 "null_prompt": self.null_prompt, "text_dim": self.projection.in_features,
-                "has_text_encoder": self.text_encoder is not None})
+                "has_text_encoder": self.text_encoder is not None, "prior_latents": self.prior_latents})
         return path
 
     @classmethod
@@ -387,6 +441,8 @@ class BiomedJourneyPipeline:
         if text_encoder is None and meta.get("has_text_encoder", True):
             text_encoder = TextEncoder.load(f"local-dir:{path / 'text_encoder'}")
         pipe = cls(vae, unet, text_encoder, proj, sched, meta["image_size"], meta.get("null_prompt", ""))
+        pipe.guidance = read_guidance(path)
+        pipe.prior_latents = meta.get("prior_latents", "scaled")  # absent: saved before the IP2P convention
         for m in (vae, unet, proj):
             m.eval().requires_grad_(False)
         return pipe.to(device)

@@ -1,0 +1,93 @@
+"""Stage 2's training data (paper §4.2, with the demo profile's departures): exposure-matched targets and
+stable (identity) triples."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import bmjlib.model.train as T
+from bmjlib.data.registration import match_intensity, read_matched
+from bmjlib.io import atomic_write_png, read_image, to_uint8
+from bmjlib.model.latents import build_cache
+from bmjlib.model.pipeline import to_batch
+from bmjlib.model.stages import with_stable_triples
+from bmjlib.text.progression import compose_report, null_description
+
+from test_pipeline import tiny_pipeline
+from test_train import make_table
+
+
+def chest(seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = 0.3 + 0.4 * np.exp(-((x - 0.5) ** 2) / 0.02) + 0.1 * np.sin(40 * y) * (x > 0.2) + 0.05 * rng.random((size, size))
+    return img.astype(np.float32)
+
+
+def test_match_intensity_recovers_a_known_exposure_change():
+    prior = chest()
+    moved = 0.7 * prior + 0.12                      # another exposure of the same patient
+    assert np.abs(match_intensity(moved, prior) - prior).max() < 1e-4
+
+
+def test_match_intensity_follows_the_exposure_and_keeps_a_local_change():
+    prior = chest()
+    follow = prior.copy()
+    follow[40:, 36:] = np.maximum(follow[40:, 36:], 0.85)     # a new opacity on one base (~12 % of the image)
+    moved = 1.2 * follow - 0.05
+    m = match_intensity(moved, prior)
+    outside = np.ones_like(prior, bool)
+    outside[40:, 36:] = False
+    # outside the change the prior's exposure is back (up to a small pull of the fit toward the change) ...
+    assert np.abs(m - prior)[outside].mean() < 0.1 * np.abs(moved - prior)[outside].mean()
+    # ... and the opacity is still there, about as bright relative to the prior as drawn
+    drawn = (follow - prior)[~outside].mean()
+    assert (m - prior)[~outside].mean() == pytest.approx(drawn, rel=0.25)
+
+
+def test_read_matched_puts_a_registered_follow_up_in_its_prior_s_exposure(tmp_path):
+    prior = chest(1)
+    follow = np.clip(0.8 * prior + 0.15, 0, 1)
+    follow[:, :3] = 0                                  # outside the registered image: left out of the fit
+    atomic_write_png(tmp_path / "p.png", to_uint8(prior))
+    atomic_write_png(tmp_path / "f.png", to_uint8(follow))
+    got = read_matched(tmp_path / "f.png", tmp_path / "p.png")
+    ref = read_image(tmp_path / "p.png")
+    assert np.abs(got - ref)[:, 3:].mean() < 0.01 < np.abs(read_image(tmp_path / "f.png") - ref)[:, 3:].mean()
+
+
+def test_stable_triples_are_the_prior_as_its_own_follow_up_with_the_stable_sentence():
+    pairs = pd.DataFrame({
+        "pair_id": [f"p{i}" for i in range(10)], "split": ["train"] * 8 + ["val", "test"],
+        "prior_path": [f"/a/{i}.png" for i in range(10)], "registered_path": [f"/b/{i}.png" for i in range(10)],
+        "followup_path": [f"/c/{i}.png" for i in range(10)], "description": ["New left effusion."] * 10,
+        "prior_findings": ["Small left pleural effusion."] * 10, "prior_impression": ["Small left effusion."] * 10})
+    out = with_stable_triples(pairs, 0.25, seed=0)
+    extra = out.iloc[len(pairs):]
+    assert len(extra) == 2 and set(extra["split"]) == {"train"}
+    assert (extra["registered_path"] == extra["prior_path"]).all()
+    want = null_description(compose_report("Small left pleural effusion.", "Small left effusion."))
+    assert set(extra["description"]) == {want} and "effusion" in want.lower()
+    assert with_stable_triples(pairs, 0.0).equals(pairs)
+    # the same seed draws the same priors
+    assert with_stable_triples(pairs, 0.25, seed=0).equals(out)
+
+
+def test_cache_with_matched_targets_encodes_the_matched_image(tmp_path):
+    table = make_table(tmp_path / "img")
+    rows = T.stage_rows(table, "registered", "description")
+    pipe = tiny_pipeline()
+    size = 32 + 2 * pipe.latent_factor
+    data = build_cache(pipe, rows, tmp_path / "cache", 32, 1, dummy_prior=False, progress=False, match_targets=True)
+    plain = build_cache(pipe, rows, tmp_path / "cache", 32, 1, dummy_prior=False, progress=False)
+    idx = torch.arange(len(rows))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    got = data.batch(idx, g(), hflip=False, device="cpu")["target"]
+    old = plain.batch(idx, g(), hflip=False, device="cpu")["target"]
+    x = torch.cat([to_batch(read_matched(t, p), size) for t, p in zip(rows["target_path"], rows["prior_path"])])
+    z = pipe.encode_images(x).half().float()
+    off = torch.randint(0, 3, (len(rows), 2), generator=g())   # the batch's crop offsets (no flip drawn)
+    h = z.shape[-1] - 2
+    want = torch.stack([z[i, :, oy:oy + h, ox:ox + h] for i, (oy, ox) in enumerate(off.tolist())])
+    assert torch.equal(got, want)
+    assert not torch.equal(got, old)
