@@ -45,6 +45,7 @@ def test_train_config_is_what_the_smoke_profile_implies(tmp_path):
     _, vae = _fake_run(tmp_path)
     p = load_profile("smoke")
     expected = dict(image_size=32, batch_size=16, lr=1e-4, cond_dropout=0.05, ema=False, checkpoint_every=5, seed=0,
+                    match_targets=True,  # the demo profile's (smoke inherits it)
                     unet_config=dict(DEMO_UNET_CONFIG, sample_size=8))
     assert stages.train_config(p, vae, epochs=p["stage1_epochs"]) == TrainConfig(epochs=2, **expected)
     assert stages.train_config(p, vae, epochs=p["stage2_epochs"]) == TrainConfig(epochs=2, **expected)
@@ -71,7 +72,8 @@ def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
     assert kw == dict(model_scale="demo", image_size=32, vae_steps=20, clip_epochs=2, seed=0, sd_vae_dir="",
                       text_encoder="")
     assert kw1 == dict(prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
-                       cache_dir=run / "04_stage1" / "latents", unet_init=None)
+                       cache_dir=run / "04_stage1" / "latents", unet_init=None,
+                       split=("train", "val"))  # the paper's stage 1: every p10-p18 image (69,846)
 
     calls.clear()
     s1 = run / "04_stage1"

@@ -2,33 +2,38 @@
 
 The paper-scale UNet is Stable Diffusion v1.5's with 8 input channels (noisy latent || prior latent,
 InstructPix2Pix, paper §4.2), built here from its config literals with random weights, so nothing is
-downloaded; speed does not depend on the weights. A training step is the InstructPix2Pix step: noise the
-follow-up latent, concatenate the prior latent, predict the noise under cross-attention to the text
-states, MSE, AdamW. The reference estimate of its cost is 537 GFLOP per image per training step at
-256 px; against an H100's ~800 TFLOP/s of dense bf16 matrix work that bounds training near 1,500 images/s.
-The same step is also counted with torch's FlopCounterMode on the meta device (no GPU needed), so the
-table shows the counted figure beside the estimate.
+downloaded; speed does not depend on the weights. A training step is the trainer's own step
+(`bmjlib.model.train.Trainer.step`, what `train_stage` runs): conditioning dropout, the learnable text
+projection, noise and timestep, the UNet on (noisy latent || prior latent), MSE, gradient clipping, AdamW,
+on latents and text states computed once by the frozen VAE and text tower (as the trainer reads its cache).
+The reference estimate of its cost is 537 GFLOP per image per training step at 256 px; against an H100's
+~800 TFLOP/s of dense bf16 matrix work that bounds training near 1,500 images/s. The same step is also
+counted with torch's FlopCounterMode on the meta device (no GPU needed), so the table shows the counted
+figure beside the estimate.
 
-Arms, measured in one run on the same model: the baseline (fp32, the classic non-fused attention,
-frozen VAE and text encoder run on every batch) and the optimised path (bf16 autocast, SDPA attention,
-channels_last, latents and text states cached, fused AdamW, then torch.compile). Sampling: 20-step
-DPM-Solver++ with dual classifier-free guidance (three UNet evaluations per step, batched), VAE encode
-of the prior and decode of the result, at 256 px.
+Arms, measured in one run on the same model, each a set of the trainer's speed options (`TrainConfig`:
+mixed_precision, attention, channels_last, fused_adamw, compile; tests/test_distributed.py checks on the
+CPU that each computes the default path's loss): the baseline (fp32, the classic attention) and the
+optimised path (SDPA attention, bf16 autocast, channels_last, fused AdamW, then torch.compile). What the
+cache saves over running the frozen encoders on every batch is measured by the CPU section (`bmj bench`).
+Sampling: 20-step DPM-Solver++ with dual classifier-free guidance (three UNet evaluations per step,
+batched), VAE encode of the prior and decode of the result, at 256 px.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0
 from open_clip.transformer import TextTransformer
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bmjlib.bench.core import BenchConfig, NotAvailable, PeakMemory, Result
 from bmjlib.model.configs import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+from bmjlib.model.train import TensorData, Trainer, TrainConfig, make_accelerator
 
 GFLOP_PER_IMAGE = 537.0        # reference estimate for one SD v1.5 UNet training step at 256 px (flops_row counts it)
 PEAK_BF16_TFLOPS = 800.0       # H100 dense bf16, a round figure
@@ -50,21 +55,20 @@ def tiny_configs() -> tuple[dict, dict, dict]:
 
 @dataclass
 class Arm:
+    """One arm: a name and the trainer's speed options (`TrainConfig` fields) it sets."""
     name: str
-    bf16: bool = False
-    sdpa: bool = True
-    cached: bool = False
-    channels_last: bool = False
-    compile: bool = False
+    options: dict = field(default_factory=dict)
 
 
-BASELINE = Arm("fp32, classic attention, VAE + text encoder on the fly", sdpa=False)
+BASELINE = Arm("fp32, classic attention", dict(mixed_precision="no", attention="classic"))
 ARMS = [BASELINE,
-        Arm("fp32, SDPA, on the fly"),
-        Arm("bf16 + SDPA + cached latents/text", bf16=True, cached=True),
-        Arm("bf16 + SDPA + cached + channels_last", bf16=True, cached=True, channels_last=True),
-        Arm("bf16 + SDPA + cached + channels_last + torch.compile", bf16=True, cached=True, channels_last=True,
-            compile=True)]
+        Arm("fp32, SDPA", dict(mixed_precision="no", attention="sdpa")),
+        Arm("bf16 + SDPA", dict(mixed_precision="bf16")),
+        Arm("bf16 + SDPA + channels_last", dict(mixed_precision="bf16", channels_last=True)),
+        Arm("bf16 + SDPA + channels_last + fused AdamW", dict(mixed_precision="bf16", channels_last=True,
+                                                              fused_adamw=True)),
+        Arm("bf16 + SDPA + channels_last + fused AdamW + torch.compile",
+            dict(mixed_precision="bf16", channels_last=True, fused_adamw=True, compile="inductor"))]
 
 
 class Parts:
@@ -74,6 +78,7 @@ class Parts:
         torch.manual_seed(seed)
         self.device, self.size, self.text_cfg = device, size, text_cfg
         self.unet = UNet2DConditionModel(**unet_cfg).to(device)
+        self.projection = nn.Linear(text_cfg["width"], unet_cfg["cross_attention_dim"]).to(device)
         self.vae = AutoencoderKL(**vae_cfg).to(device).requires_grad_(False).eval()
         self.text = TextTransformer(**text_cfg, output_tokens=True).to(device).requires_grad_(False).eval()
         self.noise = DDPMScheduler(num_train_timesteps=1000)
@@ -96,49 +101,28 @@ class Parts:
         return lat, prior_lat, states
 
 
-def _set_attention(unet, sdpa: bool) -> None:
-    unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
-
-
-def train_rate(parts: Parts, arm: Arm, batch: int, steps: int, warmup: int = 2) -> tuple[float, float]:
-    """Training samples/s of one arm and the loss of its last step (finite, or the arm is broken)."""
-    dev = parts.device
-    cuda = torch.device(dev).type == "cuda"
-    unet = parts.unet
-    _set_attention(unet, arm.sdpa)
-    unet.to(memory_format=torch.channels_last if arm.channels_last else torch.contiguous_format)
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=cuda)
-    model = torch.compile(unet) if arm.compile else unet
-    cache = parts.encode(*parts.batch(batch, 1)) if arm.cached else None
-    raw = parts.batch(batch, 1)
-
-    def step() -> float:
-        lat, prior_lat, states = cache if arm.cached else parts.encode(*raw)
-        noise = torch.randn_like(lat)
-        t = torch.randint(0, 1000, (lat.shape[0],), device=dev)
-        x = torch.cat([parts.noise.add_noise(lat, noise, t), prior_lat], dim=1)
-        if arm.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=arm.bf16):
-            pred = model(x, t, encoder_hidden_states=states).sample
-        loss = F.mse_loss(pred.float(), noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
+def train_rate(parts: Parts, arm: Arm, batch: int, steps: int, warmup: int = 2, seed: int = 0) -> tuple[float, float]:
+    """Training samples/s of one arm and the loss of its last step (finite, or the arm is broken): the
+    trainer's step (`Trainer.step`, as `train_stage` runs it) with the arm's options, on one batch of
+    latents and text states encoded once by the frozen parts."""
+    cuda = torch.device(parts.device).type == "cuda"
+    lat, prior_lat, states = parts.encode(*parts.batch(batch, 1))
+    data = TensorData(lat, prior_lat, states, torch.zeros_like(states[:1]))
+    cfg = TrainConfig(batch_size=batch, hflip=False, crop_margin=0, ema=False, seed=seed, **arm.options)
+    trainer = Trainer(cfg, parts.unet, parts.projection, parts.noise, data,
+                      make_accelerator(cfg, cpu=not cuda))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(warmup):
-        step()
+    for k in range(warmup):
+        trainer.step(k)
     sync()
     t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
+    for k in range(warmup, warmup + steps):
+        ok, loss = trainer.step(k)
+        if not ok:
+            raise RuntimeError(f"step {k}: non-finite loss or gradient ({loss})")
     sync()
     dt = time.perf_counter() - t0
-    del opt
-    return batch * steps / dt, float(loss)
+    return batch * steps / dt, loss
 
 
 def count_train_gflop(unet_cfg: dict, size: int, context: int = 77) -> tuple[float, float]:
@@ -172,7 +156,7 @@ def sample_rate(parts: Parts, n: int, steps: int, bf16: bool = True, text_scale:
     dev = parts.device
     cuda = torch.device(dev).type == "cuda"
     unet = parts.unet.eval()
-    _set_attention(unet, True)
+    unet.set_attn_processor(AttnProcessor2_0())
     sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++")
     _, prior, tok = parts.batch(n, 3)
 
@@ -227,7 +211,7 @@ def gpu_rows(cfg: BenchConfig, requested: bool, device: str | None = None,
     for arm in arms or ARMS:
         with PeakMemory() as mem:
             try:
-                rate, loss = train_rate(parts, arm, batch, cfg.gpu_steps)
+                rate, loss = train_rate(parts, arm, batch, cfg.gpu_steps, seed=cfg.seed)
             except Exception as e:
                 rows.append(Result("GPU", f"training samples/s: {arm.name}",
                                    note=f"failed: {type(e).__name__}: {str(e)[:200]}", failed=True))

@@ -9,9 +9,16 @@ models (same data, config and initialisation) and do not train again:
     accelerate launch --multi_gpu --num_processes 8 -m bmjlib.model.launch --profile paper --run runs/paper --stage 2
     bmj reproduce --profile paper --from 4
 
+The profile's `batch_size` is the global batch of one optimizer step, whatever the number of processes;
+`accelerate launch --gradient_accumulation_steps K` splits each process's share into K micro-batches
+(fewer or smaller GPUs, same model). Neither changes the model: the notebooks still find it up to date.
+On a machine without GPUs, `accelerate launch --cpu --num_processes 2 ...` runs the same code over gloo
+(tests/test_distributed.py).
+
 Each function below calls the entry point its notebook calls (`stages.train_stage1`, `train_stage2`,
 `train_one_stage`; tests/test_launch.py checks that a model trained by the notebook is "up to date" for
-this module, i.e. the two cannot drift apart).
+this module, i.e. the two cannot drift apart). Work that is not split over processes (the demo-scale
+VAE and text encoder of stage 1) runs on the main process first; the others then find it done.
 """
 from __future__ import annotations
 
@@ -19,13 +26,19 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+from accelerate.state import PartialState
+
 from bmjlib.model import stages
 from bmjlib.runtime import load_profile
 
 
 def stage1(run_dir: str, p: dict) -> Path:
     """Notebook 04: the frozen components, then stage 1 on single image-report pairs with the dummy prior."""
-    return stages.train_stage1(run_dir, p)
+    state = PartialState(cpu=not torch.cuda.is_available())  # processes on a CPU-only machine: gloo
+    with state.main_process_first():  # trained once, by the main process; the others read them
+        comp = stages.stage1_components(run_dir, p)
+    return stages.train_stage1(run_dir, p, comp)
 
 
 def stage2(run_dir: str, p: dict) -> list[Path]:

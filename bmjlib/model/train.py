@@ -16,9 +16,14 @@ EMA, bf16 on GPU, gradient clipping. Departures, each for a stated reason:
 - A flip mirrors the patient, so "left" and "right" are swapped in the sentence of a flipped sample
   (the paper does not say; an unswapped flip would teach the model that "left" means either side).
 - A NaN/inf loss or gradient skips the step; `max_bad_steps` in a row abort; weights are checked
-  finite before every save. Checkpoints every N steps are written atomically (the last K kept) and a
-  killed run resumes from the newest complete one; per-step randomness is seeded by (seed, step), so
-  a resumed run takes exactly the steps an uninterrupted one would.
+  finite before every save. Checkpoints every N steps are accelerate's `save_state` (models, optimizer,
+  RNG states; the newest K kept) sealed with the sha256 of each file, and a killed run resumes from the
+  newest complete one; per-step randomness is seeded by (seed, step), so a resumed run takes exactly
+  the steps an uninterrupted one would.
+- Many processes (`accelerate launch`, DDP): `batch_size` is the global batch of one optimizer step,
+  split over processes and `grad_accum_steps` micro-batches; each example's randomness depends on
+  (seed, step, its place in the global batch), never on the process, and the loss is the mean over the
+  global batch, so N processes train the model one process trains (`Trainer`).
 
 API (used by notebooks 04, 05, 08):
     model_dir = train_stage(config, table, out_dir, init_from=None, text_column="impression",
@@ -26,27 +31,36 @@ API (used by notebooks 04, 05, 08):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import (SAFE_MODEL_NAME, DistributedType, GradientAccumulationPlugin, ProjectConfiguration,
+                               broadcast_object_list)
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from bmjlib.io import atomic_dir, atomic_write_csv, atomic_write_json, fingerprint, sha256_file
+from bmjlib.io import atomic_torch_save, atomic_write_csv, atomic_write_json, fingerprint, sha256_file
 from bmjlib.model.configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from bmjlib.model.encoders import TextEncoder, load_vae
-from bmjlib.model.latents import CachedData, build_cache, module_fingerprint
+from bmjlib.model.latents import build_cache, module_fingerprint
 from bmjlib.model.pipeline import BiomedJourneyPipeline, build_unet, build_vae, expand_unet_in_channels, train_scheduler
 from bmjlib.runtime import record_timing, use_run_threads
 
@@ -80,6 +94,17 @@ class TrainConfig:
     seed: int = 0
     unet_config: dict | None = None  # None: pipeline.DEMO_UNET_CONFIG (ignored with init_from)
     log_every: int = 1
+    # Demo departure (a profile setting): each registered follow-up with its exposure fitted to its prior's
+    # (registration.read_matched); the paper trains on the follow-up as it is.
+    match_targets: bool = False
+    # How the step is executed, not what it computes (left out of the stage's key: a model trained with other
+    # values of these is the same model, to float tolerance; tests/test_distributed.py checks each against the default)
+    grad_accum_steps: int = 0        # micro-batches per process per optimizer step; 0 = accelerate's setting
+                                     # (`accelerate launch --gradient_accumulation_steps N`, else 1)
+    attention: str = "sdpa"          # "sdpa" = torch's scaled_dot_product_attention (diffusers' default) | "classic"
+    channels_last: bool = False      # UNet weights, hence its convolutions, in channels_last memory format
+    fused_adamw: bool = False        # torch's fused AdamW kernel
+    compile: str = ""                # "" = eager; else a torch.compile backend for the UNet ("inductor" on a GPU)
 
     @classmethod
     def from_dict(cls, d: dict | "TrainConfig" | None) -> "TrainConfig":
@@ -95,14 +120,14 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- data
 
-def stage_rows(table: pd.DataFrame, prior: str, text_column: str, split: str | None = "train",
+def stage_rows(table: pd.DataFrame, prior: str, text_column: str, split: str | Sequence[str] | None = "train",
                root: str | os.PathLike | None = None) -> pd.DataFrame:
     """The rows a stage trains on: (prior_path or "", target_path, text), absolute paths, empty texts dropped."""
     if prior not in PRIOR_MODES:
         raise ValueError(f"prior must be one of {PRIOR_MODES}, got {prior!r}")
     tab = table
     if split and "split" in tab.columns:
-        tab = tab[tab["split"] == split]
+        tab = tab[tab["split"].isin([split] if isinstance(split, str) else list(split))]
     tcol = TARGET_COLUMN[prior]
     need = [tcol, text_column] + ([] if prior == "dummy" else ["prior_path"])
     missing = [c for c in need if c not in tab.columns]
@@ -138,50 +163,304 @@ def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: to
     return F.mse_loss(pred.float(), noise.float())
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- one optimizer step
 
-def _all_finite(modules) -> bool:
-    return all(torch.isfinite(p).all() for m in modules for p in m.state_dict().values()
-               if torch.is_tensor(p) and p.is_floating_point())
-
-
-def save_checkpoint(ckpt_root: Path, step: int, state: dict, keep: int) -> Path:
-    """Write checkpoints/step-XXXXXXXX/{state.pt, checkpoint.json (sha256 of state.pt)} atomically and
-    delete all but the newest `keep` complete ones."""
-    final = ckpt_root / f"step-{step:08d}"
-    with atomic_dir(final) as tmp:
-        torch.save(state, tmp / "state.pt")
-        atomic_write_json(tmp / "checkpoint.json", {"step": step, "sha256": sha256_file(tmp / "state.pt")})
-    for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+# Setting this to a folder makes every process append the random numbers it draws at each step, with the global
+# samples they belong to, to <folder>/draws-rank<r>.jsonl (what tests/test_distributed.py reads). Off by default.
+DEBUG_ENV = "BMJ_TRAIN_DEBUG"
+ATTENTION = ("sdpa", "classic")
+# TrainConfig fields that change how a step runs, not what it computes: not part of the stage's key
+EXECUTION_OPTIONS = ("grad_accum_steps", "attention", "channels_last", "fused_adamw", "compile")
 
 
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Checkpoint folders whose state.pt matches the sha256 recorded beside it, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    ok = []
-    for d in sorted(ckpt_root.glob("step-*")):
-        try:
-            meta = json.loads((d / "checkpoint.json").read_text())
-            if sha256_file(d / "state.pt") == meta["sha256"]:
-                ok.append(d)
-                continue
-            reason = "state.pt does not match its recorded sha256"
-        except (OSError, ValueError, KeyError) as e:
-            reason = f"{type(e).__name__}: {e}"
-        print(f"skipping torn checkpoint {d.name}: {reason}")
-    return ok
+class _BatchDraws(TorchFunctionMode):
+    """Per-sample randomness of a step split over processes or micro-batches.
+
+    Every draw from the step's generator `g` (flip, crop offset, noise, timestep, conditioning dropout) is
+    made for the whole global batch of `total` examples and cut to this part's rows [lo, hi): example i of
+    the global batch gets the same numbers whichever process and micro-batch it lands in, and the numbers an
+    unsplit process draws. A draw without one row per example cannot be split that way and is refused."""
+
+    DRAWS = (torch.rand, torch.randn, torch.randint)
+
+    def __init__(self, g: torch.Generator, lo: int, hi: int, total: int, record: list | None = None):
+        super().__init__()
+        self.g, self.lo, self.hi, self.total, self.record = g, lo, hi, total, record
+
+    def _whole(self, size) -> tuple:
+        size = tuple(int(s) for s in size)
+        if not size or size[0] != self.hi - self.lo:
+            raise RuntimeError(f"a random draw of shape {list(size)} in a training step has not one row per example "
+                               f"({self.hi - self.lo} here), so the step cannot be split over processes or micro-batches")
+        return (self.total,) + size[1:]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if kwargs.get("generator") is not self.g:
+            return func(*args, **kwargs)
+        if func not in self.DRAWS:
+            raise RuntimeError(f"{getattr(func, '__name__', func)} with the step's generator: only torch.rand, "
+                               "torch.randn and torch.randint draws can be split per example")
+        args = list(args)
+        if "size" in kwargs:
+            kwargs["size"] = self._whole(kwargs["size"])
+        elif func is torch.randint:
+            args[-1] = self._whole(args[-1])
+        else:
+            args = [self._whole(args[0] if len(args) == 1 and not isinstance(args[0], int) else args)]
+        part = func(*args, **kwargs)[self.lo:self.hi]
+        if self.record is not None:
+            self.record.append({"draw": func.__name__, "shape": list(part.shape), "values": part.flatten().tolist()})
+        return part
 
 
-# ----------------------------------------------------------------------------- the stage
+class _Prepared:
+    """A module prepared by accelerate (wrapped by DDP or FSDP): called through the wrapper, its attributes
+    read from the module itself (diffusion_loss reads `projection.weight`)."""
+
+    def __init__(self, wrapped, module):
+        self._wrapped, self._module = wrapped, module
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+class TensorData:
+    """Training examples held in memory (the benchmark's and the paper-scale dry run's random latents): the
+    interface of `latents.CachedData` (`len`, `batch`, `null_states`) without augmentation."""
+
+    def __init__(self, target: torch.Tensor, prior: torch.Tensor, text: torch.Tensor, null_states: torch.Tensor):
+        self.target, self.prior, self.text, self.null_states = target, prior, text, null_states
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def batch(self, idx: torch.Tensor, g: torch.Generator, hflip: bool, device) -> dict:
+        if hflip:
+            raise ValueError("TensorData has no flip or crop: train it with hflip=False")
+        return {"target": self.target[idx].to(device), "prior": self.prior[idx].to(device),
+                "text": self.text[idx].to(device)}
+
 
 def _mixed_precision(cfg: TrainConfig) -> str:
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() else "no"
 
+
+def make_accelerator(cfg: TrainConfig, project_dir: str | os.PathLike | None = None,
+                     cpu: bool | None = None) -> Accelerator:
+    """The Accelerator of a stage: its mixed precision, gradient accumulation and (with `project_dir`)
+    checkpoints as project_dir/checkpoints/checkpoint_<i>, the newest `keep_checkpoints` kept."""
+    cfg = TrainConfig.from_dict(cfg)
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    mp = _mixed_precision(cfg)
+    if mp not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision: {cfg.mixed_precision!r} is not one of auto, no, bf16, fp16")
+    if mp == "fp16" and cpu:
+        raise ValueError("mixed_precision 'fp16' needs a CUDA GPU (float16 autocast with a loss scaler); "
+                         "use 'bf16' or 'no' on a CPU")
+    if not isinstance(cfg.grad_accum_steps, int) or cfg.grad_accum_steps < 0:
+        raise ValueError(f"grad_accum_steps: {cfg.grad_accum_steps!r} is not a whole number >= 0 "
+                         "(0 = accelerate's setting)")
+    state = AcceleratorState._shared_state
+    if state and not PartialState().use_distributed and (state.get("_mixed_precision") != mp
+                                                         or (state.get("device") is not None
+                                                             and (state["device"].type == "cpu") != cpu)):
+        AcceleratorState._reset_state()  # one process training again at another precision (tests, bench arms)
+    project = None
+    if project_dir is not None:
+        project = ProjectConfiguration(project_dir=str(project_dir), automatic_checkpoint_naming=True,
+                                       total_limit=cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else None)
+    # grad_accum_steps > 0 wins over `accelerate launch --gradient_accumulation_steps`, which 0 leaves in charge
+    accum = GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps) if cfg.grad_accum_steps else None
+    return Accelerator(mixed_precision=mp, cpu=cpu, project_config=project, gradient_accumulation_plugin=accum)
+
+
+class Trainer:
+    """The optimisation of one stage (paper §5.1): what `train_stage` runs step by step and `bmj bench --gpu` times.
+
+    Optimizer step k trains on the global batch of `batch_size` examples at position k of its epoch's seeded
+    permutation (an epoch's last batch holds the rest). The batch is cut into processes x micro-batches
+    (`grad_accum_steps`) contiguous parts; each part's mean loss is weighted by its share of the batch, so the
+    gradient is that of the mean loss over the global batch whatever the split. A part left without an
+    example (a last batch smaller than the number of parts) runs one example at weight 0, so every process
+    takes part in every all-reduce. The randomness of an example is a function of (seed, step, its place in
+    the global batch) (`_BatchDraws`), so N processes x batch B/N, or B/k x k micro-batches, take the steps
+    one process takes with batch B, to float tolerance. A NaN/inf loss or gradient skips the step on every
+    process; `step` returns (ok, mean loss over the global batch)."""
+
+    def __init__(self, cfg: TrainConfig | dict, unet, projection, noise_scheduler, data, acc: Accelerator,
+                 debug_dir: str | os.PathLike | None = None):
+        cfg = self.cfg = TrainConfig.from_dict(cfg)
+        if cfg.attention not in ATTENTION:
+            raise ValueError(f"attention: {cfg.attention!r} is not one of {', '.join(ATTENTION)}")
+        if cfg.compile and cfg.compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(f"compile: {cfg.compile!r} is not a torch.compile backend "
+                             f"({', '.join(torch.compiler.list_backends())}; '' = no compilation)")
+        if acc.distributed_type == DistributedType.FSDP:
+            # the finite-weight checks, EMA, the final save and the clipping over two models read whole weights
+            raise ValueError("FSDP: this trainer runs under DDP (`accelerate launch --multi_gpu`); SD v1.5's UNet "
+                             "with AdamW fits one 40 GB GPU, as in the paper")
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            acc.print("accelerate shards with FSDP on GPUs only: these processes train with DDP")
+        self.acc, self.data, self.noise_scheduler = acc, data, noise_scheduler
+        unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
+        unet.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        self.unet, self.proj = acc.prepare(unet.train(), projection.train())
+        # the optimizer and the clipping see the prepared models' parameters (FSDP replaces them)
+        self.params = list(self.unet.parameters()) + list(self.proj.parameters())
+        opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                **({"fused": True} if cfg.fused_adamw else {}))
+        self.opt = acc.prepare(opt)
+        self.ema = EMAModel(self.params, decay=cfg.ema_decay) if cfg.ema else None
+        self.forward_unet = torch.compile(self.unet, backend=cfg.compile) if cfg.compile else self.unet
+        plain = self.proj is acc.unwrap_model(self.proj)
+        self.forward_proj = self.proj if plain else _Prepared(self.proj, acc.unwrap_model(self.proj))
+        self.null = data.null_states.to(acc.device)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.accum = acc.gradient_accumulation_steps
+        self.n = len(data)
+        self.steps_per_epoch = max(1, math.ceil(self.n / cfg.batch_size))
+        self.debug = Path(debug_dir) / f"draws-rank{self.rank}.jsonl" if debug_dir else None
+        if self.debug is not None:
+            self.debug.parent.mkdir(parents=True, exist_ok=True)
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """The examples of optimizer step `step` (0-based), in global-batch order."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+        return perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]
+
+    def _no_sync(self, last: bool):
+        stack = contextlib.ExitStack()
+        if not last:  # gradients are all-reduced once, after the last micro-batch
+            for m in (self.unet, self.proj):
+                stack.enter_context(self.acc.no_sync(m))
+        return stack
+
+    def step(self, step: int) -> tuple[bool, float]:
+        """Optimizer step `step` (0-based): forward and backward over this process's parts of the global
+        batch, clipping, AdamW (and EMA). Returns (ok, mean loss over the global batch)."""
+        cfg, acc = self.cfg, self.acc
+        idx = self.batch_indices(step)
+        total, parts = len(idx), self.world * self.accum
+        split = parts > 1 or self.debug is not None
+        chunks = torch.arange(total).tensor_split(parts)
+        loss_val, ok = 0.0, True
+        for micro in range(self.accum):
+            rows = chunks[micro * self.world + self.rank]
+            lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 1)
+            share = len(rows) / total  # 0 for a part without an example: it runs example 0 at weight 0
+            g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)  # (seed, step): resume takes the same step
+            record = [] if self.debug is not None else None
+            with self._no_sync(micro == self.accum - 1):
+                with _BatchDraws(g, lo, hi, total, record) if split else contextlib.nullcontext():
+                    batch = self.data.batch(idx[lo:hi], g, hflip=cfg.hflip, device=acc.device)
+                    batch["null"] = self.null
+                    with acc.autocast():
+                        loss = diffusion_loss(self.forward_unet, self.forward_proj, self.noise_scheduler, batch, g,
+                                              cfg.cond_dropout)
+                if split:
+                    part = float(acc.gather((loss.detach().float() * share)[None]).sum())
+                else:
+                    part = float(acc.gather(loss.detach()[None]).mean())
+                loss_val += part
+                if self.debug is not None:
+                    with open(self.debug, "a") as f:
+                        f.write(json.dumps({"step": step, "micro": micro, "rank": self.rank, "world": self.world,
+                                            "samples": idx[lo:hi].tolist() if len(rows) else [], "share": share,
+                                            "draws": record}) + "\n")
+                if not math.isfinite(part):  # the same on every process (gathered): all skip the step
+                    ok = False
+                    break
+                # accelerate divides by the accumulation steps and DDP averages over processes: this weight
+                # makes the gradient that of the mean loss over the global batch
+                acc.backward(loss * (self.world * self.accum * share) if split else loss)
+        if ok:
+            gnorm = acc.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip else None
+            ok = gnorm is None or bool(torch.isfinite(torch.as_tensor(gnorm)))
+            if ok:
+                self.opt.step()
+                if self.ema is not None:
+                    self.ema.step(self.params)
+        self.opt.zero_grad(set_to_none=True)
+        return ok, loss_val
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+# A checkpoint is accelerate's `save_state` folder (models, optimizer, every process's RNG state) plus
+# train_state.json (step, loss log, the stage's key), ema.pt with EMA, and, written last, checkpoint.json:
+# the sha256 of every other file. A folder whose files do not match it is torn (a run killed while saving).
+SEAL_FILE, STATE_FILE, EMA_FILE = "checkpoint.json", "train_state.json", "ema.pt"
+_CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
+
+
+def _all_finite(modules) -> bool:
+    return all(torch.isfinite(p).all() for m in modules for p in m.state_dict().values()
+               if torch.is_tensor(p) and p.is_floating_point())
+
+
+def _checkpoint_folders(ckpt_root: Path) -> list[Path]:
+    """accelerate's checkpoint_<i> folders, in the order they were written."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in ckpt_root.iterdir() if d.is_dir() and (m := _CHECKPOINT.match(d.name))]
+    return [d for _, d in sorted(found)]
+
+
+def seal_checkpoint(folder: Path, step: int) -> Path:
+    """Write folder/checkpoint.json (atomically, last): the step and the sha256 of every other file."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SEAL_FILE)
+    return atomic_write_json(folder / SEAL_FILE, {"step": step, "sha256": {
+        str(p.relative_to(folder)): sha256_file(p) for p in files}})
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoint folders whose files all match the sha256 recorded in their checkpoint.json, oldest first;
+    the others are named as torn."""
+    ok = []
+    for d in _checkpoint_folders(ckpt_root):
+        try:
+            seal = json.loads((d / SEAL_FILE).read_text())["sha256"]
+            bad = [f for f, h in sorted(seal.items()) if sha256_file(d / f) != h]
+            if not bad and STATE_FILE in seal:
+                ok.append(d)
+                continue
+            reason = f"{bad[0]} does not match its recorded sha256" if bad else f"no {STATE_FILE}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            reason = f"{type(e).__name__}: {e}"
+        print(f"skipping torn checkpoint {d.name}: {reason}")
+    return ok
+
+
+def checkpoint_state(folder: Path) -> dict:
+    """A complete checkpoint's train_state.json: key, step, skipped, log, processes."""
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def _portable_weights(acc: Accelerator) -> None:
+    """Checkpoint weights as the unwrapped modules name them (no DDP 'module.' prefix), so a run resumes with
+    another number of processes (the optimizer's state is indexed by parameter, the same either way)."""
+    def save(models, weights, output_dir):
+        if weights:  # empty under FSDP, which saves its own way
+            weights[:] = [acc.unwrap_model(m).state_dict() for m in models]
+
+    def load(models, input_dir):
+        for i, m in enumerate(models):
+            f = Path(input_dir) / (f"{SAFE_MODEL_NAME}_{i}.safetensors" if i else f"{SAFE_MODEL_NAME}.safetensors")
+            acc.unwrap_model(m).load_state_dict(load_safetensors(f))  # copied onto the module's device
+        models.clear()
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
+
+
+# ----------------------------------------------------------------------------- the stage
 
 def init_pipeline(init_from=None, vae=None, text_encoder=None, unet_config=None, image_size=64, unet_init=None):
     """Stage 2 continues a saved pipeline (init_from); otherwise a new one around a VAE and text encoder
@@ -206,14 +485,16 @@ def init_pipeline(init_from=None, vae=None, text_encoder=None, unet_config=None,
 def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | os.PathLike, init_from=None,
                 text_column: str = "impression", prior: str = "dummy", vae=None, text_encoder=None,
                 cache_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
-                split: str | None = "train", progress: bool = True, unet_init=None) -> Path:
+                split: str | Sequence[str] | None = "train", progress: bool = True, unet_init=None) -> Path:
     """Train one stage and return the saved model folder (out_dir/model).
 
     `table`: stage1.csv rows (prior="dummy", image column `image_path`) or pair rows (prior_path +
     registered_path / followup_path). `text_column`: impression, description, instruction_impression...
+    `split`: the table's split(s) trained on (stage 1: ("train", "val"), the paper's p10-p18 images).
     `unet_init`: a 4-channel UNet folder to start a new model from (SD v1.5's unet/ at paper scale).
     Writes out_dir/{model/, loss.csv, train.json, checkpoints/}. A rerun with the same inputs returns at
-    once; an interrupted one resumes from its newest complete checkpoint.
+    once; an interrupted one resumes from its newest complete checkpoint. Under `accelerate launch` every
+    process runs this: the main one writes the latent cache and the outputs, the others wait and read.
     """
     cfg = TrainConfig.from_dict(config)
     if not torch.cuda.is_available():
@@ -229,87 +510,71 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     init_fp = (sha256_file(Path(init_from) / "unet" / "diffusion_pytorch_model.safetensors") if init_from
                else module_fingerprint(pipe.unet) if unet_init else None)
     data_fp = fingerprint(rows.to_dict("list"), prior)
-    key = fingerprint(asdict(cfg), data_fp, init_fp, module_fingerprint(pipe.vae),
-                      module_fingerprint(pipe.text_encoder.model))
+    what = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_OPTIONS}
+    key = fingerprint(what, data_fp, init_fp, module_fingerprint(pipe.vae), module_fingerprint(pipe.text_encoder.model))
     done_file = out / "train.json"
     if (out / "model" / "bmj_pipeline.json").is_file() and done_file.is_file():
         if json.loads(done_file.read_text()).get("key") == key:
             print(f"{out / 'model'} is up to date (same data, config and initialisation): nothing to do")
             return out / "model"
 
-    data: CachedData = build_cache(pipe, rows, Path(cache_dir or out / "latents"), cfg.image_size,
-                                   cfg.crop_margin, dummy_prior=(prior == "dummy"), progress=progress)
-
-    acc = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available())
-    unet, proj = pipe.unet.train(), pipe.projection.train()
-    params = list(unet.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = None
-    if cfg.ema:
-        ema = EMAModel(params, decay=cfg.ema_decay)
-    unet, proj, opt = acc.prepare(unet, proj, opt)
-    pipe.vae.to(acc.device)
-    noise_sched = train_scheduler(pipe.scheduler_config)
-
-    n, world, rank = len(data), acc.num_processes, acc.process_index
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    total = int(cfg.max_steps) if cfg.max_steps else max(1, int(round(cfg.epochs * steps_per_epoch)))
+    acc = make_accelerator(cfg, project_dir=out)
+    main = acc.is_main_process
+    pipe.to(acc.device)
+    with acc.main_process_first():  # the main process encodes; the others then open what it wrote
+        data = build_cache(pipe, rows, Path(cache_dir or out / "latents"), cfg.image_size, cfg.crop_margin,
+                           dummy_prior=(prior == "dummy"), progress=progress and main, write=main,
+                           match_targets=cfg.match_targets)
+    trainer = Trainer(cfg, pipe.unet, pipe.projection, train_scheduler(pipe.scheduler_config), data, acc,
+                      debug_dir=os.environ.get(DEBUG_ENV) or None)
+    _portable_weights(acc)
+    n = len(data)
+    total = int(cfg.max_steps) if cfg.max_steps else max(1, int(round(cfg.epochs * trainer.steps_per_epoch)))
 
     ckpt_root = out / "checkpoints"
     step, bad_streak, skipped, log = 0, 0, 0, []
-    for d in reversed(complete_checkpoints(ckpt_root)):
-        try:
-            st = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, never trusted
-            print(f"skipping unreadable checkpoint {d.name}: {e}")
-            continue
-        if st.get("key") != key:
+    found, next_index = None, 0
+    if main:
+        complete = complete_checkpoints(ckpt_root)
+        for d in reversed(complete):
+            if checkpoint_state(d).get("key") == key:
+                found = str(d)
+                break
             print(f"ignoring checkpoint {d.name}: made from other data, settings or initialisation")
-            continue
-        acc.unwrap_model(unet).load_state_dict(st["unet"])
-        acc.unwrap_model(proj).load_state_dict(st["projection"])
-        opt.load_state_dict(st["optimizer"])
-        if ema is not None and st.get("ema") is not None:
-            ema.load_state_dict(st["ema"])
-        step, skipped, log = st["step"], st["skipped"], st["log"]
-        print(f"resumed from {d.name} (step {step} of {total})")
-        break
-
-    def state():
-        return {"key": key, "step": step, "skipped": skipped, "log": log,
-                "unet": acc.unwrap_model(unet).state_dict(), "projection": acc.unwrap_model(proj).state_dict(),
-                "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema is not None else None}
+        for d in _checkpoint_folders(ckpt_root):
+            if d not in complete:  # torn: never resumed from, and not counted by accelerate's total_limit
+                shutil.rmtree(d, ignore_errors=True)
+        kept = _checkpoint_folders(ckpt_root)
+        next_index = int(_CHECKPOINT.match(kept[-1].name).group(1)) + 1 if kept else 0
+    if acc.num_processes > 1:
+        found, next_index = broadcast_object_list([found, next_index])
+    acc.project_configuration.iteration = next_index
+    if found:
+        acc.load_state(found)
+        st = checkpoint_state(found)
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(torch.load(Path(found) / EMA_FILE, map_location="cpu", weights_only=True))
+        step, skipped, log = st["step"], st["skipped"], [tuple(x) for x in st["log"]]
+        acc.print(f"resumed from {Path(found).name} (step {step} of {total})")
 
     def checkpoint():
-        if not _all_finite([acc.unwrap_model(unet), acc.unwrap_model(proj)]):
+        if not _all_finite([acc.unwrap_model(trainer.unet), acc.unwrap_model(trainer.proj)]):
             raise TrainingDiverged(f"non-finite weights at step {step}: checkpoint not written")
-        if acc.is_main_process:
-            save_checkpoint(ckpt_root, step, state(), cfg.keep_checkpoints)
+        folder = Path(acc.save_state())
+        if main:
+            if trainer.ema is not None:
+                atomic_torch_save(folder / EMA_FILE, trainer.ema.state_dict())
+            atomic_write_json(folder / STATE_FILE, {"key": key, "step": step, "skipped": skipped, "log": log,
+                                                    "processes": acc.num_processes})
+        acc.wait_for_everyone()  # every process's RNG state is on disk before the seal
+        if main:
+            seal_checkpoint(folder, step)
+        acc.wait_for_everyone()
 
-    bar = tqdm(total=total, initial=step, desc=f"train {prior}", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc=f"train {prior}", unit="step", disable=not (progress and main))
     t0, start_step = time.time(), step
-    null = data.null_states.to(acc.device)
     while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)  # (seed, step) -> same step after resume
-        idx = perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-        idx = idx[rank::world] if world > 1 else idx
-        batch = data.batch(idx, g, hflip=cfg.hflip, device=acc.device)
-        batch["null"] = null
-        with acc.autocast():
-            loss = diffusion_loss(unet, proj, noise_sched, batch, g, cfg.cond_dropout)
-        loss_val = float(acc.gather(loss.detach()[None]).mean())
-        ok = math.isfinite(loss_val)
-        if ok:
-            acc.backward(loss)
-            gnorm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
-            ok = gnorm is None or bool(torch.isfinite(torch.as_tensor(gnorm)))
-            if ok:
-                opt.step()
-                if ema is not None:
-                    ema.step(params)
-        opt.zero_grad(set_to_none=True)
+        ok, loss_val = trainer.step(step)
         step += 1
         if ok:
             bad_streak = 0
@@ -317,7 +582,7 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
         else:
             skipped += 1
             bad_streak += 1
-            print(f"step {step}: non-finite loss/gradient ({loss_val}); step skipped")
+            acc.print(f"step {step}: non-finite loss/gradient ({loss_val}); step skipped")
             if bad_streak >= cfg.max_bad_steps:
                 raise TrainingDiverged(f"{bad_streak} consecutive non-finite steps (last at step {step}); "
                                        "aborted without saving")
@@ -329,13 +594,14 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     bar.close()
     seconds = time.time() - t0
 
-    if ema is not None:
-        ema.copy_to(params)
-    if not _all_finite([acc.unwrap_model(unet), acc.unwrap_model(proj)]):
+    if trainer.ema is not None:
+        trainer.ema.copy_to(trainer.params)
+    unet, proj = acc.unwrap_model(trainer.unet), acc.unwrap_model(trainer.proj)
+    if not _all_finite([unet, proj]):
         raise TrainingDiverged("non-finite weights after training: model not saved")
     model_dir = out / "model"
-    if acc.is_main_process:
-        pipe.unet, pipe.projection = acc.unwrap_model(unet).eval(), acc.unwrap_model(proj).eval()
+    if main:
+        pipe.unet, pipe.projection = unet.eval(), proj.eval()
         pipe.save_pretrained(model_dir)
         atomic_write_csv(out / "loss.csv", pd.DataFrame(log, columns=["step", "loss"]))
         trained = step - start_step
@@ -347,7 +613,8 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
             "model_sha256": sha256_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")})
         rate = round(trained * cfg.batch_size / seconds, 1) if trained and seconds > 0 else None
         record_timing(f"train {out.name}", seconds, steps=trained, samples_per_s=rate)
-        print(f"{out.name}: {trained} steps this run in {seconds:.1f} s ({rate} samples/s)")
+        print(f"{out.name}: {trained} steps this run in {seconds:.1f} s ({rate} samples/s, "
+              f"{acc.num_processes} process(es) x {trainer.accum} micro-batch(es))")
         shutil.rmtree(ckpt_root, ignore_errors=True)
     acc.wait_for_everyone()
     return model_dir
@@ -360,46 +627,76 @@ def read_loss(out_dir: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
+PAPER_TEXT_TOKENS, PAPER_TEXT_WIDTH = 256, 768  # BiomedCLIP's context and token-state width
+
+
 def paper_dry_run(batch_size: int = 1, steps: int = 2, device: str | None = None, bf16: bool | None = None) -> dict:
     """Build the paper-scale model (SD v1.5 UNet with 8 input channels, SD v1.5 VAE, a 768-wide projection of
-    256 BiomedCLIP-sized token states) from the config literals with random weights, and run `steps` training
-    steps on random 256 px tensors. No weights are needed; this exercises the paper-scale code path.
+    256 BiomedCLIP-sized token states) from the config literals with random weights, and run `steps` of the
+    trainer's steps (`Trainer.step`: dropout, projection, clipping, AdamW) on latents of random 256 px images.
+    No weights are needed; this exercises the paper-scale code path of the real trainer.
     Returns parameter count, per-step seconds, losses and (on CUDA) peak GPU memory."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = (device == "cuda") if bf16 is None else bf16
     torch.manual_seed(0)
     vae = build_vae(SD15_VAE_CONFIG).to(device).eval().requires_grad_(False)
-    unet = build_unet(SD15_UNET_CONFIG).to(device).train()
-    proj = nn.Linear(768, SD15_UNET_CONFIG["cross_attention_dim"]).to(device)
-    params = list(unet.parameters()) + list(proj.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    sched = train_scheduler()
+    unet = build_unet(SD15_UNET_CONFIG).to(device)
+    proj = nn.Linear(PAPER_TEXT_WIDTH, SD15_UNET_CONFIG["cross_attention_dim"]).to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         imgs = torch.rand(2 * batch_size, 3, 256, 256, generator=g).to(device) * 2 - 1
-        lat = vae.encode(imgs).latent_dist.mode() * SD15_VAE_CONFIG["scaling_factor"]
-    batch = {"target": lat[:batch_size], "prior": lat[batch_size:],
-             "text": torch.randn(batch_size, 256, 768, generator=g).to(device),
-             "null": torch.zeros(1, 256, 768, device=device)}
+        mode = vae.encode(imgs).latent_dist.mode()
+    # InstructPix2Pix's latents: the target scaled by the VAE's factor, the prior as the posterior mode
+    data = TensorData(mode[:batch_size] * SD15_VAE_CONFIG["scaling_factor"], mode[batch_size:],
+                      torch.randn(batch_size, PAPER_TEXT_TOKENS, PAPER_TEXT_WIDTH, generator=g).to(device),
+                      torch.zeros(1, PAPER_TEXT_TOKENS, PAPER_TEXT_WIDTH, device=device))
+    cfg = TrainConfig(batch_size=batch_size, hflip=False, crop_margin=0, mixed_precision="bf16" if bf16 else "no")
+    trainer = Trainer(cfg, unet, proj, train_scheduler(), data, make_accelerator(cfg, cpu=device == "cpu"))
     times, losses = [], []
-    for _ in range(steps):
+    for k in range(steps):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(unet, proj, sched, batch, g, 0.05)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _, loss = trainer.step(k)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.time() - t0)
-        losses.append(float(loss))
+        losses.append(loss)
     return {"unet_params_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
             "vae_params_M": round(sum(p.numel() for p in vae.parameters()) / 1e6, 1),
-            "latent_shape": list(lat.shape[1:]), "batch_size": batch_size, "device": device, "bf16": bf16,
+            "latent_shape": list(mode.shape[1:]), "batch_size": batch_size, "device": device, "bf16": bf16,
             "step_seconds": [round(t, 3) for t in times], "losses": losses,
             "peak_gpu_mem_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
+
+
+def paper_dry_run_memory_gb(batch_size: int = 1, runtime_gb: float = 1.0) -> dict:
+    """What `paper_dry_run` holds at its peak on a CPU (fp32, GiB), counted without running it: during the second
+    backward pass, the UNet's and projection's weights, gradients and AdamW's two moments (16 bytes per
+    trainable parameter; on a CPU AdamW updates one tensor at a time, so its temporaries are one tensor's
+    size), the activations autograd keeps for the backward pass (counted on the meta device through
+    saved-tensor hooks, parameters excluded), the frozen VAE's weights (4 bytes per parameter), and
+    `runtime_gb` for the Python process itself (torch, diffusers, accelerate)."""
+    with torch.device("meta"):
+        unet, vae = build_unet(SD15_UNET_CONFIG), build_vae(SD15_VAE_CONFIG)
+        proj = nn.Linear(PAPER_TEXT_WIDTH, SD15_UNET_CONFIG["cross_attention_dim"])
+        x = torch.zeros(batch_size, SD15_UNET_CONFIG["in_channels"], 32, 32)
+        t = torch.zeros(batch_size, dtype=torch.long)
+        ctx = torch.zeros(batch_size, PAPER_TEXT_TOKENS, PAPER_TEXT_WIDTH)
+    params = {id(q) for m in (unet, proj) for q in m.parameters()}
+    saved = {}
+
+    def pack(a):
+        base = a if a._base is None else a._base
+        if id(base) not in params:
+            saved[id(a)] = a.numel() * a.element_size()
+        return a
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a):
+        unet(torch.zeros_like(x), t, encoder_hidden_states=proj(ctx)).sample
+    trainable = sum(q.numel() for m in (unet, proj) for q in m.parameters())
+    frozen = sum(q.numel() for q in vae.parameters())
+    gb = {"weights_grads_adamw_gb": 16 * trainable / 2**30, "vae_gb": 4 * frozen / 2**30,
+          "activations_gb": sum(saved.values()) / 2**30, "runtime_gb": runtime_gb}
+    gb["total_gb"] = sum(gb.values())
+    return {k: round(v, 2) for k, v in gb.items()}
