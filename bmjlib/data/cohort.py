@@ -3,7 +3,9 @@
 From the records of any data source (`bmjlib.data.sources`) to the pairs the rest of the chain uses:
 
 1. **PA only** (§3: "we only use posteroanterior (PA) ... and discard AP and lateral views"), as recorded
-   in the metadata; mislabeled views are caught later by the registration score (notebook 02).
+   in the metadata; mislabeled views are caught later by the registration score (notebook 02). The profile's
+   `views` departs from the paper for cohorts that are mostly bedside films: "PA,AP", or "frontal" (PA, AP
+   and their variants such as "AP AXIAL"); the counts table names the views kept.
 2. **Journeys**: each patient's PA studies ordered by StudyDate + StudyTime; one image per study (the first
    PA dicom_id in sorted order when a study has several); **consecutive** studies form candidate pairs.
    Studies at the same time form one time point, and pairs join every study of a time point with every
@@ -11,12 +13,17 @@ From the records of any data source (`bmjlib.data.sources`) to the pairs the res
 3. **Positive-finding filter** (§3: "we prioritize studies with at least one finding as identified by
    CheXpert and filter the rest"): a candidate pair is kept when at least one of its two studies has a
    CheXpert label equal to 1 among the 12 observations other than "No Finding" and "Support Devices";
-   pairs whose two studies are both negative / uncertain / blank are dropped.
+   pairs whose two studies are both negative / uncertain / blank are dropped. Data with no such label at
+   all (a CSV cohort without labels; ICG-CXR's CheXpertPlus branch, whose labels are -100 but "No Finding")
+   cannot be filtered: the filter is then not applicable, skipped with a message, and the counts table says so.
 4. **Partition** (§3): MIMIC's p10-p18 folders are split into train / validation by patient (a seeded
    permutation, `val_fraction` of patients to validation), p19 is the test set. Sources without MIMIC
    folders send a seeded `test_fraction` of patients to test first.
 
 Stage-1 images (§4.2) are the train/val-partition PA images with a non-empty IMPRESSION.
+
+A source that ships its own pairs (ICG-CXR) gives the candidates as they are (registered, in the dataset's
+split); the views and the positive-finding filter apply to them in the same way.
 
 Every pair carries its source and `credentialed` (true if either image's record is; see
 `bmjlib.data.sources`), so the data-use guard of notebook 03 decides from the rows. A cohort that ends
@@ -38,6 +45,9 @@ from bmjlib.io import Manifest, atomic_write_text, fingerprint, save_figure, sha
 from bmjlib.schema import CHEXPERT_LABELS, PAIR_COLUMNS, label_col
 from bmjlib.text.llm import require_bool
 
+# `views: frontal`: any frontal view, PA or AP, also with a qualifier as MIMIC-CXR records it ("AP AXIAL", "PA LLD").
+FRONTAL = "FRONTAL"
+FRONTAL_RE = r"^(?:PA|AP)(?:\s|$)"
 # CheXpert observations that do not count as a finding for the positive-finding filter.
 NOT_FINDINGS = ("No Finding", "Support Devices")
 FINDING_LABELS = [c for c in CHEXPERT_LABELS if c not in NOT_FINDINGS]
@@ -57,12 +67,38 @@ class CohortError(SourceError):
 @dataclass
 class Cohort:
     records: pd.DataFrame     # every usable image, with `split` (by patient)
-    candidates: pd.DataFrame  # consecutive PA pairs before the positive-finding filter
+    candidates: pd.DataFrame  # consecutive pairs of `views` (or the pairs a source ships) before the filters
     pairs: pd.DataFrame       # PAIR_COLUMNS + prior_/followup_ labels + times + PROVENANCE, after the filter
     stage1: pd.DataFrame      # image-report rows for stage 1
     problems: pd.DataFrame    # skipped inputs (path, problem)
     settings: dict
     duplicates: int = 0       # repeated input rows removed by the reader
+    positive_filter: str = "applied"  # "applied" | "off" (require_positive false) | "not applicable" (no labels)
+    shipped: bool = False     # the source shipped its pairs (ICG-CXR): candidates are those, before `views`
+
+
+def parse_views(views) -> tuple[str, ...]:
+    """The profile's `views` ("PA" | "PA,AP" | "frontal"; or a tuple of names) -> upper-case view names."""
+    items = views.split(",") if isinstance(views, str) else list(views)
+    out = tuple(dict.fromkeys(str(v).strip().upper() for v in items if str(v).strip()))
+    if not out:
+        raise ValueError(f"views {views!r}: empty; give the views to keep, e.g. PA, PA,AP or frontal")
+    return out
+
+
+def view_mask(view: pd.Series, views) -> pd.Series:
+    """True where a recorded view is one of `views` (FRONTAL: any PA or AP view)."""
+    views = parse_views(views)
+    v = view.fillna("").astype(str).str.strip().str.upper()
+    keep = v.isin(views)
+    if FRONTAL in views:
+        keep |= v.str.contains(FRONTAL_RE, regex=True)
+    return keep
+
+
+def views_label(views) -> str:
+    """How the counts table names the views kept: "PA", "PA+AP", "frontal"."""
+    return "+".join("frontal" if v == FRONTAL else v for v in parse_views(views))
 
 
 def has_positive_finding(labels: pd.DataFrame) -> pd.Series:
@@ -92,9 +128,9 @@ def assign_splits(records: pd.DataFrame, seed: int = 0, val_fraction: float = 0.
     return split
 
 
-def consecutive_pairs(records: pd.DataFrame, views: tuple[str, ...] = ("PA",)) -> pd.DataFrame:
+def consecutive_pairs(records: pd.DataFrame, views: tuple[str, ...] | str = ("PA",)) -> pd.DataFrame:
     """Candidate pairs: consecutive time points of each patient's studies of `views` (see module doc)."""
-    rec = records[records["view"].isin(views)].sort_values(["subject_id", "study_time", "study_id", "dicom_id"])
+    rec = records[view_mask(records["view"], views)].sort_values(["subject_id", "study_time", "study_id", "dicom_id"])
     # One image per study: the first in sorted dicom_id order.
     study = rec.sort_values("dicom_id").drop_duplicates(["subject_id", "study_id"])
     study = study.sort_values(["subject_id", "study_time", "study_id"])
@@ -134,64 +170,127 @@ def _flag(v) -> bool:
     return not (v is False or str(v).strip().lower() in ("false", "0", "0.0"))
 
 
-def build_cohort(data, views: tuple[str, ...] = ("PA",), require_positive: bool = True, seed: int = 0,
+def build_cohort(data, views: tuple[str, ...] | str = ("PA",), require_positive: bool = True, seed: int = 0,
                  val_fraction: float = 0.1, test_fraction: float = 0.1) -> Cohort:
-    """Records of a source (`sources.SourceData`) -> pairs, splits and stage-1 images (module docstring)."""
+    """Records of a source (`sources.SourceData`) -> pairs, splits and stage-1 images (module docstring).
+
+    `views`: the profile's `views` ("PA", "PA,AP", "frontal") or a tuple of view names."""
     require_positive = require_bool("require_positive", require_positive)
+    views = parse_views(views)
     rec = data.records.copy()
     split = assign_splits(rec, seed, val_fraction, test_fraction)
     rec["split"] = rec["subject_id"].map(split)
-    if data.pairs is not None:  # ICG-CXR: the dataset's own pairs (already registered and filtered)
+    shipped = data.pairs is not None
+    if shipped:  # ICG-CXR: the dataset's own pairs (already registered), of the views asked for
         cand = data.pairs.copy()
         if "split" not in cand.columns or (cand["split"].fillna("") == "").all():
             cand["split"] = cand["subject_id"].map(split)
+        else:  # the dataset's split decides its patients' images too (stage 1 never sees a test patient)
+            own = cand[cand["split"].fillna("") != ""].groupby("subject_id")["split"].first()
+            rec["split"] = rec["subject_id"].map(own).fillna(rec["split"])
+        of_view = view_mask(cand["view"], views) if "view" in cand.columns else pd.Series(True, index=cand.index)
     else:
         cand = consecutive_pairs(rec, views)
+        of_view = pd.Series(True, index=cand.index)
+    filt = "off"
+    keep = of_view.copy()
     if require_positive and len(cand):
-        pri = cand[[label_col("prior", l) for l in FINDING_LABELS]].set_axis(FINDING_LABELS, axis=1)
-        fol = cand[[label_col("followup", l) for l in FINDING_LABELS]].set_axis(FINDING_LABELS, axis=1)
-        keep = has_positive_finding(pri) | has_positive_finding(fol)
-    else:
-        keep = pd.Series(True, index=cand.index)
+        label_cols = [label_col(w, l) for w in ("prior", "followup") for l in FINDING_LABELS]
+        if cand.reindex(columns=label_cols).notna().to_numpy().any():
+            pri = cand[[label_col("prior", l) for l in FINDING_LABELS]].set_axis(FINDING_LABELS, axis=1)
+            fol = cand[[label_col("followup", l) for l in FINDING_LABELS]].set_axis(FINDING_LABELS, axis=1)
+            keep &= has_positive_finding(pri) | has_positive_finding(fol)
+            filt = "applied"
+        else:
+            filt = "not applicable"
+    elif require_positive:
+        filt = "applied"
     pairs = cand[keep.to_numpy()].reset_index(drop=True)
     if pairs.empty:
-        raise CohortError(f"{getattr(data, 'origin', '') or 'data source'}: 0 pairs: {_why_no_pairs(rec, cand, views)}")
-    pa = rec[rec["view"].isin(views)]
+        why = _why_no_pairs(rec, cand, views, of_view if shipped else None)
+        raise CohortError(f"{getattr(data, 'origin', '') or 'data source'}: 0 pairs: {why}")
+    pa = rec[view_mask(rec["view"], views)]
     stage1 = pa[pa["split"].isin(["train", "val"]) & (pa["impression"].str.strip() != "")].reset_index(drop=True)
     settings = {"views": list(views), "require_positive": require_positive, "seed": seed,
                 "val_fraction": val_fraction, "test_fraction": test_fraction}
-    return Cohort(rec, cand, pairs, stage1, data.problems, settings, getattr(data, "duplicates", 0))
+    return Cohort(rec, cand, pairs, stage1, data.problems, settings, getattr(data, "duplicates", 0), filt, shipped)
 
 
-def _why_no_pairs(rec: pd.DataFrame, cand: pd.DataFrame, views) -> str:
-    """Where the pairs ran out, in words (for CohortError)."""
-    shown = "/".join(views)
+def views_note(c: Cohort) -> str:
+    """One line on the views kept: how many images are of them, and which views the data have."""
+    views = views_label(c.settings["views"])
+    kept = int(view_mask(c.records["view"], c.settings["views"]).sum())
+    found = ", ".join(f"{v or 'blank'} {n}" for v, n in c.records["view"].value_counts().items())
+    return f"views: {views}: {kept} of {len(c.records)} images (views in the data: {found})"
+
+
+def positive_filter_note(c: Cohort) -> str:
+    """One line on the positive-finding filter of this cohort (printed by notebook 01)."""
+    if c.positive_filter == "not applicable":
+        return (f"require_positive: not applicable: none of the {len(c.candidates)} candidate pairs has a CheXpert "
+                f"finding label (1, 0 or -1) in either study, so the filter was skipped; all {len(c.pairs)} pairs "
+                "of the views kept are used")
+    if c.positive_filter == "off":
+        return f"require_positive: false: the positive-finding filter is off; {len(c.pairs)} pairs kept"
+    return (f"positive-finding filter (require_positive: true): {len(c.pairs)} of {len(c.candidates)} candidate "
+            "pairs have a positive CheXpert finding in either study")
+
+
+def _why_no_pairs(rec: pd.DataFrame, cand: pd.DataFrame, views, of_view: pd.Series | None = None) -> str:
+    """Where the pairs ran out, and which setting removed them, in words (for CohortError). `of_view`: which of
+    the pairs a source ships are of `views` (None: the pairs were built from the records)."""
+    shown = views_label(views)
+    hint = "views: PA,AP or views: frontal keeps bedside AP films"
     if rec.empty:
         return "no usable image"
-    n_view = int(rec["view"].isin(views).sum())
-    if n_view == 0:
-        found = ", ".join(f"{v or 'blank'} {n}" for v, n in rec["view"].value_counts().head(5).items())
-        return f"none of the {len(rec)} images has view {shown} (views found: {found})"
-    if cand.empty:
-        return (f"no patient has two {shown} studies at different times ({n_view} {shown} images of "
-                f"{rec.loc[rec['view'].isin(views), 'subject_id'].nunique()} patients)")
-    return (f"none of the {len(cand)} candidate pairs has a positive CheXpert finding in either study "
-            f"(require_positive: false keeps them)")
+    if of_view is not None:
+        if cand.empty:
+            return "the dataset ships no pair"
+        if not of_view.any():
+            found = ", ".join(f"{v or 'blank'} {n}" for v, n in cand["view"].value_counts().head(5).items())
+            return (f"none of the {len(cand)} pairs the dataset ships has view {shown} (views found: {found}); "
+                    f"the `views` setting removed them ({hint})")
+        n_view = int(of_view.sum())
+    else:
+        in_view = view_mask(rec["view"], views)
+        n_view = int(in_view.sum())
+        if n_view == 0:
+            found = ", ".join(f"{v or 'blank'} {n}" for v, n in rec["view"].value_counts().head(5).items())
+            return (f"none of the {len(rec)} images has view {shown} (views found: {found}); the `views` setting "
+                    f"removed them ({hint})")
+        if cand.empty:
+            return (f"no patient has two {shown} studies at different times ({n_view} {shown} images of "
+                    f"{rec.loc[in_view, 'subject_id'].nunique()} patients)")
+    n_cand = n_view if of_view is not None else len(cand)
+    return (f"none of the {n_cand} candidate pairs has a positive CheXpert finding in either study: the "
+            f"positive-finding filter removed them all (require_positive: false keeps them)")
 
 
 def counts_table(c: Cohort) -> pd.DataFrame:
-    """The §3 counts: images, PA image-report pairs, stage-1 images, candidate and kept pairs per split."""
-    pa = c.records[c.records["view"].isin(c.settings["views"])]
+    """The §3 counts: images, image-report pairs of the views kept (PA in the paper), stage-1 images, candidate
+    and kept pairs per split. Rows name the views kept and what the positive-finding filter did."""
+    views = views_label(c.settings["views"])
+    pa = c.records[view_mask(c.records["view"], c.settings["views"])]
     pa_report = pa[(pa["impression"].str.strip() != "") | (pa["findings"].str.strip() != "")]
+    if c.shipped:
+        n_view = (int(view_mask(c.candidates["view"], c.settings["views"]).sum()) if "view" in c.candidates.columns
+                  else len(c.candidates))
+        cand_rows = [("pairs shipped by the dataset (registered)", len(c.candidates)),
+                     (f"shipped pairs of view {views}", n_view)]
+    else:
+        cand_rows = [(f"candidate consecutive {views} pairs", len(c.candidates))]
+    kept = {"applied": "pairs with >= 1 positive finding",
+            "off": "pairs kept (positive-finding filter off: require_positive false)",
+            "not applicable": "pairs kept (positive-finding filter not applicable: no CheXpert finding labels)"}
     rows = [("patients", c.records["subject_id"].nunique()),
             ("images (all views)", len(c.records)),
             ("skipped inputs (unreadable / missing)", len(c.problems)),
             ("repeated input rows removed", c.duplicates),
-            ("PA images", len(pa)),
-            ("PA image-report pairs", len(pa_report)),
-            ("stage-1 images (train/val PA with impression)", len(c.stage1)),
-            ("candidate consecutive PA pairs", len(c.candidates)),
-            ("pairs with >= 1 positive finding", len(c.pairs))]
+            (f"{views} images", len(pa)),
+            (f"{views} image-report pairs", len(pa_report)),
+            (f"stage-1 images (train/val {views} with impression)", len(c.stage1)),
+            *cand_rows,
+            (kept[c.positive_filter], len(c.pairs))]
     for s in ("train", "val", "test"):
         rows.append((f"{s} pairs", int((c.pairs["split"] == s).sum())))
     for s in ("train", "val", "test"):
@@ -204,6 +303,8 @@ def counts_table(c: Cohort) -> pd.DataFrame:
 def plot_demographics(c: Cohort, fig_dir: str | Path, name: str = "fig7_demographics") -> list[Path]:
     """Fig. 7 analogue: age distribution and sex / race composition of the pair cohort per split (seaborn)."""
     matplotlib.use(matplotlib.get_backend())
+    if c.pairs.empty:
+        raise CohortError("Fig. 7: the cohort has no pair to plot (build_cohort names the filter that removed them)")
     p = c.pairs.drop_duplicates("subject_id")[["subject_id", "split", "age", "sex", "race"]].copy()
     p["split"] = pd.Categorical(p["split"], ["train", "val", "test"])
     panels = ["age", "sex"] + (["race"] if (p["race"].fillna("") != "").any() else [])

@@ -8,7 +8,9 @@ the 14 CheXpert label columns, one row per image, whatever the source:
   ``patients.csv`` / ``admissions.csv`` for age, sex and race). The phantom writes exactly this layout.
 - ``"csv"``: a bring-your-own cohort, one CSV row per image (see `read_csv_cohort`).
 - ``"icg"``: ICG-CXR pair folders, read by `bmjlib.data.icg.read_icg_records`, which also returns the pairs
-  (ICG-CXR ships pre-registered pairs, so the cohort step takes them as they are).
+  (ICG-CXR ships registered pairs with their own progression descriptions: the cohort step takes them as they
+  are, step 02 does not register them again, step 03 calls no LLM). ICG-CXR gives study orders, not dates:
+  their `study_time` stays empty (NaT).
 
 Bad input never becomes silent zeros: an image file that is missing (or, with ``verify_images``,
 truncated / blank / undecodable) and a report file that is absent each drop that image with a message

@@ -29,7 +29,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from bmjlib.data.icg import OPEN_ORIGINS, read_icg, rows_credentialed, write_icg
+from bmjlib.data.icg import read_icg, row_origins, rows_credentialed, write_icg
 from bmjlib.data.registration import parse_affine
 from bmjlib.evaluation.judges import load_judges
 from bmjlib.icg import interpret as I
@@ -266,17 +266,21 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
             all((out / f"{k}.csv").exists() for k in names):
         tables = {k: _read_table(out / f"{k}.csv") for k in names}
         return {**tables, **{k: v for k, v in json.loads(stamp.read_text()).items() if k != "key"}}
+    pairs = pair_table(run)
+    # a phantom's truth counts only for its own images: a run of other data may hold one that is not its cohort
+    ids = pairs["prior_dicom_id"].dropna().astype(str)
     judges = None
     if judges_dir and (Path(judges_dir) / "finding").is_dir():
         judges = load_judges(judges_dir)
-    truth = TruthMasks(truth_dir) if (truth_dir / "masks").is_dir() else None
+    truth = TruthMasks(truth_dir) if any((truth_dir / "masks" / f"{d}.npz").is_file() for d in ids) else None
     if judges is None and truth is None:
         raise FileNotFoundError(f"{run}: no judges in {judges_dir!r} and no phantom truth masks: "
                                 "the interpretation needs organ masks from one of them")
     images = pd.read_csv(truth_dir / "images.csv", dtype={"dicom_id": str}) \
         if (truth_dir / "images.csv").exists() else None
+    if images is not None and not ids.isin(images["dicom_id"]).any():
+        images = None
     directions_from = "phantom truth" if images is not None else "reports"
-    pairs = pair_table(run)
     interp, n_cal = calibrate(pairs, images, judges, truth, size, n_calibration, seed, truth_dir)
     test = pairs[pairs["split"] == "test"]
     if max_pairs:
@@ -443,14 +447,13 @@ def interpretation_figure(run_dir, tables: dict, model: str, fig_dir, size: int,
 def export_icg(run_dir, out_dir, tables: dict, origin: str | None = None) -> tuple[pd.DataFrame, dict]:
     """Every registered triple of the run as ICG-CXR pair folders, with the reference interpretation
     (registered follow-up vs prior) as changes-of-findings; read back and compared (nothing lost). The origin
-    written is 'phantom' only when no row is credentialed, else the rows' own source."""
+    written is each row's own (`write_icg`); for a table whose rows do not say, 'phantom' only when no row is
+    credentialed, else 'credentialed'."""
     pairs = pair_table(run_dir)
     pairs = pairs[pairs["registered_path"].fillna("").astype(bool)].drop(columns=["affine", "counterfactual_path"],
                                                                         errors="ignore")
-    if origin is None:
-        source = str(pairs["source"].dropna().iloc[0]) if "source" in pairs and pairs["source"].notna().any() else ""
-        origin = ("phantom" if not rows_credentialed(pairs) else
-                  source if source and source not in OPEN_ORIGINS else "credentialed")
+    if origin is None and not all(row_origins(pairs)):
+        origin = "phantom" if not rows_credentialed(pairs) else "credentialed"
     s = tables["sentences"]
     interp = s[s["model"] == "reference"][["pair_id", "changes_of_findings"]]
     # Rebuilt whole, never appended to: pairs a previous run exported and this one does not are gone.
