@@ -15,6 +15,11 @@ Before anything runs the profile is validated (step range, unknown keys with the
 against the notebooks' defaults, `base:` cycles), the run folder may not hold the source notebooks, a lock
 refuses a second run on the same folder, and temporary files a killed step left behind are removed.
 
+Keys the runner reads itself: `figures_dir` (where figures and tables go: `runtime.figures_dir_for`, inside the
+run folder unless the packaged demo profile), `threads`, `figure_credit` (a line stamped on every figure the
+run saves, e.g. the licence attribution of a real cohort's images; part of every step's key when set) and
+`last_step` (the profile's last step when `--to` is not given).
+
 What notebooks 04-10 would otherwise each repeat: `figures_folder` (where figures and tables go),
 `model_names` (the models of a scale, Table 1's rows) and `sampler_settings` (§5.1's sampler, guidance
 "auto" resolved to notebook 05's choice on validation pairs).
@@ -39,20 +44,23 @@ import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
 from bmjlib.evaluation.counterfactuals import DEMO_MODELS, PAPER_MODELS, resolve_guidance
-from bmjlib.io import atomic_write_json, fingerprint, sha256_file
-from bmjlib.runtime import (PROFILE_DIR, THREADS_ENV, TIMINGS_ENV, load_profile, repo_root, resolve,
-                            run_threads)
+from bmjlib.io import CREDIT_ENV, atomic_write_json, fingerprint, sha256_file
+from bmjlib.runtime import (PROFILE_DIR, THREADS_ENV, TIMINGS_ENV, figures_dir_for, load_profile, repo_root,
+                            resolve, run_threads)
 from bmjlib.text.llm import secret_problem
 
 STEP_RE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
-# Profile keys whose values are paths; relative ones are resolved against the working directory.
+# Profile keys whose values are paths; relative ones are resolved against the working directory, except
+# figures_dir, which follows `runtime.figures_dir_for` (inside the run folder unless the packaged demo profile).
 PATH_SUFFIXES = ("_dir", "_root", "_path", "_file")
 # Parameter names that look like credentials are refused: papermill writes parameters into the notebook.
 SECRET_RE = re.compile(r"(api_?key|secret|token|password|passwd|credentials?(?![a-z]))", re.I)
 
 
 def figures_folder(run_dir: str | os.PathLike, figures_dir: str | os.PathLike = "") -> Path:
-    """Where a notebook writes its figures and tables: the profile's `figures_dir`, or <run>/figures if empty."""
+    """Where a notebook writes its figures and tables: the profile's `figures_dir`, or <run>/figures if empty.
+    Under `bmj reproduce` the value is already absolute (`runtime.figures_dir_for` applied the profile's rule);
+    a relative value typed into a notebook by hand is taken from the repository root, like every path."""
     return resolve(figures_dir) if figures_dir else resolve(run_dir) / "figures"
 
 
@@ -115,7 +123,7 @@ def check_no_secrets(params: dict[str, Any]) -> None:
 def _absolutise(params: dict[str, Any]) -> dict[str, Any]:
     out = dict(params)
     for k, v in params.items():
-        if k.endswith(PATH_SUFFIXES) and isinstance(v, str) and v:
+        if k.endswith(PATH_SUFFIXES) and k != "figures_dir" and isinstance(v, str) and v:
             out[k] = str(Path(os.path.expanduser(v)).resolve())
     return out
 
@@ -131,6 +139,10 @@ def run_chain(profile: str | dict[str, Any], out: str | os.PathLike | None = Non
     steps = discover_steps(notebook_dir)
     if not steps:
         raise ChainError(f"no numbered notebooks (NN_name.ipynb) in {notebook_dir}")
+    if stop is None and values.get("last_step") not in (None, ""):  # a profile may end the chain early
+        stop = values["last_step"]
+        if isinstance(stop, bool) or not isinstance(stop, int):
+            raise ChainError(f"profile key last_step: {stop!r} must be a step number")
     lo, hi = _step_range(steps, start, stop)
     parameters = {s.stem: notebook_parameters(s.path) for s in steps}
     check_profile(values, parameters)
@@ -142,7 +154,7 @@ def run_chain(profile: str | dict[str, Any], out: str | os.PathLike | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     values = _absolutise(values)
     values["run_dir"] = str(run_dir)
-    values["figures_dir"] = str(Path(values.get("figures_dir") or run_dir / "figures").resolve())
+    values["figures_dir"] = str(figures_dir_for(profile, values.get("figures_dir"), run_dir))
     values["profile"] = name
     threads = run_threads(values.get("threads") or 0)
     with _RunLock(run_dir):
@@ -167,6 +179,12 @@ def _run_steps(steps, declared, values, run_dir, lo, hi, explicit, force, thread
     os.environ[TIMINGS_ENV] = str(run_dir / "logs" / "timings.jsonl")  # runtime.record_timing
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+    # the profile's figure credit (e.g. a real cohort's attribution), stamped on every figure (io.save_figure)
+    credit = str(values.get("figure_credit") or "").strip()
+    if credit:
+        os.environ[CREDIT_ENV] = credit
+    else:
+        os.environ.pop(CREDIT_ENV, None)
     selected = [s for s in steps if lo <= s.number <= hi]
     # What a step builds on: each earlier step's key and its outputs as they are now (a rerun writes new ones).
     upstream: list[str] = [fingerprint(state[s.stem]["key"], state[s.stem].get("outputs")) for s in steps
@@ -175,7 +193,7 @@ def _run_steps(steps, declared, values, run_dir, lo, hi, explicit, force, thread
     t_chain = time.time()
     for i, s in enumerate(selected, 1):
         params = {k: v for k, v in values.items() if k in declared[s.stem]}
-        key = step_key(s.path, params, threads, upstream)
+        key = step_key(s.path, dict(params, figure_credit=credit) if credit else params, threads, upstream)
         done = state.get(s.stem)
         why = _stale(done, key, run_dir, s)
         if not force and not rerun_all and why is None:
@@ -334,7 +352,7 @@ def code_fingerprint(notebook: Path, root: Path = PACKAGE_DIR) -> str:
 # --------------------------------------------------------------------------- checks before a run
 
 # Keys the runner itself reads (the rest go to the notebooks that declare them).
-RUNNER_KEYS = {"profile", "run_dir", "figures_dir", "threads", "base"}
+RUNNER_KEYS = {"profile", "run_dir", "figures_dir", "threads", "base", "figure_credit", "last_step"}
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -371,9 +389,15 @@ def check_profile(values: dict[str, Any], parameters: dict[str, dict[str, Any]])
         raise ChainError(f"profile key threads: {e}") from None
     for stem, params in parameters.items():
         for k, default in params.items():
+            if k in AUTO_OR_BOOL and isinstance(values.get(k), bool):
+                continue
             problem = _type_problem(default, values[k]) if k in values else None
             if problem:
                 raise ChainError(f"profile key {k}: {problem} (as {stem}'s default {default!r})")
+
+
+# Keys whose default is "auto" and which also take a real boolean (auto | true | false).
+AUTO_OR_BOOL = {"data_credentialed"}
 
 
 def _type_problem(default: Any, value: Any) -> str | None:

@@ -95,15 +95,33 @@ def atomic_write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
 
 # --------------------------------------------------------------------------- figures and tables
 
+# The credit line a run stamps on every figure it saves (the chain sets it from the profile's `figure_credit`,
+# e.g. the CC BY attribution of a real cohort's images); unset = no line.
+CREDIT_ENV = "BMJ_FIGURE_CREDIT"
+
+
+def figure_credit() -> str:
+    """The run's figure credit line ($BMJ_FIGURE_CREDIT), "" when none."""
+    return os.environ.get(CREDIT_ENV, "").strip()
+
+
 def save_figure(fig, folder: str | os.PathLike | None, name: str, dpi: int = 150,
                 bbox_inches: str | None = "tight", formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
     """folder/<name>.png and .pdf (or `formats`), each written atomically; returns the paths.
 
     Nothing is written when `folder` is None. PDFs carry no creation date, so the same figure gives the
-    same bytes. The figure is left open.
+    same bytes. The figure is left open. The run's `figure_credit()` is added below everything else unless
+    the figure already carries it.
     """
     if folder is None:
         return []
+    credit = figure_credit()
+    if credit and not any(credit in t.get_text() for t in fig.texts):
+        if bbox_inches:  # below everything; the tight box grows to hold it
+            low = min([t.get_position()[1] for t in fig.texts] + [0.0])
+            fig.text(0.5, low - 0.05, credit, ha="center", va="top", fontsize=6, color="0.3", wrap=True)
+        else:  # a fixed canvas: inside its bottom edge
+            fig.text(0.5, 0.002, credit, ha="center", va="bottom", fontsize=6, color="0.3", wrap=True)
     out = []
     for ext in formats:
         path = Path(folder) / f"{name}.{ext}"

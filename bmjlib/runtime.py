@@ -80,6 +80,42 @@ def load_profile(name_or_file: str, _seen: tuple[str, ...] = ()) -> dict[str, An
     return merged
 
 
+def packaged_name(profile: str | os.PathLike | dict) -> str | None:
+    """The packaged profile `profile` names (smoke, demo, paper, ...): a packaged name as `load_profile` reads it,
+    or the path of a file in PROFILE_DIR itself; None for a user's file (a copy, or `base: demo` plus edits) or
+    a dict of values."""
+    if isinstance(profile, dict):
+        return None
+    p = Path(os.path.expanduser(str(profile)))
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p.stem if p.is_file() and p.resolve().parent == PROFILE_DIR.resolve() else None
+    return str(profile) if (PROFILE_DIR / f"{profile}.yaml").is_file() else None
+
+
+# The profiles whose relative `figures_dir` is the repository's own: the demo chain writes the committed figures/.
+REPOSITORY_FIGURES = ("demo",)
+
+
+def figures_dir_for(profile: str | os.PathLike | dict, figures_dir: str | os.PathLike | None,
+                    run_dir: str | os.PathLike) -> Path:
+    """Where a run writes its figures and tables (the chain's rule for the profile key `figures_dir`):
+
+    - empty: <run folder>/figures;
+    - absolute: that folder, whatever the profile;
+    - relative: inside the run folder (<run>/<figures_dir>), except for the packaged demo profile itself (by
+      name, REPOSITORY_FIGURES), whose `figures_dir: figures` is the repository's figures/. So a copy of the
+      demo profile, or `base: demo` plus edits, never overwrites the committed figures.
+    """
+    run = Path(os.path.expanduser(str(run_dir))).resolve()
+    if not figures_dir:
+        return run / "figures"
+    p = Path(os.path.expanduser(str(figures_dir)))
+    if p.is_absolute():
+        return p.resolve()
+    base = repo_root() if packaged_name(profile) in REPOSITORY_FIGURES else run
+    return (base / p).resolve()
+
+
 # The run's intra-op thread count: a recorded setting of the run (profile `threads`, 0 = the machine's cores),
 # passed by the chain to every notebook kernel through this variable. Never chosen from the machine's load:
 # float reductions then differ from run to run.

@@ -115,11 +115,12 @@ def real_prior(path: str | Path) -> Prior:
 
 # --------------------------------------------------------------------------- sampling with progress
 
-def sample(pipe, prior: np.ndarray, prompts: list[str], text_scale: float = 7.5, image_scale: float = 1.5,
-           steps: int = 20, scheduler: str = "dpm", seed: int = 0,
+def sample(pipe, prior: np.ndarray, prompts: list[str], text_scale: float | None = None,
+           image_scale: float | None = None, steps: int = 20, scheduler: str = "dpm", seed: int = 0,
            callback: Callable[[int, int], None] | None = None) -> np.ndarray:
     """One batch of counterfactuals (one prior, N prompts) -> N,H,W in [0,1]; callback(step, steps) after
-    each denoising step, so the widget's progress bar moves while the pipeline samples."""
+    each denoising step, so the widget's progress bar moves while the pipeline samples. Scales left None are
+    the model's defaults (its guidance.json, else InstructPix2Pix's), as in `bmj generate`."""
     return pipe(prior, list(prompts), text_scale=text_scale, image_scale=image_scale, steps=steps,
                 scheduler=scheduler, seed=seed, batch_size=max(1, len(prompts)), callback=callback)
 
@@ -232,8 +233,8 @@ class Explorer:
 
         self.model_dir = resolve_model(model)  # verified once; load_model reads it from here
         ts, isc = default_guidance(self.model_dir)  # the model's own (chosen on validation pairs), else IP2P's
-        self.text_scale = W.FloatSlider(value=ts, min=0, max=15, step=0.5, description="text scale")
-        self.image_scale = W.FloatSlider(value=isc, min=0, max=5, step=0.1, description="image scale")
+        self.text_scale = W.FloatSlider(value=ts, min=0, max=max(15, ts), step=0.5, description="text scale")
+        self.image_scale = W.FloatSlider(value=isc, min=0, max=max(5, isc), step=0.1, description="image scale")
         self.steps = W.IntSlider(value=20, min=1, max=100, description="steps")
         self.seed = W.IntText(value=0, description="seed")
         self.go = W.Button(description="generate", button_style="primary", icon="play")

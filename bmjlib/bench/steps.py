@@ -24,7 +24,7 @@ from skimage.metrics import structural_similarity
 from bmjlib.bench.core import BenchConfig, NotAvailable, Result
 from bmjlib.bench.gpu import flops_row, gpu_rows
 from bmjlib.data.registration import RegConfig, register_pair, set_itk_threads
-from bmjlib.data.registration_eval import benchmark as registration_benchmark
+from bmjlib.bench.registration import compare as compare_registration
 from bmjlib.data.registration_eval import phantom_pairs
 from bmjlib.data.sources import mimic_report_path
 from bmjlib.io import read_image, resize_image
@@ -95,14 +95,24 @@ def phantom_rate(ctx: Context) -> Result:
 
 
 def registration_rate(ctx: Context) -> Result:
+    """Ours vs ProgEmu's configuration on the bench's phantom (256 px images), each at its own resolution and at
+    the other's, with bootstrap intervals (`bench.registration.compare`); the 50-pair table on 512 px images is
+    `python -m bmjlib.bench.registration` (figures/table_registration_benchmark.md)."""
     cfg = ctx.cfg
-    res = registration_benchmark(phantom_dir=cohort(ctx), n_pairs=cfg.reg_pairs, seed=cfg.seed, log=None)
-    ours, pe = res["ours"], res["progemu"]
-    return Result("Throughput", "registration pairs/s", ours["pairs_per_s"], "pairs/s",
-                  compare=f"ProgEmu config {pe['pairs_per_s']:.3g} pairs/s (ours {res['speedup']:.1f}x)",
-                  note=f"bmjlib.data.registration_eval.benchmark: the same {res['pairs']} truly-PA pairs, 1 ITK thread; "
-                       f"TRE ours {ours['tre_mean_px256']:.2f} vs ProgEmu {pe['tre_mean_px256']:.2f} px @256",
-                  extra=res)
+    res = compare_registration(cohort(ctx), n_pairs=cfg.reg_pairs, seed=cfg.seed, log=None)
+    arms, comp = res["arms"], res["comparisons"].set_index("comparison")
+    ours = arms[(arms["method"] == "ours") & (arms["resolution"] == "its own")].iloc[0]
+    pe = arms[(arms["method"] != "ours") & (arms["resolution"] == "its own")].iloc[0]
+    ratio = lambda r: f"{r['speed_ratio']:.1f}x [{r['speed_ratio_lo']:.1f}, {r['speed_ratio_hi']:.1f}]"
+    same = [f"{k.split(', ')[-1]}: {ratio(r)}" for k, r in comp.iterrows() if k.startswith("same")]
+    return Result("Throughput", "registration pairs/s", float(ours["pairs_per_s"]), "pairs/s",
+                  compare=(f"ProgEmu config at {pe['resolution_px']} px {pe['pairs_per_s']:.3g} pairs/s; ours / ProgEmu "
+                           f"each at its own resolution {ratio(comp.iloc[0])}, same resolution " + "; ".join(same)),
+                  note=f"bmjlib.bench.registration: the same {len(res['result']['per_pair']['pair_id'].unique())} "
+                       f"truly-PA pairs ({res['result']['phantom_size']} px images), 1 ITK thread, 95 % bootstrap "
+                       f"intervals; TRE ours {ours['tre_mean_px256']:.2f} vs ProgEmu {pe['tre_mean_px256']:.2f} px @256 "
+                       "(each at its own resolution)",
+                  extra={"arms": arms.to_dict("records"), "comparisons": res["comparisons"].to_dict("records")})
 
 
 def description_rate(ctx: Context) -> Result:
@@ -178,7 +188,7 @@ def _train_arm(pipe, rows, batch: int, steps: int, cached: bool, tmp: Path) -> t
             sel = rows.iloc[idx.tolist()]
             tg = torch.cat([to_batch(read_image(p), size) for p in sel["target_path"]])
             pr = torch.cat([to_batch(read_image(p), size) for p in sel["prior_path"]])
-            b = {"target": pipe.encode_images(tg), "prior": pipe.encode_images(pr),
+            b = {"target": pipe.encode_images(tg), "prior": pipe.encode_prior(pr),
                  "text": pipe.text_encoder.encode(list(sel["text"]))}
         b["null"] = null
         loss = diffusion_loss(unet, proj, sched, b, g, 0.05)

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_png, fingerprint, read_image,
                        resize_image, sha256_file, to_uint8)
-from bmjlib.model.pipeline import BiomedJourneyPipeline
+from bmjlib.model.pipeline import GUIDANCE_FILE, BiomedJourneyPipeline
+from bmjlib.model.stages import model_run
 from bmjlib.runtime import record_timing, resolve
 
 DEMO_MODELS = ["biomedjourney", "one_stage", "text_only", "copy_prior"]
@@ -112,7 +113,7 @@ def load_generator(name: str, spec: dict, device: str = "cpu") -> Callable:
     if kind == "pipeline":
         pipe = BiomedJourneyPipeline.from_pretrained(spec["path"], device=device)
 
-        def run(priors, prompts, seed, text_scale=7.5, image_scale=1.5, steps=20, scheduler="dpm", **kw):
+        def run(priors, prompts, seed, text_scale=None, image_scale=None, steps=20, scheduler="dpm", **kw):
             if spec["prior"] == "dummy":
                 priors = pipe.dummy_prior(len(prompts))
             return pipe(priors, list(prompts), text_scale=text_scale, image_scale=image_scale, steps=steps,
@@ -213,7 +214,9 @@ def generate_all(run_dir: str | Path, out_dir: str | Path, models: list[str] | N
                  settings: dict | None = None, sd_dir: str = "", ip2p_dir: str = "", device: str = "cpu",
                  skip_missing: bool = False) -> pd.DataFrame:
     """Every model over the test pairs. Returns a summary (model, n_pairs, n_generated, status).
-    `skip_missing`: a model whose weights are absent is reported as 'missing: ...' instead of raising."""
+    `skip_missing`: a model whose weights are absent is reported as 'missing: ...' instead of raising; always so
+    in a run that uses a given model (`stages.model_run`), which trains no one-stage or text-only model."""
+    skip_missing = skip_missing or model_run(run_dir) is not None
     pairs = test_pairs(run_dir, max_pairs=max_pairs)
     specs = model_specs(run_dir, scale, sd_dir, ip2p_dir)
     rows = []
@@ -242,8 +245,7 @@ def load_outputs(gen_dir: str | Path, model: str, pair_ids: list[str]) -> np.nda
 # --------------------------------------------------------------------------- guidance scales
 
 # (text scale, image scale) candidates; InstructPix2Pix's defaults 7.5 / 1.5 are among them.
-GUIDANCE_GRID = [(t, i) for t in (1.5, 2.0, 3.0, 4.5, 7.5) for i in (1.5, 2.5, 4.0)]
-GUIDANCE_FILE = "guidance.json"
+GUIDANCE_GRID = [(t, i) for t in (1.5, 3.0, 5.0, 7.5) for i in (1.5, 2.5)]
 
 
 def resolve_guidance(run_dir: str | Path, text_scale, image_scale) -> tuple[float, float]:

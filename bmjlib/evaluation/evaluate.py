@@ -25,7 +25,7 @@ import pandas as pd
 
 from bmjlib.evaluation import metrics as M
 from bmjlib.evaluation.counterfactuals import load_outputs, test_pairs
-from bmjlib.evaluation.judges import sex_male
+from bmjlib.evaluation.judges import predict, sex_male
 from bmjlib.io import read_image, resize_image
 from bmjlib.runtime import resolve
 from bmjlib.schema import FINDINGS
@@ -60,9 +60,12 @@ def truth_of(pairs: pd.DataFrame, scale: str = "demo") -> dict:
 
 
 def judge_outputs(judges: dict, images: np.ndarray, scale: str = "demo") -> dict:
+    """Every judge on the images (`judges.predict`: NaN where the run has no such judge)."""
     ret_kind = "race" if scale == "paper" else "sex"
-    return {"finding": judges["finding"].predict(images), "retention": judges[ret_kind].predict(images),
-            "age": judges["age"].predict(images), "masks": judges["anatomy"].predict(images)}
+    return {"finding": predict(judges.get("finding"), images, "finding"),
+            "retention": predict(judges.get(ret_kind), images, ret_kind),
+            "age": predict(judges.get("age"), images, "age"),
+            "masks": predict(judges.get("anatomy"), images, "anatomy")}
 
 
 def load_sources(run_dir: str | Path, gen_dir: str | Path, pairs: pd.DataFrame, models: list[str], size: int,

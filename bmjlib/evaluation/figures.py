@@ -22,7 +22,8 @@ from matplotlib.patches import Patch
 
 from bmjlib.evaluation.counterfactuals import load_outputs
 from bmjlib.evaluation.tables import LABEL
-from bmjlib.io import read_image, resize_image, save_figure
+from bmjlib.evaluation.judges import predict
+from bmjlib.io import figure_credit, read_image, resize_image, save_figure
 from bmjlib.schema import FINDINGS, ORGANS
 
 CAPTION = "Phantom cohort (synthetic; no patient data)."
@@ -33,6 +34,13 @@ SWEEP_WORDS = ("small", "moderate", "large")
 FIG3_PROMPTS = ("new large left pleural effusion", "new moderate cardiomegaly",
                 "new moderate pulmonary edema", "new large right pneumothorax")
 FIG3_FINDING = ("Pleural Effusion", "Cardiomegaly", "Edema", "Pneumothorax")
+
+
+def _caption(fig, y: float) -> None:
+    """The phantom's caption under a figure; a run with its own figure credit (real images, `io.figure_credit`)
+    gets that credit from `save_figure` instead."""
+    if not figure_credit():
+        fig.text(0.5, y, CAPTION, ha="center", fontsize=7)
 
 
 def _plt():
@@ -69,7 +77,7 @@ def model_row(run_dir, gen_dir, pair: pd.Series, models: Sequence[str], fig_dir=
     for ax, (t, im) in zip(np.atleast_1d(axes), ims):
         _show(ax, resize_image(im, size), _wrap(t, 22))
     fig.suptitle(_wrap(f"Description: {pair['description']}", 110), fontsize=8, y=0.02, va="top")
-    fig.text(0.5, -0.12, CAPTION, ha="center", fontsize=7)
+    _caption(fig, -0.12)
     save_figure(fig, fig_dir if name else None, name)
     return fig
 
@@ -87,6 +95,11 @@ def fig3(pipe, finding_judge, prior: np.ndarray, fig_dir=None, prompts=FIG3_PROM
     _show(axes[0, 0], p0, "Prior")
     axes[1, 0].axis("off")
     for j, (pr, f, im) in enumerate(zip(prompts, findings, outs), start=1):
+        if finding_judge is None:  # a run without labels trains no finding judge: the outputs only
+            _show(axes[0, j], im, _wrap(pr, 24))
+            axes[1, j].axis("off")
+            axes[1, j].set_title("no finding judge in this run", fontsize=7)
+            continue
         cam = finding_judge.attention(im[None], f)[0]
         prob = float(finding_judge.predict(im[None])[0, FINDINGS.index(f)])
         prob0 = float(finding_judge.predict(p0[None])[0, FINDINGS.index(f)])
@@ -95,7 +108,7 @@ def fig3(pipe, finding_judge, prior: np.ndarray, fig_dir=None, prompts=FIG3_PROM
         axes[1, j].imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
         axes[1, j].set_title(f"Grad-CAM {f}\nP={prob:.2f} (prior {prob0:.2f})", fontsize=7)
         axes[1, j].axis("off")
-    fig.text(0.5, 0.0, CAPTION, ha="center", fontsize=7)
+    _caption(fig, 0.0)
     save_figure(fig, fig_dir, name)
     return fig
 
@@ -116,7 +129,7 @@ def fig5(run_dir, gen_dir, pair: pd.Series, models: Sequence[str], anatomy_judge
     ref = resize_image(read_image(pair.get("registered_path", pair["followup_path"])), size)
     outs = [resize_image(load_outputs(gen_dir, m, [pair["pair_id"]])[0], size) for m in models]
     ims = [("Prior", prior), ("Reference", ref)] + [(LABEL.get(m, m), o) for m, o in zip(models, outs)]
-    masks = anatomy_judge.predict(np.stack([i for _, i in ims]))
+    masks = predict(anatomy_judge, np.stack([i for _, i in ims]), "anatomy")  # empty without an anatomy judge
     fig, axes = plt.subplots(2, len(ims), figsize=(2.0 * len(ims), 4.4))
     for j, ((t, im), m) in enumerate(zip(ims, masks)):
         _show(axes[0, j], im, _wrap(t, 22))
@@ -124,7 +137,7 @@ def fig5(run_dir, gen_dir, pair: pd.Series, models: Sequence[str], anatomy_judge
         axes[1, j].axis("off")
     fig.legend([Patch(color=c) for c in ORGAN_COLOURS], [o.replace("_", " ") for o in ORGANS], loc="lower center",
                ncol=len(ORGANS), fontsize=7, frameon=False, bbox_to_anchor=(0.5, -0.04))
-    fig.text(0.5, -0.08, CAPTION, ha="center", fontsize=7)
+    _caption(fig, -0.08)
     save_figure(fig, fig_dir, name)
     return fig
 
@@ -146,6 +159,6 @@ def fig9(pipe, prior: np.ndarray, finding_phrase: str = "left pleural effusion",
         if finding_judge is not None:
             t += f"\nP({finding})={finding_judge.predict(im[None])[0, FINDINGS.index(finding)]:.2f}"
         _show(ax, im, t)
-    fig.text(0.5, -0.05, CAPTION, ha="center", fontsize=7)
+    _caption(fig, -0.05)
     save_figure(fig, fig_dir, name)
     return fig, outs

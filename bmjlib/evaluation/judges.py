@@ -14,6 +14,14 @@ Each judge is trained on patients of the cohort's train split and reports its ac
 (val-split) patients' real images (`judge.heldout`): a judge that cannot see an effusion on real images
 cannot judge a counterfactual, so the tables print these beside the counterfactual scores.
 Every judge takes float images N,H,W in [0, 1] of any size and resizes them to its own input size.
+
+A cohort without labels (every CheXpert finding blank, e.g. a bring-your-own CSV without reports;
+`label_free_cohort`) gets no label judges: the finding, sex and age judges score against the cohort's labels and
+demographics, which such a cohort does not give, so they are skipped and `run_judges` says so (`skipped.json`;
+`load_judges` returns None for them) and every score that needs them stays NaN (never zero). The anatomy judge
+needs no label: it is trained as always on the phantom's organ masks (step 00 of the run, or `judge_phantom`'s
+where the run has none; patients held out by a seeded 10 % when the cohort is not the phantom), and on real
+images it is a segmenter outside its training domain, which the tables say.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ from bmjlib.evaluation import metrics as M
 from bmjlib.evaluation.judges_xrv import load_paper_judges
 from bmjlib.io import (atomic_torch_save, atomic_write_csv, atomic_write_json, fingerprint, read_image, resize_image,
                        sha256_file)
+from bmjlib.phantom.cohort import write_cohort as write_phantom
 from bmjlib.runtime import record_timing, resolve
 from bmjlib.schema import FINDING_KEYS, FINDINGS, ORGANS
 
@@ -207,13 +216,33 @@ class AnatomyJudge(_Judge):
 DEMO_JUDGES = {"finding": FindingJudge, "sex": SexJudge, "age": AgeJudge, "anatomy": AnatomyJudge}
 
 
+SKIPPED_FILE = "skipped.json"
+# The judges that score against a cohort's labels or recorded demographics (skipped for a cohort without labels).
+LABEL_JUDGES = ("finding", "sex", "age")
+
+
+def predict(judge, images: np.ndarray, kind: str) -> np.ndarray:
+    """`judge.predict(images)`, or for a judge this run does not have (None): NaN of the judge's output shape
+    (finding N x 5, sex / race / age N) or empty organ masks (anatomy N x organs x H x W, all False, so every
+    Dice and measure taken from them is NaN). A score that needs a missing judge is undefined, never zero."""
+    if judge is not None:
+        return judge.predict(images)
+    x = np.asarray(images)
+    n = 1 if x.ndim == 2 else len(x)
+    if kind == "anatomy":
+        return np.zeros((n, len(ORGANS), *x.shape[-2:]), bool)
+    return np.full((n, len(FINDINGS)) if kind == "finding" else n, np.nan)
+
+
 def load_judges(d: str | Path, scale: str = "demo", weights_dir: str | Path | None = None) -> dict:
-    """The judges of one scale. demo: {'finding', 'sex', 'age', 'anatomy'} loaded from `d/<kind>/`;
-    paper: the torchxrayvision models {'finding', 'race', 'age', 'anatomy'} (weights from `weights_dir`
-    or the torchxrayvision cache; see judges_xrv)."""
+    """The judges of one scale. demo: {'finding', 'sex', 'age', 'anatomy'} loaded from `d/<kind>/` (None for
+    the kinds `d/skipped.json` lists: see `run_judges`); paper: the torchxrayvision models {'finding', 'race',
+    'age', 'anatomy'} (weights from `weights_dir` or the torchxrayvision cache; see judges_xrv)."""
     if scale == "paper":
         return load_paper_judges(weights_dir)
-    return {k: cls.load(Path(d) / k) for k, cls in DEMO_JUDGES.items()}
+    f = Path(d) / SKIPPED_FILE
+    skipped = set(json.loads(f.read_text()).get("skipped", [])) if f.is_file() else set()
+    return {k: None if k in skipped else cls.load(Path(d) / k) for k, cls in DEMO_JUDGES.items()}
 
 
 # The judges are trained once per run, in notebook 05 (the guidance scales are chosen with them), and read by
@@ -227,15 +256,53 @@ def judges_dir(run_dir: str | Path) -> Path:
 
 
 def run_judges(run_dir: str | Path, scale: str = "demo", size: int = 64, epochs: int = 12, width: int = 16,
-               seed: int = 0, weights_dir: str | Path | None = None) -> dict:
+               seed: int = 0, weights_dir: str | Path | None = None, max_images: int | None = None) -> dict:
     """The judges of a run: at demo scale trained on the phantom's real images into `judges_dir(run_dir)` (or
-    reused from there when nothing changed), at paper scale torchxrayvision's from `weights_dir`."""
+    reused from there when nothing changed; `max_images` caps the training images, None or 0 = all), at paper
+    scale torchxrayvision's from `weights_dir`."""
+    max_images = int(max_images) if max_images else None
     if scale == "paper":
         return load_judges(judges_dir(run_dir), scale="paper", weights_dir=weights_dir or None)
-    return train_demo_judges(run_dir, judges_dir(run_dir), size=size, epochs=epochs, width=width, seed=seed)
+    out = judges_dir(run_dir)
+    if label_free_cohort(run_dir):
+        why = (f"{resolve(run_dir) / '01_cohort' / 'pairs.csv'}: no pair carries a finding label, so the label "
+               f"judges ({', '.join(LABEL_JUDGES)}) are not trained and every score that needs them stays empty "
+               "(NaN); the anatomy judge (organ masks from the phantom's truth, no label needed) is trained.")
+        atomic_write_json(out / SKIPPED_FILE, {"skipped": list(LABEL_JUDGES), "why": why})
+        print(why)
+        judges = train_demo_judges(run_dir, out, size=size, epochs=epochs, width=width, seed=seed,
+                                   max_images=max_images, kinds=tuple(k for k in DEMO_JUDGES if k not in LABEL_JUDGES))
+        return {k: judges.get(k) for k in DEMO_JUDGES}
+    (out / SKIPPED_FILE).unlink(missing_ok=True)
+    return train_demo_judges(run_dir, out, size=size, epochs=epochs, width=width, seed=seed, max_images=max_images)
+
+
+def label_free_cohort(run_dir: str | Path) -> bool:
+    """True when no pair of the cohort (01_cohort/pairs.csv) has any of the five findings labelled (1, 0 or -1)
+    in either study: a cohort without reports or labels."""
+    pairs = pd.read_csv(resolve(run_dir) / "01_cohort" / "pairs.csv", low_memory=False)
+    cols = [c for c in (f"{w}_{f}" for w in ("prior", "followup") for f in FINDINGS) if c in pairs]
+    return not cols or pairs[cols].apply(pd.to_numeric, errors="coerce").isna().all().all()
 
 
 # --------------------------------------------------------------------------- training data (phantom truth)
+
+# A run without a phantom cohort (step 00 builds none for csv and ICG-CXR sources) gets a small phantom for its
+# demo judges alone, in the judges' folder; the run's cohort stays the user's data.
+JUDGE_PHANTOM = {"n_patients": 40, "size": 128, "seed": 0}
+
+
+def judge_phantom(run_dir: str | Path) -> Path:
+    """The phantom the demo judges learn from: the run's own (00_phantom), else one written for them into
+    `judges_dir(run_dir)/phantom` (JUDGE_PHANTOM; a rerun finds it current)."""
+    own = resolve(run_dir) / "00_phantom"
+    if (own / "truth" / "images.csv").is_file():
+        return own
+    d = judges_dir(run_dir) / "phantom"
+    print(f"no phantom cohort in this run: the demo judges learn from a phantom of {JUDGE_PHANTOM['n_patients']} "
+          f"patients written to {d}")
+    write_phantom(d, **JUDGE_PHANTOM)
+    return d
 
 def sex_male(v) -> float:
     """1 for male, 0 for female, NaN when the record does not say."""
@@ -256,17 +323,20 @@ def judge_data(run_dir: str | Path, size: int, max_images: int | None = None, se
     Unreadable images are skipped and counted (`skipped`).
     """
     run = resolve(run_dir)
-    truth = run / "00_phantom" / "truth"
+    truth = judge_phantom(run_dir) / "truth"
     images = pd.read_csv(truth / "images.csv", dtype={"dicom_id": str, "subject_id": str, "study_id": str})
     patients = pd.read_csv(truth / "patients.csv", dtype={"subject_id": str})
     pairs = pd.read_csv(run / "01_cohort" / "pairs.csv", dtype={"subject_id": str})
     split_of = dict(zip(pairs["subject_id"], pairs["split"]))
     images = images[images["view_true"].astype(str).str.upper() == "PA"].merge(patients, on="subject_id", how="left")
+    if not images["subject_id"].isin(split_of).any():  # the cohort is not this phantom: hold out 10 % of its patients
+        subjects = np.random.default_rng(seed).permutation(sorted(images["subject_id"].unique()))
+        split_of = {s: "val" for s in subjects[:max(1, len(subjects) // 10)]}
     images["jsplit"] = images["subject_id"].map(split_of).fillna("train")
     images = images[images["jsplit"] != "test"]
     if max_images and len(images) > max_images:
         images = images.sample(max_images, random_state=seed)
-    mimic = run / "00_phantom" / "mimic" / "files"
+    mimic = truth.parent / "mimic" / "files"
     out: dict = {"skipped": 0, "skipped_files": []}
     for split, want in (("train", "train"), ("heldout", "val")):
         rows = images[images["jsplit"] == want].sort_values("dicom_id")
@@ -370,17 +440,19 @@ def evaluate_judge(judge: _Judge, data: dict) -> dict:
 
 
 def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, epochs: int = 12,
-                      width: int = 16, seed: int = 0, max_images: int | None = None) -> dict:
-    """Train (or reuse, when `out_dir` holds judges trained from the same data and settings) the four
-    demo judges; write `out_dir/<kind>/` and `out_dir/heldout.csv` (one row per judge and metric)."""
+                      width: int = 16, seed: int = 0, max_images: int | None = None,
+                      kinds: tuple[str, ...] = tuple(DEMO_JUDGES)) -> dict:
+    """Train (or reuse, when `out_dir` holds judges trained from the same data and settings) the demo judges
+    `kinds` (default all four); write `out_dir/<kind>/` and `out_dir/heldout.csv` (one row per judge and metric)."""
     out_dir = Path(out_dir)
-    truth = resolve(run_dir) / "00_phantom" / "truth"
+    truth = judge_phantom(run_dir) / "truth"
+    everyone = tuple(kinds) == tuple(DEMO_JUDGES)
     key = fingerprint("judges-v1", size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
-                      sha256_file(resolve(run_dir) / "01_cohort" / "pairs.csv"))
+                      sha256_file(resolve(run_dir) / "01_cohort" / "pairs.csv"), *(() if everyone else (kinds,)))
     stamp = out_dir / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         try:
-            return load_judges(out_dir)
+            return {k: DEMO_JUDGES[k].load(out_dir / k) for k in kinds}
         except (FileNotFoundError, ValueError):
             pass
     data = judge_data(run_dir, size, max_images, seed)
@@ -399,6 +471,8 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
         ("anatomy", lambda: AnatomyJudge(size, width), tr["images"], tr["masks"].astype(np.float32), bce),
     ]
     for kind, make, x, y, loss in plan:
+        if kind not in kinds:
+            continue
         t1 = time.time()
         torch.manual_seed(seed)  # initial weights from the seed, not from whatever ran before
         judge = make()
@@ -417,6 +491,8 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
 
 
 def heldout_table(judges: dict) -> pd.DataFrame:
-    """One row per judge: its held-out accuracy on real images (what each judge can and cannot see)."""
-    return pd.DataFrame([{"judge": k, **{m: v for m, v in j.heldout.items()}} for k, j in judges.items()
-                         if hasattr(j, "heldout")])
+    """One row per judge: its held-out accuracy on real images (what each judge can and cannot see); a judge
+    not trained in this run (None) is a row that says so."""
+    return pd.DataFrame([{"judge": k, **{m: v for m, v in j.heldout.items()}} if hasattr(j, "heldout") else
+                         {"judge": k, "note": "not trained: the cohort has no labels (judges/skipped.json)"}
+                         for k, j in judges.items() if hasattr(j, "heldout") or j is None])

@@ -60,6 +60,7 @@ from bmjlib.evaluation.tables import fmt
 from bmjlib.evaluation.counterfactuals import (GUIDANCE_FILE, GUIDANCE_GRID, generate_model, load_generator,
                                                model_specs, test_pairs)
 from bmjlib.evaluation.evaluate import finding_labels, source_path
+from bmjlib.evaluation.judges import predict
 from bmjlib.io import (atomic_write_csv, atomic_write_json, atomic_write_text, markdown_table, read_image,
                        read_pixels, resize_image, save_figure, to_uint8)
 from bmjlib.phantom.cohort import render_variant
@@ -191,9 +192,9 @@ def hybrid(output: np.ndarray, prior: np.ndarray, side: str) -> np.ndarray:
 def finding_scores(finding_judge, images: np.ndarray, priors: np.ndarray) -> dict:
     """The finding judge on the whole images and on each side's hybrid with the priors: {"whole", "left",
     "right"} -> N x K probabilities."""
-    return {"whole": finding_judge.predict(images),
-            "left": finding_judge.predict(hybrid(images, priors, "left")),
-            "right": finding_judge.predict(hybrid(images, priors, "right"))}
+    return {"whole": predict(finding_judge, images, "finding"),
+            "left": predict(finding_judge, hybrid(images, priors, "left"), "finding"),
+            "right": predict(finding_judge, hybrid(images, priors, "right"), "finding")}
 
 
 def shifts(scores: dict, prior_scores: np.ndarray, target: np.ndarray, changed: np.ndarray,
@@ -455,8 +456,8 @@ def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str
         return [np.nan] * len(ids), [np.nan] * len(ids)
     keys = list(dose["probe_id"])
     x = np.stack([images[k] for k in keys])
-    prob = judges["finding"].predict(x)
-    masks = judges["anatomy"].predict(x)
+    prob = predict(judges.get("finding"), x, "finding")
+    masks = predict(judges.get("anatomy"), x, "anatomy")
     d = dose.assign(prob=[prob[i, FINDINGS.index(f)] for i, f in enumerate(dose["finding"])])
     d["measure"] = np.nan
     for (f, side), g in d.groupby(["finding", "side"]):
@@ -495,15 +496,16 @@ def evaluate_validity(run_dir: str | Path, gen_dir: str | Path, judges: dict, mo
     target, changed = label_changes(pairs)
     prior_labels = finding_labels(pairs, "prior")
     sides = change_sides(pairs, target, changed)
-    p_prior = judges["finding"].predict(prior)
-    m_prior = judges["anatomy"].predict(prior)
+    p_prior = predict(judges.get("finding"), prior, "finding")
+    m_prior = predict(judges.get("anatomy"), prior, "anatomy")
     region = changed_region(prior, imgs["truth"]) if "truth" in imgs else None
     per = {}
     for s in sources:
-        sc = finding_scores(judges["finding"], imgs[s], prior)
+        sc = finding_scores(judges.get("finding"), imgs[s], prior)
         v = {"scores": sc["whole"], "shift": shifts(sc, p_prior, target, changed),
              "shift_lat": shifts(sc, p_prior, target, changed, sides),
-             "anatomy_dice": anatomy_dice(judges["anatomy"].predict(imgs[s]), m_prior, changed, sides)}
+             "anatomy_dice": anatomy_dice(predict(judges.get("anatomy"), imgs[s], "anatomy"), m_prior, changed,
+                                          sides)}
         if region is not None:
             v["preservation_ssim"] = preservation_ssim(imgs[s], imgs["truth"], region)
             v["change_error"] = change_error(imgs[s], prior, imgs["truth"], region)

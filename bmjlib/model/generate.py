@@ -13,7 +13,6 @@ first tokens, and said so (a warning naming how many tokens were kept of how man
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -26,10 +25,12 @@ from safetensors import SafetensorError
 from bmjlib.io import ImageError, atomic_write_png, read_image, resize_image, to_uint8
 from bmjlib.model.demo_model import DemoModelError
 from bmjlib.model.demo_model import resolve_model as shipped
-from bmjlib.model.pipeline import SCHEDULERS, BiomedJourneyPipeline, ModelFolderError, check_sampling
+from bmjlib.model.pipeline import (IP2P_GUIDANCE, SCHEDULERS, BiomedJourneyPipeline, ModelFolderError, check_sampling,
+                                   read_guidance)
 from bmjlib.runtime import resolve
 
-DEFAULTS = {"text_scale": 7.5, "image_scale": 1.5, "steps": 20, "scheduler": "dpm"}
+# Without a model folder's own guidance.json, InstructPix2Pix's scales (`pipeline.read_guidance`).
+DEFAULTS = {"text_scale": IP2P_GUIDANCE[0], "image_scale": IP2P_GUIDANCE[1], "steps": 20, "scheduler": "dpm"}
 
 
 class GenerateError(ValueError):
@@ -49,22 +50,13 @@ def resolve_model(model: str) -> Path:
 
 
 def default_guidance(model_dir: str | Path) -> tuple[float, float]:
-    """(text, image) guidance scales for a model folder: those chosen for it on validation pairs when the folder
-    carries them (guidance.json, written by `validity.select_guidance` and shipped with the demo model),
-    else InstructPix2Pix's defaults. A damaged guidance.json raises GenerateError naming it."""
-    f = Path(model_dir) / "guidance.json"
-    if not f.is_file():
-        return DEFAULTS["text_scale"], DEFAULTS["image_scale"]
+    """(text, image) guidance scales a model samples with when none are given: `pipeline.read_guidance` (its
+    folder's guidance.json, else InstructPix2Pix's), the same defaults the pipeline call uses. A damaged
+    guidance.json raises GenerateError naming it."""
     try:
-        g = json.loads(f.read_text())
-        ts, isc = float(g["text_scale"]), float(g["image_scale"])
-        check_sampling(ts, isc)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenerateError(f"model {model_dir}: guidance.json is not valid JSON ({e})") from None
-    except (KeyError, TypeError, ValueError) as e:
-        why = f"has no {e}" if isinstance(e, KeyError) else f"is unusable ({e})"
-        raise GenerateError(f"model {model_dir}: guidance.json {why}") from None
-    return ts, isc
+        return read_guidance(model_dir)
+    except ModelFolderError as e:
+        raise GenerateError(str(e)) from None
 
 
 def load_pipeline(model_dir: str | Path) -> BiomedJourneyPipeline:
@@ -123,7 +115,7 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
         raise GenerateError(str(e)) from None
     check_output(out, prior)
     model_dir = resolve_model(model)
-    ts, isc = default_guidance(model_dir)
+    default_guidance(model_dir)  # a damaged guidance.json is refused before the image is read
     try:
         image = read_image(prior)
     except ImageError as e:
@@ -133,8 +125,8 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
     notice = pipe.text_encoder.truncation_notice(prompt) if pipe.text_encoder is not None else None
     if notice:
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(notice)
-    result = pipe(image, prompt, text_scale=ts if text_scale is None else text_scale,
-                  image_scale=isc if image_scale is None else image_scale,
+    # None = the model's own default scales (the pipeline reads them from its folder)
+    result = pipe(image, prompt, text_scale=text_scale, image_scale=image_scale,
                   steps=int(steps), scheduler=scheduler, seed=int(seed))[0]
     if not np.isfinite(result).all():
         raise GenerateError("the model produced non-finite pixel values (NaN or inf), nothing written: "

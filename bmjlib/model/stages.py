@@ -8,11 +8,15 @@
 - `stage1_components`, `train_stage1`, `train_stage2`, `train_one_stage`: the one training entry point;
   each finds its inputs in the run folder and calls `train.train_stage` as notebooks 04-05 and `launch` do.
 - `plot_loss`, `sample_figure`: what the notebooks show after each stage.
+- `given_model`, `skip_stage1`, `use_given_model`, `model_run`: the profile's `model:` setting, a trained model
+  used instead of training one (e.g. the shipped demo model on a user's cohort): 04 trains nothing, 05 puts the
+  model where 06-10 read the stage-2 model, with its own guidance scales.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -22,12 +26,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bmjlib.io import atomic_write_json, fingerprint, save_figure
+from bmjlib.io import atomic_dir, atomic_write_json, fingerprint, save_figure, sha256_file
 from bmjlib.model.configs import BIOMEDCLIP, DEMO_UNET_CONFIG, SD15_UNET_CONFIG
+from bmjlib.model.demo_model import resolve_model
 from bmjlib.model.encoders import load_images, load_vae, train_demo_clip, train_demo_vae
-from bmjlib.model.pipeline import BiomedJourneyPipeline
+from bmjlib.model.pipeline import GUIDANCE_FILE, PIPELINE_FILE, BiomedJourneyPipeline, read_guidance
 from bmjlib.model.train import TrainConfig, read_loss, train_stage
-from bmjlib.runtime import step_dir
+from bmjlib.runtime import resolve, step_dir
+from bmjlib.text.progression import compose_report, null_description
 
 FIG_CAPTION_DATA = ("Phantom cohort (synthetic); no real patient data.")
 
@@ -160,6 +166,7 @@ def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: 
     return TrainConfig(image_size=params["image_size"], batch_size=params["batch_size"], lr=params["lr"],
                        cond_dropout=params["cond_dropout"], ema=params["use_ema"] if ema is None else ema,
                        checkpoint_every=params["checkpoint_every"], seed=params["seed"],
+                       match_targets=bool(params.get("match_targets", False)),
                        unet_config=unet_config(params["model_scale"], params["image_size"], vae_factor(vae_dir)),
                        **budget)
 
@@ -181,14 +188,36 @@ def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], componen
     comp = stage1_components(run_dir, params) if components is None else components
     return train_stage(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), table, out,
                        prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
-                       cache_dir=out / "latents", unet_init=params["sd_unet_dir"] or None)
+                       cache_dir=out / "latents", unet_init=params["sd_unet_dir"] or None, split=("train", "val"))
+
+
+def with_stable_triples(pairs: pd.DataFrame, share: float, seed: int = 0) -> pd.DataFrame:
+    """The triples plus round(share x training triples) identity triples: a training prior as its own follow-up
+    with the sentence the progression synthesiser writes for a stable pair of that report ("Unchanged ...",
+    "No acute ..."). A departure from the paper (demo profile): a stable pair's registered follow-up still differs
+    from its prior by exposure, inspiration and registration residue, so without these the model learns that
+    "no change" means "some change" and never learns to keep the patient exactly."""
+    if share <= 0:
+        return pairs
+    train = pairs[pairs["split"] == "train"]
+    pick = train.sample(int(round(share * len(train))), random_state=seed)
+    def col(c):
+        return pick[c] if c in pick else pd.Series("", index=pick.index)
+    stable = pick.assign(registered_path=pick["prior_path"], followup_path=pick["prior_path"],
+                         description=[null_description(compose_report(f, i)) for f, i in
+                                      zip(col("prior_findings"), col("prior_impression"))])
+    if "pair_id" in stable:
+        stable["pair_id"] = stable["pair_id"].astype(str) + "-stable"
+    return pd.concat([pairs, stable], ignore_index=True)
 
 
 def train_stage2(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path:
     """Stage 2 (notebook 05, BiomedJourney): stage 1's model tuned on 03_descriptions/pairs.csv (prior,
     description, registered follow-up) for `stage2_epochs`, into 05_stage2/model; stage 1's latent cache reused."""
+    (step_dir(run_dir, "05_stage2") / GIVEN_MODEL_FILE).unlink(missing_ok=True)  # trained here, not given
     s1 = step_dir(run_dir, "04_stage1")
-    pairs = pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv")
+    pairs = with_stable_triples(pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv"),
+                                params.get("stable_triples", 0.0), params["seed"])
     cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
     return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2"), init_from=s1 / "model", prior="registered",
                        text_column="description", cache_dir=s1 / "latents")
@@ -198,12 +227,90 @@ def train_one_stage(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Pa
     """Table 2's one-stage arm (notebook 05): stage 2's data and settings from a fresh UNet (paper scale: SD
     v1.5's) with stage 1's frozen VAE and text encoder, into 05_stage2/one_stage/model."""
     s1 = step_dir(run_dir, "04_stage1")
-    pairs = pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv")
+    pairs = with_stable_triples(pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv"),
+                                params.get("stable_triples", 0.0), params["seed"])
     cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
     return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2") / "one_stage", prior="registered",
                        text_column="description", vae=s1 / "model" / "vae",
                        text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=s1 / "latents",
                        unet_init=params["sd_unet_dir"] or None)
+
+
+# --------------------------------------------------------------------------- a given model instead of training
+
+# Written by notebooks 04 and 05 when the profile's `model:` names a trained model: what was used instead of training.
+GIVEN_MODEL_FILE = "given_model.json"
+
+
+def given_model(model: str) -> Path | None:
+    """The profile's `model:` as a saved model folder: "" -> None (train as usual); "demo" -> the shipped demo
+    model (verified against its sha256, expanded); else a folder written by `save_pretrained` (relative paths
+    from the repository root). A folder that is not a saved model raises FileNotFoundError naming it."""
+    if not str(model or "").strip():
+        return None
+    path = resolve_model("demo") if str(model) == "demo" else resolve(model)
+    if not (path / PIPELINE_FILE).is_file():
+        why = "does not exist" if not path.exists() else f"has no {PIPELINE_FILE}"
+        raise FileNotFoundError(f"model: {model!r}: {path} {why}, so it is not a saved BiomedJourney model "
+                                "(give 'demo', a folder written by save_pretrained, or '' to train one)")
+    return path
+
+
+def _model_note(model: str, path: Path) -> dict:
+    return {"model": str(model), "folder": str(path), "guidance": list(read_guidance(path)),
+            "unet_sha256": sha256_file(path / "unet" / "diffusion_pytorch_model.safetensors")}
+
+
+def skip_stage1(run_dir: str | os.PathLike, model: str, log=print) -> dict:
+    """Notebook 04 with `model:` set: nothing is trained or cached; 04_stage1/given_model.json says which model
+    stands in and why. Returns that note."""
+    path = given_model(model)
+    note = dict(_model_note(model, path), stage="04_stage1",
+                what="stage 1 not trained: the chain uses the given model (no stage-1 model, latent cache or "
+                     "text-only baseline in this run)")
+    out = step_dir(run_dir, "04_stage1")
+    atomic_write_json(out / GIVEN_MODEL_FILE, note)
+    log(f"model: {model!r} ({path}): stage 1 is not trained, nothing heavy written to {out}")
+    return note
+
+
+def use_given_model(run_dir: str | os.PathLike, model: str, log=print) -> Path:
+    """Notebook 05 with `model:` set: the given model is copied to 05_stage2/model, where notebooks 06-10 read the
+    stage-2 model, with its guidance.json (the scales chosen for it, else InstructPix2Pix's: `read_guidance`);
+    05_stage2/guidance/guidance.json records the same scales, so guidance "auto" means the model's own. No
+    one-stage model and no guidance search on validation pairs. A rerun with the same model copies nothing."""
+    path = given_model(model)
+    out = step_dir(run_dir, "05_stage2")
+    note = dict(_model_note(model, path), stage="05_stage2",
+                what="stage 2 not trained: the given model is this run's BiomedJourney model (05_stage2/model)")
+    target = out / "model"
+    old = out / GIVEN_MODEL_FILE
+    current = (old.is_file() and json.loads(old.read_text()).get("unet_sha256") == note["unet_sha256"]
+               and (target / PIPELINE_FILE).is_file() and read_guidance(target) == read_guidance(path))
+    if not current:
+        with atomic_dir(target) as tmp:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+            if not (tmp / GUIDANCE_FILE).is_file():  # the default it samples with, written down
+                ts, isc = read_guidance(path)
+                atomic_write_json(tmp / GUIDANCE_FILE, {"text_scale": ts, "image_scale": isc,
+                                                        "criterion": "InstructPix2Pix's scales (the model "
+                                                                     "folder carries no guidance.json)"})
+    ts, isc = read_guidance(target)
+    atomic_write_json(out / "guidance" / GUIDANCE_FILE,
+                      {"text_scale": ts, "image_scale": isc, "given_model": str(model),
+                       "criterion": f"the given model's own default guidance ({target / GUIDANCE_FILE}); "
+                                    "not chosen on this run's validation pairs"})
+    atomic_write_json(old, note)
+    log(f"model: {model!r}: {'copied to' if not current else 'already at'} {target}; guidance text {ts:g}, "
+        f"image {isc:g} (the model's own); no one-stage model or guidance search in this run")
+    return target
+
+
+def model_run(run_dir: str | os.PathLike) -> dict | None:
+    """The note notebook 05 wrote when the run uses a given model (`use_given_model`), else None: models the
+    chain would otherwise train (one-stage, text-only, ablation arms) are then absent by design."""
+    f = resolve(run_dir) / "05_stage2" / GIVEN_MODEL_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 # Prompts for showing what a model does with a sentence (the paper's Fig. 3-4 style), per stage.
@@ -262,6 +369,6 @@ def reconstruction_figure(vae_dir, paths: Sequence[str], image_size: int, fig_di
     with torch.no_grad():
         t = torch.as_tensor(x)[:, None] * 2 - 1
         t = t.repeat(1, vae.config.in_channels, 1, 1)
-        rec = vae.decode(vae.encode(t).latent_dist.mode()).sample.mean(1)
-    rec = ((rec.numpy() + 1) / 2).clip(0, 1)
+        rec = vae.decode(vae.encode(t).latent_dist.mode()).sample
+    rec = ((rec.numpy() + 1) / 2).clip(0, 1).mean(1)  # per channel to [0, 1] and clamped, then averaged (as diffusers)
     return sample_figure([("image", x), ("VAE reconstruction", rec)], (), fig_dir, name)

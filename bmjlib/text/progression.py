@@ -205,6 +205,10 @@ def loopback_model(body: dict, n: int):
 
 # --------------------------------------------------------------------------- the pipeline over pairs
 
+# The description of every pair of a cohort that has no report text at all (`describe_pairs`).
+NO_REPORT_DESCRIPTION = "No interval change."
+
+
 class NoPairsError(ValueError):
     """Step 03 has no pair to describe, or described none; the message names the file."""
 
@@ -274,7 +278,9 @@ def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "
 
     The data-use guard runs before any client exists, on what the rows say (`data_origin`; `credentialed`
     is the profile's data_credentialed), and again on every request the client sends. Booleans must be
-    real booleans. Pairs with no report text at all fail without a call. Successful answers are cached
+    real booleans. Pairs with no report text at all fail without a call, unless no pair of the table has any
+    (a cohort without reports): then each gets NO_REPORT_DESCRIPTION, the no-change hypothesis, without a call.
+    Successful answers are cached
     (JSONL, keyed by backend, model, prompt version and the two reports), so a rerun sends only the
     pairs that failed.
     """
@@ -300,7 +306,15 @@ def describe_pairs(pairs: pd.DataFrame, backend: str = "offline", model: str = "
     reports = {r["pair_id"]: (compose_report(r["prior_findings"], r["prior_impression"]),
                               compose_report(r["followup_findings"], r["followup_impression"])) for r in rows}
     outcomes: dict[str, llm.Outcome] = {}
+    if reports and not any(pr or fu for pr, fu in reports.values()):
+        # A cohort without any report (e.g. images and dates only): nothing says what changed, so every pair gets
+        # the no-change hypothesis, the one sentence whose right answer is known without a report (the output
+        # should keep the prior); the counterfactual then asks "this patient at follow-up, nothing changed".
+        print(f"no pair has report text: every pair's description is the no-change hypothesis {NO_REPORT_DESCRIPTION!r}")
+        outcomes = {pid: llm.Outcome(True, text=NO_REPORT_DESCRIPTION) for pid in reports}
     for pid, (pr, fu) in reports.items():
+        if pid in outcomes:
+            continue
         if not fu:
             outcomes[pid] = llm.Outcome(False, reason="follow-up report has neither FINDINGS nor IMPRESSION")
         elif not pr:
