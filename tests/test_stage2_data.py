@@ -91,3 +91,17 @@ def test_cache_with_matched_targets_encodes_the_matched_image(tmp_path):
     want = torch.stack([z[i, :, oy:oy + h, ox:ox + h] for i, (oy, ox) in enumerate(off.tolist())])
     assert torch.equal(got, want)
     assert not torch.equal(got, old)
+
+
+def test_matched_targets_do_not_apply_to_the_dummy_prior(tmp_path):
+    """Stage 1 (dummy prior) has no pair to match: its cache is the same file with or without the setting, so a
+    second process that only opens the cache finds what the first one wrote."""
+    from bmjlib.model.latents import cache_path
+    table = make_table(tmp_path / "img")
+    rows = T.stage_rows(table, "dummy", "impression")
+    pipe = tiny_pipeline()
+    assert (cache_path(pipe, rows, tmp_path, 32, 1, dummy_prior=True, match_targets=True)
+            == cache_path(pipe, rows, tmp_path, 32, 1, dummy_prior=True))
+    pairs = T.stage_rows(table, "registered", "description")
+    assert (cache_path(pipe, pairs, tmp_path, 32, 1, dummy_prior=False, match_targets=True)
+            != cache_path(pipe, pairs, tmp_path, 32, 1, dummy_prior=False))

@@ -360,7 +360,7 @@ def _layout(pipe, rows: pd.DataFrame, cache_dir: Path, image_size: int, margin: 
     prior_kind = "scaled" if pipe.prior_latents == "scaled" else "mode"
     key = fingerprint(DATASET_FORMAT, lat.name, txt.name, int(margin), bool(dummy_prior), prior_kind,
                       pipe.null_prompt, {c: [str(v) for v in rows[c]] for c in ("prior_path", "target_path", "text")},
-                      *(("matched-targets",) if match_targets else ()))
+                      *(("matched-targets",) if match_targets and not dummy_prior else ()))
     return {"size": size, "latents": lat, "text": txt, "prior_kind": prior_kind,
             "dataset": Path(cache_dir) / f"dataset-{key[:16]}.safetensors"}
 
