@@ -293,11 +293,17 @@ def test_step_03_with_no_pair_from_step_02_names_the_file(tmp_path):
     src.write_text("pair_id,prior_findings,prior_impression,followup_findings,followup_impression\n")
     with pytest.raises(progression.NoPairsError, match=rf"^{re.escape(str(src))}: 0 pairs: every pair failed"):
         progression.run_step(tmp_path, progress=False)
-    PAIRS.assign(prior_findings="", followup_findings="").to_csv(src, index=False)
+    PAIRS.assign(followup_findings="").to_csv(src, index=False)
     with pytest.raises(progression.NoPairsError, match=r"failures.csv: none of the 1 pairs got a description "
                                                        r"\(first: a: follow-up report has neither"):
         progression.run_step(tmp_path, progress=False)
     assert (tmp_path / "03_descriptions" / "failures.csv").exists()  # the reasons are kept
+
+
+def test_a_cohort_without_any_report_gets_the_no_change_hypothesis():
+    out = progression.describe_pairs(PAIRS.assign(prior_findings="", followup_findings=""), progress=False)
+    assert list(out.pairs["description"]) == [progression.NO_REPORT_DESCRIPTION] and out.failures.empty
+    assert out.calls == 0
 
 
 # --------------------------------------------------------------------------- 4. registration in a tiny cohort
