@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -497,6 +497,8 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     process runs this: the main one writes the latent cache and the outputs, the others wait and read.
     """
     cfg = TrainConfig.from_dict(config)
+    if prior == "dummy" and cfg.match_targets:  # no prior to match a target to: the same stage, the same key
+        cfg = replace(cfg, match_targets=False)
     if not torch.cuda.is_available():
         use_run_threads()
     out = Path(out_dir)
