@@ -62,6 +62,19 @@ def test_a_changed_earlier_step_reruns_everything_after_it(chain, tmp_path):
     assert ran(lines) == [] and sum("up to date" in line for line in lines) == 3
 
 
+def test_a_profile_may_end_the_chain_early_and_to_overrides_it(chain, tmp_path):
+    lines = []
+    run_chain({"profile": "t", "message": "abc", "last_step": 1}, out=tmp_path / "run", notebook_dir=chain,
+              log=lines.append)
+    assert ran(lines) == ["00_write", "01_upper"] and not (tmp_path / "run" / "02_threads").exists()
+    lines.clear()
+    run_chain({"profile": "t", "message": "abc", "last_step": 1}, out=tmp_path / "run", stop=2, notebook_dir=chain,
+              log=lines.append)
+    assert ran(lines) == ["02_threads"]
+    with pytest.raises(ChainError, match="last_step: 'two' must be a step number"):
+        run_chain({"profile": "t", "last_step": "two"}, out=tmp_path / "run2", notebook_dir=chain, **QUIET)
+
+
 def test_a_deleted_or_altered_output_reruns_that_step(chain, tmp_path):
     out, lines = tmp_path / "run", []
     run_chain({"profile": "t", "message": "abc"}, out=out, notebook_dir=chain, **QUIET)

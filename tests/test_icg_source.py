@@ -226,11 +226,11 @@ def test_steps_02_and_03_take_the_pairs_as_registered_and_described(folder, tmp_
 @needs_hannover
 @pytest.mark.slow
 def test_chain_runs_on_an_icg_folder_and_writes_it_back(tmp_path):
-    """Steps 00-09 through the runner, then step 10's ICG-CXR export of the run's pairs. Step 10's interpretation
-    measures inside organ masks, which a run on real images takes from the anatomy judge; the smoke judges
-    (one epoch on a small phantom) find no lungs on real radiographs, so the interpretation is not run here."""
+    """Steps 00-10 through the runner. Step 10's interpretation measures inside organ masks, which a run on real
+    images takes from the anatomy judge; an ICG-CXR run on the shipped model has none (labels of CheXpertPlus are
+    not the finding judges' training data), so step 10 says it interprets nothing and exports the run's pairs with
+    their own changes-of-findings."""
     from bmjlib.chain import run_chain
-    from bmjlib.icg.interpret_run import export_icg
 
     folder = make_icg_folder(tmp_path / "icg-cxr-v1", labelled=True)
     profile = tmp_path / "icg.yaml"
@@ -238,9 +238,9 @@ def test_chain_runs_on_an_icg_folder_and_writes_it_back(tmp_path):
     # model instead of training one, no real-pair registration figure, one probe prior
     profile.write_text(f"base: smoke\nsource: icg\ndata_root: {folder}\nviews: frontal\nmodel: demo\n"
                        "real_cxr_dir: ''\nprobe_priors: 1\nllm_bench_offline: 200\nllm_bench_api: 4\n")
-    run = run_chain(str(profile), out=tmp_path / "run", stop=9, log=lambda *_: None)
+    run = run_chain(str(profile), out=tmp_path / "run", log=lambda *_: None)
     state = json.loads((run / "chain.json").read_text())
-    assert [k[:2] for k in state] == [f"{i:02d}" for i in range(10)]
+    assert [k[:2] for k in state] == [f"{i:02d}" for i in range(11)]
     assert not (run / "00_phantom").exists()                           # no phantom cohort for an ICG-CXR run
     assert (run / "05_stage2" / "judges" / "phantom" / "truth").is_dir()  # only the demo judges' own
     nb = lambda n: (run / "notebooks" / n).read_text()
@@ -258,9 +258,7 @@ def test_chain_runs_on_an_icg_folder_and_writes_it_back(tmp_path):
     assert (run / "06_generate" / "biomedjourney").is_dir() and (run / "07_evaluate" / "validity.csv").is_file()
     # step 10's write-back of the run's pairs (through the CSVs of steps 01-03) with their own interpretations:
     # the same folders, every key and value of the source, only the chain's own columns added under bmj-extra
-    tables = {"sentences": d[["pair_id", "changes_of_findings"]].assign(model="reference")}
-    written, check = export_icg(run, run / "10_icg" / "icg_cxr", tables)
-    assert check["written"] == check["read_back"] == 57 and all(check["identical_columns"].values())
+    assert "not interpreted: the interpretation measures changes inside organ masks" in nb("10_interpret.ipynb")
     source, back = _jsons(folder), _jsons(run / "10_icg" / "icg_cxr")
     assert list(back) == list(source)
     for rel, meta in source.items():

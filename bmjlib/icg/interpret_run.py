@@ -274,8 +274,13 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
         judges = load_judges(judges_dir)
     truth = TruthMasks(truth_dir) if any((truth_dir / "masks" / f"{d}.npz").is_file() for d in ids) else None
     if judges is None and truth is None:
-        raise FileNotFoundError(f"{run}: no judges in {judges_dir!r} and no phantom truth masks: "
-                                "the interpretation needs organ masks from one of them")
+        # Real images without an anatomy judge (e.g. a label-free cohort on a shipped model): every measurement
+        # of the interpreter lies inside organ masks, so nothing is interpreted; the export still runs.
+        why = (f"not interpreted: the interpretation measures changes inside organ masks, from the phantom's truth "
+               f"or the anatomy judge of notebook 05, and this run has neither (judges: {judges_dir or 'none'}); "
+               "the ICG-CXR export carries each pair's own changes-of-findings, if any")
+        return {**_empty_tables(), "n_calibration": 0, "judges": False, "directions_from": "", "interpreted": False,
+                "why": why}
     images = pd.read_csv(truth_dir / "images.csv", dtype={"dicom_id": str}) \
         if (truth_dir / "images.csv").exists() else None
     if images is not None and not ids.isin(images["dicom_id"]).any():
@@ -330,13 +335,24 @@ def run_interpretation(run_dir, out_dir, judges_dir: str = "", size: int = 64, n
               "direction_scores": pd.concat(scores, ignore_index=True),
               "summary": pd.DataFrame(cons), "skipped": pd.concat(skips, ignore_index=True),
               "consistency": pd.concat(conss, ignore_index=True),
-              "n_calibration": n_cal, "judges": judges is not None, "directions_from": directions_from}
+              "n_calibration": n_cal, "judges": judges is not None, "directions_from": directions_from,
+              "interpreted": True, "why": ""}
     out.mkdir(parents=True, exist_ok=True)
     for k in names:
         atomic_write_csv(out / f"{k}.csv", tables[k])
     atomic_write_json(stamp, {"key": key, "n_calibration": n_cal, "judges": judges is not None,
-                              "directions_from": directions_from})
+                              "directions_from": directions_from, "interpreted": True, "why": ""})
     return tables
+
+
+def _empty_tables() -> dict:
+    """run_interpretation's tables with their columns and no row (a run with nothing to interpret)."""
+    return {"interpretations": pd.DataFrame(columns=["model", "pair_id", "finding", "direction", "side"]),
+            "sentences": pd.DataFrame(columns=["model", "pair_id", "description", "changes_of_findings"]),
+            "direction_scores": pd.DataFrame(columns=["finding", "direction_acc", "coarse_acc", "model"]),
+            "summary": pd.DataFrame(columns=SUMMARY_COLS),
+            "skipped": pd.DataFrame(columns=["pair_id", "path", "problem", "model"]),
+            "consistency": pd.DataFrame(columns=["model", "pair_id", "finding", "expect", "consistent"])}
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -350,7 +366,7 @@ def _read_table(path: Path) -> pd.DataFrame:
 def _inputs_key(run: Path, judges_dir, size, n_calibration, max_pairs, seed, models) -> str:
     """Fingerprint of everything an interpretation run reads: parameters, pair tables, judges, and the
     names and sizes of the counterfactual images (a regenerated image changes the key)."""
-    parts = ["interpret-v1", size, n_calibration, max_pairs, seed, list(models)]
+    parts = ["interpret-v2", size, n_calibration, max_pairs, seed, list(models)]
     for p in (run / "03_descriptions" / "pairs.csv", run / "02_registration" / "pairs.csv",
               run / "00_phantom" / "truth" / "images.csv", Path(judges_dir or "/nonexistent") / "fingerprint.json"):
         parts.append(sha256_file(p) if p.exists() else "")
