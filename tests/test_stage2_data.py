@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bmjlib.model.train as T
-from bmjlib.data.registration import match_intensity, read_matched
+from bmjlib.data.registration import match_intensity, outside_field, read_matched
 from bmjlib.io import atomic_write_png, read_image, to_uint8
 from bmjlib.model.latents import build_cache
 from bmjlib.model.pipeline import to_batch
@@ -54,6 +54,19 @@ def test_read_matched_puts_a_registered_follow_up_in_its_prior_s_exposure(tmp_pa
     got = read_matched(tmp_path / "f.png", tmp_path / "p.png")
     ref = read_image(tmp_path / "p.png")
     assert np.abs(got - ref)[:, 3:].mean() < 0.01 < np.abs(read_image(tmp_path / "f.png") - ref)[:, 3:].mean()
+    assert np.array_equal(got[:, :3], ref[:, :3])     # where the registered image has no data: the prior's pixels
+
+
+def test_outside_field_is_the_border_fill_only():
+    img = chest(2)
+    img[20:24, 30:34] = 0                              # a black object inside the image: not fill
+    yy, xx = np.mgrid[0:64, 0:64]
+    img[yy + xx < 12] = 0                              # a corner the rotated follow-up did not cover
+    got = outside_field(img, grow=0)
+    assert np.array_equal(got, yy + xx < 12)
+    grown = outside_field(img, grow=2)
+    assert grown[yy + xx < 14].all() and not grown[yy + xx > 16].any()
+    assert not outside_field(chest(3)).any()          # nothing filled, nothing outside
 
 
 def test_stable_triples_are_the_prior_as_its_own_follow_up_with_the_stable_sentence():

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 import SimpleITK as sitk
 from tqdm.auto import tqdm
 
@@ -209,18 +210,30 @@ def match_intensity(moving: np.ndarray, fixed: np.ndarray, valid: np.ndarray | N
     return (a * moving + b).astype(np.float32)
 
 
+def outside_field(image: np.ndarray, grow: int = 2) -> np.ndarray:
+    """The pixels a registered image has no data for: the warp's exact-0 fill connected to the image border,
+    grown by `grow` px (where the interpolation blended image and fill)."""
+    lab, _ = ndimage.label(image == 0)
+    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    mask = np.isin(lab, edge[edge > 0])
+    return ndimage.binary_dilation(mask, iterations=grow) if grow and mask.any() else mask
+
+
 def read_matched(path: str | Path, prior_path: str | Path) -> np.ndarray:
     """A registered follow-up with its exposure fitted to its prior's (`match_intensity`), in [0, 1]: what stage 2
     trains toward when the profile asks for it (a departure from the paper, which trains on the follow-up as
     it is). A registered follow-up differs from its prior mostly by exposure, contrast and detector, not by
     disease, and each image read alone is scaled by its own range (an opacity that changes the range moves
-    every pixel); matched, what differs is the disease. Pixels outside the registered image (0) stay out of
-    the fit."""
+    every pixel); matched, what differs is the disease. Where the registered image has no data (`outside_field`:
+    the black fill the warp leaves at the borders) the prior's pixels stand in, so the model is not taught to
+    draw the registration's frame; those pixels stay out of the fit."""
     moving, fixed = read_image(path), read_image(prior_path)
     if fixed.shape != moving.shape:
         fixed = resize_image(fixed, moving.shape)
-    valid = moving > 0
-    return np.clip(match_intensity(moving, fixed, valid if valid.any() else None), 0, 1)
+    outside = outside_field(moving)
+    out = np.clip(match_intensity(moving, fixed, ~outside if not outside.all() else None), 0, 1)
+    out[outside] = fixed[outside]
+    return out
 
 
 # --------------------------------------------------------------------------- one registration

@@ -360,7 +360,7 @@ def _layout(pipe, rows: pd.DataFrame, cache_dir: Path, image_size: int, margin: 
     prior_kind = "scaled" if pipe.prior_latents == "scaled" else "mode"
     key = fingerprint(DATASET_FORMAT, lat.name, txt.name, int(margin), bool(dummy_prior), prior_kind,
                       pipe.null_prompt, {c: [str(v) for v in rows[c]] for c in ("prior_path", "target_path", "text")},
-                      *(("matched-targets",) if match_targets and not dummy_prior else ()))
+                      *(("matched-targets-in-field",) if match_targets and not dummy_prior else ()))
     return {"size": size, "latents": lat, "text": txt, "prior_kind": prior_kind,
             "dataset": Path(cache_dir) / f"dataset-{key[:16]}.safetensors"}
 
@@ -442,7 +442,7 @@ def write_cache(pipe, rows: pd.DataFrame, cache_dir: str | os.PathLike, image_si
         for p in rows["target_path"]:
             if os.path.exists(p):
                 stamp.setdefault(p, f"{p}|{os.stat(p).st_mtime_ns}")
-        target_keys = [f"matched|{stamp.get(pr)}|{stamp.get(t)}" for t, pr in zip(rows["target_path"], rows["prior_path"])]
+        target_keys = [f"matched-in-field|{stamp.get(pr)}|{stamp.get(t)}" for t, pr in zip(rows["target_path"], rows["prior_path"])]
         pending = [(k, t, pr) for k, t, pr in dict.fromkeys(zip(target_keys, rows["target_path"], rows["prior_path"]))
                    if k not in lat and t in stamp and pr in stamp]
         for i in tqdm(range(0, len(pending), CHUNK), desc="encode matched targets", unit="chunk",

@@ -221,6 +221,10 @@ class BiomedJourneyPipeline:
     # "unscaled": the prior's latent is the posterior mode as is (InstructPix2Pix); "scaled": x scaling_factor
     # (models saved before bmj_pipeline.json recorded it)
     prior_latents: str = "unscaled"
+    # "image": the sampled latent is the follow-up's (InstructPix2Pix); "residual": it is the follow-up's minus the
+    # prior's, x residual_scale (a demo-profile departure, TrainConfig.target), and the prior's is added back
+    target: str = "image"
+    residual_scale: float = 1.0
 
     def __init__(self, vae, unet, text_encoder, projection: nn.Module, scheduler_config: dict | None = None,
                  image_size: int = 64, null_prompt: str = ""):
@@ -396,6 +400,9 @@ class BiomedJourneyPipeline:
             latents = sched.step(eps, t, latents).prev_sample
             if step_done:
                 step_done(k + 1, len(sched.timesteps))
+        if self.target == "residual":
+            factor = self.vae.config.scaling_factor if self.prior_latents == "unscaled" else 1.0
+            latents = factor * prior_lat + latents / self.residual_scale
         return self.decode_latents(latents)
 
     # ---- persistence --------------------------------------------------------------------------
@@ -414,7 +421,8 @@ class BiomedJourneyPipeline:
             atomic_write_json(tmp / PIPELINE_FILE, {
                 "class": "BiomedJourneyPipeline", "image_size": self.image_size,
                 "null_prompt": self.null_prompt, "text_dim": self.projection.in_features,
-                "has_text_encoder": self.text_encoder is not None, "prior_latents": self.prior_latents})
+                "has_text_encoder": self.text_encoder is not None, "prior_latents": self.prior_latents,
+                "target": self.target, "residual_scale": self.residual_scale})
         return path
 
     @classmethod
@@ -443,6 +451,7 @@ class BiomedJourneyPipeline:
         pipe = cls(vae, unet, text_encoder, proj, sched, meta["image_size"], meta.get("null_prompt", ""))
         pipe.guidance = read_guidance(path)
         pipe.prior_latents = meta.get("prior_latents", "scaled")  # absent: saved before the IP2P convention
+        pipe.target, pipe.residual_scale = meta.get("target", "image"), float(meta.get("residual_scale", 1.0))
         for m in (vae, unet, proj):
             m.eval().requires_grad_(False)
         return pipe.to(device)

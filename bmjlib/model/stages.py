@@ -167,6 +167,7 @@ def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: 
                        cond_dropout=params["cond_dropout"], ema=params["use_ema"] if ema is None else ema,
                        checkpoint_every=params["checkpoint_every"], seed=params["seed"],
                        match_targets=bool(params.get("match_targets", False)),
+                       target=params.get("diffusion_target", "image"),
                        unet_config=unet_config(params["model_scale"], params["image_size"], vae_factor(vae_dir)),
                        **budget)
 

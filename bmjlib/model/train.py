@@ -72,6 +72,9 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss or gradient."""
 
 
+TARGETS = ("image", "residual")
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training stage (paper §5.1 defaults where the paper gives them)."""
@@ -97,6 +100,11 @@ class TrainConfig:
     # Demo departure (a profile setting): each registered follow-up with its exposure fitted to its prior's
     # (registration.read_matched); the paper trains on the follow-up as it is.
     match_targets: bool = False
+    # Demo departure (a profile setting): "residual" diffuses the follow-up's latent minus the prior's, scaled to unit
+    # standard deviation over the training examples, and `BiomedJourneyPipeline` adds the prior's latent back after
+    # sampling, so keeping the patient costs the model nothing; "image" (the paper, InstructPix2Pix) diffuses the
+    # follow-up's latent. Stage 1 (no prior) always diffuses the image.
+    target: str = "image"
     # How the step is executed, not what it computes (left out of the stage's key: a model trained with other
     # values of these is the same model, to float tolerance; tests/test_distributed.py checks each against the default)
     grad_accum_steps: int = 0        # micro-batches per process per optimizer step; 0 = accelerate's setting
@@ -115,6 +123,8 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        if d.get("target", "image") not in TARGETS:
+            raise ValueError(f"target: {d['target']!r} is not one of {', '.join(TARGETS)}")
         return cls(**d)
 
 
@@ -294,8 +304,10 @@ class Trainer:
     process; `step` returns (ok, mean loss over the global batch)."""
 
     def __init__(self, cfg: TrainConfig | dict, unet, projection, noise_scheduler, data, acc: Accelerator,
-                 debug_dir: str | os.PathLike | None = None):
+                 debug_dir: str | os.PathLike | None = None, residual: tuple[float, float] | None = None):
         cfg = self.cfg = TrainConfig.from_dict(cfg)
+        # (prior factor, scale): the diffused target is (target - prior_factor x prior) x scale (TrainConfig.target)
+        self.residual = residual
         if cfg.attention not in ATTENTION:
             raise ValueError(f"attention: {cfg.attention!r} is not one of {', '.join(ATTENTION)}")
         if cfg.compile and cfg.compile not in torch.compiler.list_backends(exclude_tags=()):
@@ -360,6 +372,9 @@ class Trainer:
             with self._no_sync(micro == self.accum - 1):
                 with _BatchDraws(g, lo, hi, total, record) if split else contextlib.nullcontext():
                     batch = self.data.batch(idx[lo:hi], g, hflip=cfg.hflip, device=acc.device)
+                    if self.residual is not None:
+                        k, scale = self.residual
+                        batch["target"] = (batch["target"] - k * batch["prior"]) * scale
                     batch["null"] = self.null
                     with acc.autocast():
                         loss = diffusion_loss(self.forward_unet, self.forward_proj, self.noise_scheduler, batch, g,
@@ -499,6 +514,8 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     cfg = TrainConfig.from_dict(config)
     if prior == "dummy" and cfg.match_targets:  # no prior to match a target to: the same stage, the same key
         cfg = replace(cfg, match_targets=False)
+    if prior == "dummy" and cfg.target != "image":  # no prior to add back: stage 1 diffuses the image
+        cfg = replace(cfg, target="image")
     if not torch.cuda.is_available():
         use_run_threads()
     out = Path(out_dir)
@@ -527,8 +544,13 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
         data = build_cache(pipe, rows, Path(cache_dir or out / "latents"), cfg.image_size, cfg.crop_margin,
                            dummy_prior=(prior == "dummy"), progress=progress and main, write=main,
                            match_targets=cfg.match_targets)
+    residual = None
+    if cfg.target == "residual":
+        k = float(pipe.vae.config.scaling_factor) if pipe.prior_latents == "unscaled" else 1.0
+        pipe.target, pipe.residual_scale = "residual", residual_scale(data, k, cfg.seed)
+        residual = (k, pipe.residual_scale)
     trainer = Trainer(cfg, pipe.unet, pipe.projection, train_scheduler(pipe.scheduler_config), data, acc,
-                      debug_dir=os.environ.get(DEBUG_ENV) or None)
+                      debug_dir=os.environ.get(DEBUG_ENV) or None, residual=residual)
     _portable_weights(acc)
     n = len(data)
     total = int(cfg.max_steps) if cfg.max_steps else max(1, int(round(cfg.epochs * trainer.steps_per_epoch)))
@@ -620,6 +642,21 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
         shutil.rmtree(ckpt_root, ignore_errors=True)
     acc.wait_for_everyone()
     return model_dir
+
+
+def residual_scale(data, prior_factor: float, seed: int = 0, n: int = 4096) -> float:
+    """1 / the standard deviation of (target - prior_factor x prior) latents over up to `n` training examples
+    (unflipped), so the residual target has unit variance as the VAE's scaling_factor gives an image latent."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[:n]
+    parts = []
+    for i in range(0, len(idx), 512):
+        b = data.batch(idx[i:i + 512], g, hflip=False, device="cpu")
+        parts.append((b["target"] - prior_factor * b["prior"]).flatten())
+    std = float(torch.cat(parts).float().std())
+    if not math.isfinite(std) or std <= 0:
+        raise ValueError("residual target: every training follow-up equals its prior, nothing to learn")
+    return 1.0 / std
 
 
 def read_loss(out_dir: str | os.PathLike) -> pd.DataFrame:
