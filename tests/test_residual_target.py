@@ -58,5 +58,5 @@ def test_a_residual_stage_records_its_scale_and_stage_1_diffuses_the_image(tmp_p
 
 def test_the_paper_profile_keeps_the_papers_target_and_data():
     demo, paper = load_profile("demo"), load_profile("paper")
-    assert demo["diffusion_target"] == "residual"
+    assert demo["diffusion_target"] == "image"
     assert paper["diffusion_target"] == "image" and paper["stable_triples"] == 0 and paper["match_targets"] is False
