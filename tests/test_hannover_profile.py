@@ -13,6 +13,8 @@ import yaml  # noqa: E402
 
 from bmjlib.chain import run_chain  # noqa: E402
 from bmjlib.io import CREDIT_ENV, save_figure  # noqa: E402
+from bmjlib.model.demo_model import resolve_model  # noqa: E402
+from bmjlib.model.pipeline import read_guidance  # noqa: E402
 from bmjlib.runtime import load_profile, repo_root  # noqa: E402
 from bmjlib.schema import HANNOVER_ATTRIBUTION  # noqa: E402
 from bmjlib.text.progression import NO_REPORT_DESCRIPTION, describe_pairs  # noqa: E402
@@ -89,8 +91,10 @@ def test_the_hannover_profile_runs_end_to_end_through_the_runner(tmp_path, monke
     assert (figs / "fig4_models.png").is_file() and (figs / "table_validity.md").is_file()
     assert sorted(p.name for p in (run / "04_stage1").iterdir()) == ["given_model.json"]
     given = json.loads((run / "05_stage2" / "given_model.json").read_text())
-    assert given["model"] == "demo" and given["guidance"] == [1.5, 2.5]
-    assert json.loads((run / "05_stage2" / "guidance" / "guidance.json").read_text())["text_scale"] == 1.5
+    shipped = read_guidance(resolve_model("demo"))                     # the shipped model's own default
+    assert given["model"] == "demo" and given["guidance"] == list(shipped)
+    chosen = json.loads((run / "05_stage2" / "guidance" / "guidance.json").read_text())
+    assert (chosen["text_scale"], chosen["image_scale"]) == shipped
     skipped = json.loads((run / "05_stage2" / "judges" / "skipped.json").read_text())
     assert skipped["skipped"] == ["finding", "sex", "age"]
     assert not any((run / "08_ablations").iterdir())

@@ -8,13 +8,12 @@ from bmjlib.evaluation import ablations
 from bmjlib.model import launch, stages
 from bmjlib.model.configs import DEMO_UNET_CONFIG
 from bmjlib.model.train import TrainConfig
-from bmjlib.chain import load_profile, run_chain
+from bmjlib.chain import load_profile
 
 
 @pytest.mark.slow
-def test_launch_finds_the_notebooks_models_up_to_date(tmp_path, capsys):
-    run = tmp_path / "run"
-    run_chain("smoke", out=run, stop=5, log=lambda *_: None)
+def test_launch_finds_the_notebooks_models_up_to_date(smoke_run, capsys):
+    run = smoke_run
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("0[45]_*/**/train.json")}
     assert len(stamps) == 3  # stage 1, stage 2, one-stage
     p = load_profile("smoke")

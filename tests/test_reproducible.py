@@ -20,9 +20,8 @@ def outputs(run: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_smoke_runs_write_identical_outputs(tmp_path):
-    run = tmp_path / "smoke"
-    run_chain("smoke", out=run, log=lambda *_: None)
+def test_two_smoke_runs_write_identical_outputs(smoke_run):
+    run = smoke_run
     first = outputs(run)
     run_chain("smoke", out=run, force=True, log=lambda *_: None)
     second = outputs(run)
