@@ -82,6 +82,18 @@ def test_export_is_smaller_verified_and_generates_like_the_original(exported, tm
     assert np.abs(a - original(prior, "no change", steps=3, seed=3)).max() > 10 * diff  # a real difference is larger
 
 
+def test_fidelity_compares_both_models_at_the_shipped_guidance(exported, tmp_path):
+    """A model exported with its chosen guidance (text 2, image 2.5; the original's folder holds none, so loaded
+    alone it would sample at InstructPix2Pix's 7.5 / 1.5): the recorded difference is the quantisation's, as
+    small as without guidance, not the difference between two guidance settings."""
+    root, plain = exported
+    priors = np.random.default_rng(0).random((1, 64, 64)).astype(np.float32)
+    guided = export(root / "model", ["new small left pleural effusion", "no change"], tmp_path / "compact",
+                    check_priors=priors, check_prompts=["new small left pleural effusion"], check_steps=3,
+                    guidance={"text_scale": 2.0, "image_scale": 2.5})
+    assert guided["max_abs_diff"] < 3 * plain["max_abs_diff"] + 0.01 and guided["ssim"] > 0.99
+
+
 def test_a_changed_or_missing_file_is_named(exported, tmp_path):
     root, _ = exported
     copy = tmp_path / "c"

@@ -90,12 +90,16 @@ def export(model_dir: str | os.PathLike, texts: Iterable[str], out: str | os.Pat
 
 
 def fidelity(original: Path, compact: Path, priors: np.ndarray, prompts: list[str], steps: int = 20) -> dict:
-    """Generate with the original and the compact model (same seeds); max pixel difference and SSIM."""
+    """Generate with the original and the compact model (same seeds, both at the compact model's default guidance,
+    which the original's folder may not hold); max pixel difference and SSIM."""
     n = len(priors)
     prompts = (prompts * n)[:n]
     with tempfile.TemporaryDirectory() as tmp:
-        a = BiomedJourneyPipeline.from_pretrained(original)(priors, prompts, steps=steps, seed=0)
-        b = BiomedJourneyPipeline.from_pretrained(materialise(compact, Path(tmp)))(priors, prompts, steps=steps, seed=0)
+        shipped = BiomedJourneyPipeline.from_pretrained(materialise(compact, Path(tmp)))
+        ts, im = shipped.guidance
+        b = shipped(priors, prompts, steps=steps, seed=0)
+        a = BiomedJourneyPipeline.from_pretrained(original)(priors, prompts, text_scale=ts, image_scale=im, steps=steps,
+                                                            seed=0)
     ssim = float(np.mean([structural_similarity(x, y, data_range=1.0) for x, y in zip(a, b)]))
     return {"n_checked": n, "max_abs_diff": float(np.abs(a - b).max()), "ssim": ssim}
 
