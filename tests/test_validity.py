@@ -312,3 +312,27 @@ def test_guidance_rule_does_not_reward_copying(run):
     assert C.resolve_guidance(run, "auto", "auto") == (choice["text_scale"], choice["image_scale"])
     fig = V.plot_edit_preservation(table, choice, run / "figs")
     assert (run / "figs" / "fig_edit_preservation.png").is_file() and fig is not None
+
+
+def test_images_of_different_sizes_are_compared_at_the_evaluation_size(tmp_path):
+    """A real cohort's priors and follow-ups need not share a size (an ICG-CXR folder read as registered, or
+    unregistered follow-ups): step 07's loaders resize each image on its own."""
+    import pandas as pd
+
+    from bmjlib.evaluation.evaluate import load_sources
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (h, w) in enumerate([(300, 260), (512, 512), (200, 240)]):
+        for kind, (hh, ww) in (("prior", (h, w)), ("follow", (w, h))):
+            atomic_write_png(tmp_path / f"{kind}{i}.png", to_uint8(rng.random((hh, ww))))
+        atomic_write_png(tmp_path / "gen" / "m" / f"p{i}.png", to_uint8(rng.random((64, 64))))
+        rows.append({"pair_id": f"p{i}", "prior_path": str(tmp_path / f"prior{i}.png"),
+                     "registered_path": str(tmp_path / f"follow{i}.png")})
+    pairs = pd.DataFrame(rows)
+    frames = V.load_frames(tmp_path / "run", tmp_path / "gen", pairs, ["m"], 32)
+    sources = load_sources(tmp_path / "run", tmp_path / "gen", pairs, ["m"], 32)
+    for images in (frames, sources):
+        assert all(images[k].shape == (3, 32, 32) for k in ("prior", "reference", "m")) and "truth" not in images
+    want = resize_image(read_image(tmp_path / "follow1.png"), 32)
+    assert np.allclose(sources["reference"][1], want)

@@ -76,11 +76,12 @@ def load_sources(run_dir: str | Path, gen_dir: str | Path, pairs: pd.DataFrame, 
     ids = pairs["pair_id"].tolist()
     out = {m: resize_image(load_outputs(gen_dir, m, ids), size) for m in models}
     ref_col = "registered_path" if "registered_path" in pairs else "followup_path"
-    out[REFERENCE] = resize_image(np.stack([read_image(source_path(p, root)) for p in pairs[ref_col]]), size)
-    out["prior"] = resize_image(np.stack([read_image(source_path(p, root)) for p in pairs["prior_path"]]), size)
+    # each image resized on its own: a real cohort's images need not share a size
+    out[REFERENCE] = np.stack([resize_image(read_image(source_path(p, root)), size) for p in pairs[ref_col]])
+    out["prior"] = np.stack([resize_image(read_image(source_path(p, root)), size) for p in pairs["prior_path"]])
     truth = run / "00_phantom" / "truth" / "counterfactual"
     if truth.is_dir() and all((truth / f"{p}.png").is_file() for p in ids):
-        out["truth"] = resize_image(np.stack([read_image(truth / f"{p}.png") for p in ids]), size)
+        out["truth"] = np.stack([resize_image(read_image(truth / f"{p}.png"), size) for p in ids])
     return out
 
 

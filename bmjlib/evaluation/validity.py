@@ -137,8 +137,8 @@ def load_frames(run_dir: str | Path, gen_dir: str | Path, pairs: pd.DataFrame, m
             truths.append(resize_image(t, size))
     ref_col = "registered_path" if "registered_path" in pairs else "followup_path"
     out = {"prior": _quantise(np.stack(priors)),
-           "reference": _quantise(resize_image(np.stack([read_image(source_path(p, root)) for p in pairs[ref_col]]),
-                                               size))}
+           "reference": _quantise(np.stack([resize_image(read_image(source_path(p, root)), size)
+                                            for p in pairs[ref_col]]))}
     if has_truth:
         out["truth"] = _quantise(np.stack(truths))
     for m in models:
