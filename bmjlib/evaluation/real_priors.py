@@ -53,12 +53,12 @@ def pick_priors(real_dir: str | Path, n: int) -> pd.DataFrame:
     return meta.drop_duplicates("patient_id").head(n).drop(columns="pa").reset_index(drop=True)
 
 
-def real_prior_edits(pipe, real_dir: str | Path, n_priors: int = 4, seed: int = 0, prompts: dict = PROMPTS,
+def real_prior_edits(pipe, real_dir: str | Path, n_priors: int = 4, seed: int = 0,
                      **sampling) -> tuple[pd.DataFrame, dict]:
-    """Edit `n_priors` real priors with each sentence of `prompts`. `pipe` is a BiomedJourneyPipeline (or any
+    """Edit `n_priors` real priors with each sentence of PROMPTS. `pipe` is a BiomedJourneyPipeline (or any
     object with its `__call__(priors, prompt, seed=, **sampling)`, `reconstruct(images, size)` and
     `image_size`). Returns (one row per prior with the measures of the module docstring, images: 'prior',
-    'reference' (the prior through the VAE) and one N,H,W array per prompt key)."""
+    'reference' (the prior through the VAE) and one N,H,W array per key of PROMPTS)."""
     meta = pick_priors(real_dir, n_priors)
     if meta.empty:
         raise ValueError(f"{real_dir}: no readable real prior")
@@ -66,18 +66,14 @@ def real_prior_edits(pipe, real_dir: str | Path, n_priors: int = 4, seed: int = 
     priors = np.stack([resize_image(read_image(p), size) for p in meta["path"]])
     ref = np.clip(pipe.reconstruct(priors, size), 0, 1)
     images = {"prior": priors, "reference": ref}
-    for key, prompt in prompts.items():
+    for key, prompt in PROMPTS.items():
         images[key] = np.clip(pipe(priors, prompt, seed=seed, **sampling), 0, 1)
     right, left = base_boxes(size)
-    rows = meta[["patient_id", "image_id", "projection"]].copy()
-    if "no_change" in images:
-        rows["null_ssim"] = M.ssim(images["no_change"], ref)
-    if "effusion" in images:
-        d = images["effusion"] - ref
-        rows["effusion_ssim"] = M.ssim(images["effusion"], ref)
-        rows["right_base_gain"] = d[:, right].mean(1)
-        rows["left_base_gain"] = d[:, left].mean(1)
-        rows["elsewhere_change"] = np.abs(d[:, ~(right | left)]).mean(1)
+    d = images["effusion"] - ref
+    rows = meta[["patient_id", "image_id", "projection"]].assign(
+        null_ssim=M.ssim(images["no_change"], ref), effusion_ssim=M.ssim(images["effusion"], ref),
+        right_base_gain=d[:, right].mean(1), left_base_gain=d[:, left].mean(1),
+        elsewhere_change=np.abs(d[:, ~(right | left)]).mean(1))
     return rows, images
 
 
@@ -93,7 +89,7 @@ def real_prior_figure(rows: pd.DataFrame, images: dict, fig_dir, name: str = "fi
         panels = [(images["prior"][i], "gray", f"real prior ({r.projection.upper()})"),
                   (images["no_change"][i], "gray", f'"{PROMPTS["no_change"]}"  SSIM {r.null_ssim:.2f}'),
                   (images["no_change"][i] - images["reference"][i], "RdBu_r", "difference"),
-                  (images["effusion"][i], "gray", "\"New large right pleural effusion.\""),
+                  (images["effusion"][i], "gray", f'"{PROMPTS["effusion"]}"'),
                   (images["effusion"][i] - images["reference"][i], "RdBu_r",
                    f"difference: R base {r.right_base_gain:+.3f}, L base {r.left_base_gain:+.3f}")]
         for ax, (im, cmap, title) in zip(axes[i], panels):

@@ -261,6 +261,11 @@ class BiomedJourneyPipeline:
         return self
 
     @property
+    def prior_factor(self) -> float:
+        """What puts the prior's conditioning latent (`encode_prior`) on the diffusion latent's scale."""
+        return float(self.vae.config.scaling_factor) if self.prior_latents == "unscaled" else 1.0
+
+    @property
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -401,8 +406,7 @@ class BiomedJourneyPipeline:
             if step_done:
                 step_done(k + 1, len(sched.timesteps))
         if self.target == "residual":
-            factor = self.vae.config.scaling_factor if self.prior_latents == "unscaled" else 1.0
-            latents = factor * prior_lat + latents / self.residual_scale
+            latents = self.prior_factor * prior_lat + latents / self.residual_scale
         return self.decode_latents(latents)
 
     # ---- persistence --------------------------------------------------------------------------

@@ -546,9 +546,8 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
                            match_targets=cfg.match_targets)
     residual = None
     if cfg.target == "residual":
-        k = float(pipe.vae.config.scaling_factor) if pipe.prior_latents == "unscaled" else 1.0
-        pipe.target, pipe.residual_scale = "residual", residual_scale(data, k, cfg.seed)
-        residual = (k, pipe.residual_scale)
+        pipe.target, pipe.residual_scale = "residual", residual_scale(data, pipe.prior_factor, cfg.seed)
+        residual = (pipe.prior_factor, pipe.residual_scale)
     trainer = Trainer(cfg, pipe.unet, pipe.projection, train_scheduler(pipe.scheduler_config), data, acc,
                       debug_dir=os.environ.get(DEBUG_ENV) or None, residual=residual)
     _portable_weights(acc)
