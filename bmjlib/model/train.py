@@ -51,7 +51,8 @@ from accelerate.utils import (SAFE_MODEL_NAME, DistributedType, GradientAccumula
                                broadcast_object_list)
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from diffusers.training_utils import EMAModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -73,6 +74,7 @@ class TrainingDiverged(RuntimeError):
 
 
 TARGETS = ("image", "residual")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -105,6 +107,12 @@ class TrainConfig:
     # sampling, so keeping the patient costs the model nothing; "image" (the paper, InstructPix2Pix) diffuses the
     # follow-up's latent. Stage 1 (no prior) always diffuses the image.
     target: str = "image"
+    # The paper trains at a fixed lr with no EMA and plain epsilon MSE; where it is silent these are profile settings:
+    lr_schedule: str = "constant"    # "constant" | "cosine" (to 0 over the run, after lr_warmup_steps): diffusers' get_scheduler
+    lr_warmup_steps: int = 0
+    snr_gamma: float = 0.0           # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0 = plain MSE
+    change_weight: float = 0.0       # extra loss weight where the follow-up's latent differs from the prior's:
+                                     # w = 1 + change_weight x |z_target - z_prior| / its per-sample mean; 0 = none
     # How the step is executed, not what it computes (left out of the stage's key: a model trained with other
     # values of these is the same model, to float tolerance; tests/test_distributed.py checks each against the default)
     grad_accum_steps: int = 0        # micro-batches per process per optimizer step; 0 = accelerate's setting
@@ -156,9 +164,15 @@ def stage_rows(table: pd.DataFrame, prior: str, text_column: str, split: str | S
 
 
 def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: torch.Generator,
-                   cond_dropout: float) -> torch.Tensor:
-    """Epsilon-prediction MSE with InstructPix2Pix conditioning dropout (one training step's loss)."""
+                   cond_dropout: float, snr_gamma: float = 0.0, change_weight: float = 0.0) -> torch.Tensor:
+    """Epsilon-prediction MSE with InstructPix2Pix conditioning dropout (one training step's loss), optionally
+    min-SNR-weighted per sample (`snr_gamma`) and weighted per latent pixel where target and prior differ
+    (`change_weight`)."""
     target, prior, text, null = batch["target"], batch["prior"], batch["text"], batch["null"]
+    weight = None
+    if change_weight and batch.get("change") is not None:  # N,1,h,w: |follow-up - prior| in latent space
+        d = batch["change"]
+        weight = 1 + change_weight * d / d.mean((2, 3), keepdim=True).clamp_min(1e-6)
     n, dev = len(target), target.device
     noise = torch.randn(target.shape, generator=generator).to(dev)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(dev)
@@ -170,7 +184,14 @@ def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: to
     prior = torch.where(drop_image, torch.zeros_like(prior), prior)
     ctx = projection(text.to(projection.weight.dtype))
     pred = unet(torch.cat([noisy, prior], 1), t, encoder_hidden_states=ctx).sample
-    return F.mse_loss(pred.float(), noise.float())
+    err = (pred.float() - noise.float()) ** 2
+    if weight is not None:
+        err = err * weight / weight.mean((2, 3), keepdim=True)  # where, not how much: each sample's mean weight 1
+    per_sample = err.mean((1, 2, 3))
+    if snr_gamma:
+        snr = compute_snr(noise_scheduler, t)
+        per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / snr  # epsilon-prediction form of min-SNR
+    return per_sample.mean()
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -304,7 +325,8 @@ class Trainer:
     process; `step` returns (ok, mean loss over the global batch)."""
 
     def __init__(self, cfg: TrainConfig | dict, unet, projection, noise_scheduler, data, acc: Accelerator,
-                 debug_dir: str | os.PathLike | None = None, residual: tuple[float, float] | None = None):
+                 debug_dir: str | os.PathLike | None = None, residual: tuple[float, float] | None = None,
+                 total_steps: int = 1, has_prior: bool = True):
         cfg = self.cfg = TrainConfig.from_dict(cfg)
         # (prior factor, scale): the diffused target is (target - prior_factor x prior) x scale (TrainConfig.target)
         self.residual = residual
@@ -328,6 +350,15 @@ class Trainer:
         opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 **({"fused": True} if cfg.fused_adamw else {}))
         self.opt = acc.prepare(opt)
+        self.lr_sched = None
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule: {cfg.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if cfg.lr_schedule != "constant" or cfg.lr_warmup_steps:
+            # stepped once per optimizer step on every process; saved and restored with the checkpoints
+            self.lr_sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=total_steps)
+            acc.register_for_checkpointing(self.lr_sched)
+        self.has_prior = has_prior
         self.ema = EMAModel(self.params, decay=cfg.ema_decay) if cfg.ema else None
         self.forward_unet = torch.compile(self.unet, backend=cfg.compile) if cfg.compile else self.unet
         plain = self.proj is acc.unwrap_model(self.proj)
@@ -372,13 +403,15 @@ class Trainer:
             with self._no_sync(micro == self.accum - 1):
                 with _BatchDraws(g, lo, hi, total, record) if split else contextlib.nullcontext():
                     batch = self.data.batch(idx[lo:hi], g, hflip=cfg.hflip, device=acc.device)
+                    if cfg.change_weight and self.has_prior:
+                        batch["change"] = (batch["target"] - batch["prior"]).abs().mean(1, keepdim=True)
                     if self.residual is not None:
                         k, scale = self.residual
                         batch["target"] = (batch["target"] - k * batch["prior"]) * scale
                     batch["null"] = self.null
                     with acc.autocast():
                         loss = diffusion_loss(self.forward_unet, self.forward_proj, self.noise_scheduler, batch, g,
-                                              cfg.cond_dropout)
+                                              cfg.cond_dropout, cfg.snr_gamma, cfg.change_weight)
                 if split:
                     part = float(acc.gather((loss.detach().float() * share)[None]).sum())
                 else:
@@ -400,6 +433,8 @@ class Trainer:
             ok = gnorm is None or bool(torch.isfinite(torch.as_tensor(gnorm)))
             if ok:
                 self.opt.step()
+                if self.lr_sched is not None:
+                    self.lr_sched.step()
                 if self.ema is not None:
                     self.ema.step(self.params)
         self.opt.zero_grad(set_to_none=True)
@@ -548,11 +583,12 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     if cfg.target == "residual":
         pipe.target, pipe.residual_scale = "residual", residual_scale(data, pipe.prior_factor, cfg.seed)
         residual = (pipe.prior_factor, pipe.residual_scale)
-    trainer = Trainer(cfg, pipe.unet, pipe.projection, train_scheduler(pipe.scheduler_config), data, acc,
-                      debug_dir=os.environ.get(DEBUG_ENV) or None, residual=residual)
-    _portable_weights(acc)
     n = len(data)
-    total = int(cfg.max_steps) if cfg.max_steps else max(1, int(round(cfg.epochs * trainer.steps_per_epoch)))
+    total = int(cfg.max_steps) if cfg.max_steps else max(1, int(round(cfg.epochs * math.ceil(n / cfg.batch_size))))
+    trainer = Trainer(cfg, pipe.unet, pipe.projection, train_scheduler(pipe.scheduler_config), data, acc,
+                      debug_dir=os.environ.get(DEBUG_ENV) or None, residual=residual, total_steps=total,
+                      has_prior=prior != "dummy")
+    _portable_weights(acc)
 
     ckpt_root = out / "checkpoints"
     step, bad_streak, skipped, log = 0, 0, 0, []
