@@ -113,11 +113,12 @@ def load_generator(name: str, spec: dict, device: str = "cpu") -> Callable:
     if kind == "pipeline":
         pipe = BiomedJourneyPipeline.from_pretrained(spec["path"], device=device)
 
-        def run(priors, prompts, seed, text_scale=None, image_scale=None, steps=20, scheduler="dpm", **kw):
-            if spec["prior"] == "dummy":
-                priors = pipe.dummy_prior(len(prompts))
+        def run(priors, prompts, seed, text_scale=None, image_scale=None, steps=20, scheduler="dpm", strength=None,
+                **kw):
+            if spec["prior"] == "dummy":  # no prior to start from: from pure noise
+                priors, strength = pipe.dummy_prior(len(prompts)), 1.0
             return pipe(priors, list(prompts), text_scale=text_scale, image_scale=image_scale, steps=steps,
-                        scheduler=scheduler, seed=seed, batch_size=len(prompts))
+                        scheduler=scheduler, seed=seed, batch_size=len(prompts), strength=strength)
         run.image_size = pipe.image_size
         return run
     return _load_diffusers(kind, spec["path"], device)
@@ -245,7 +246,7 @@ def load_outputs(gen_dir: str | Path, model: str, pair_ids: list[str]) -> np.nda
 # --------------------------------------------------------------------------- guidance scales
 
 # (text scale, image scale) candidates; InstructPix2Pix's defaults 7.5 / 1.5 are among them.
-GUIDANCE_GRID = [(t, i) for t in (1.5, 3.0, 5.0, 7.5) for i in (1.5, 2.5)]
+GUIDANCE_GRID = [(t, i) for t in (5.0, 7.5, 10.0, 12.5) for i in (1.5, 2.5)]
 
 
 def resolve_guidance(run_dir: str | Path, text_scale, image_scale) -> tuple[float, float]:

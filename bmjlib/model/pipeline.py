@@ -95,6 +95,22 @@ def read_guidance(path: str | os.PathLike) -> tuple[float, float]:
     return ts, isc
 
 
+def read_strength(path: str | os.PathLike) -> float:
+    """The default sampling strength of a model folder: its guidance.json's settings.strength (the sampler the
+    scales were chosen with) when present, else 1 (from pure noise). A damaged value raises ModelFolderError."""
+    f = Path(path) / GUIDANCE_FILE
+    if not f.is_file():
+        return 1.0
+    try:
+        s = json.loads(f.read_text()).get("settings", {}).get("strength", 1.0)
+        s = float(s)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.strength is unusable ({e})") from None
+    if not 0 < s <= 1:
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.strength {s} is not in (0, 1]")
+    return s
+
+
 def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int = 20, seed: int = 0) -> None:
     """Refuse settings that cannot give a meaningful image, with a ValueError naming the setting: guidance
     scales must be finite numbers >= 0 (NaN guidance decodes to a black image), steps a whole number from
@@ -218,6 +234,7 @@ class BiomedJourneyPipeline:
     default (text, image) scales of `__call__`; `from_pretrained` reads them with `read_guidance`).
     """
     guidance: tuple[float, float] = IP2P_GUIDANCE
+    strength: float = 1.0  # default of `__call__`'s strength (1 = from pure noise, InstructPix2Pix)
     # "unscaled": the prior's latent is the posterior mode as is (InstructPix2Pix); "scaled": x scaling_factor
     # (models saved before bmj_pipeline.json recorded it)
     prior_latents: str = "unscaled"
@@ -331,7 +348,7 @@ class BiomedJourneyPipeline:
     def __call__(self, prior, prompt: str | Sequence[str], text_scale: float | None = None,
                  image_scale: float | None = None, steps: int = 20, scheduler: str = "dpm", seed: int = 0, batch_size: int = 16,
                  out_size: int | None = None, progress: bool = False,
-                 callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+                 callback: Callable[[int, int], None] | None = None, strength: float | None = None) -> np.ndarray:
         """Generate counterfactual follow-ups. Returns float32 N,H,W in [0,1] at `out_size` (default the
         model's image_size).
 
@@ -341,6 +358,9 @@ class BiomedJourneyPipeline:
         `text_scale` = s_text, `image_scale` = s_image; None = the model's default (`self.guidance`: its folder's
         guidance.json when loaded from one that has it, else InstructPix2Pix's 7.5 / 1.5). `callback(done, total)` is called after every
         denoising step (total = steps x batches), e.g. for a progress bar in a widget.
+        `strength` < 1 starts from the prior's latent noised to that fraction of the schedule and runs that
+        fraction of the steps (diffusers' img2img); None = the model's default (`self.strength`), 1 = from pure
+        noise (InstructPix2Pix, the paper).
         """
         if self.device.type == "cpu":
             use_run_threads()
@@ -360,7 +380,10 @@ class BiomedJourneyPipeline:
             raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
         text_scale = self.guidance[0] if text_scale is None else text_scale
         image_scale = self.guidance[1] if image_scale is None else image_scale
+        strength = self.strength if strength is None else float(strength)
         check_sampling(text_scale, image_scale, steps, seed)
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
         it = range(0, n, batch_size)
         if progress:
             it = tqdm(it, desc="generate", unit="batch")
@@ -370,7 +393,7 @@ class BiomedJourneyPipeline:
             step_done = (lambda k, total, b=b: callback(b * total + k, n_batches * total)) if callback else None
             outs.append(self._sample(priors[i:i + batch_size], prompts[i:i + batch_size], text_scale, image_scale,
                                      steps, scheduler, [seed + j for j in range(i, min(i + batch_size, n))],
-                                     step_done))
+                                     step_done, strength))
         x = torch.cat(outs)
         if out_size and out_size != x.shape[-1]:
             x = torch.from_numpy(resize_image(x[:, 0].numpy(), out_size))[:, None].clamp(0, 1)
@@ -387,7 +410,8 @@ class BiomedJourneyPipeline:
         e_ti, e_i, e_u = eps.chunk(3)
         return e_u + text_scale * (e_ti - e_i) + image_scale * (e_i - e_u)
 
-    def _sample(self, priors, prompts, text_scale, image_scale, steps, scheduler, seeds, step_done=None):
+    def _sample(self, priors, prompts, text_scale, image_scale, steps, scheduler, seeds, step_done=None,
+                strength: float = 1.0):
         dev = self.device
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=dev)
@@ -398,13 +422,21 @@ class BiomedJourneyPipeline:
         null_emb = null_emb.expand(len(prompts), -1, -1)
         shape = prior_lat.shape[1:]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        latents = noise.to(dev) * sched.init_noise_sigma
-        for k, t in enumerate(sched.timesteps):
+        timesteps = sched.timesteps
+        if strength < 1:
+            first = min(len(timesteps) - 1, int(round(len(timesteps) * (1 - strength))))
+            timesteps = timesteps[first:]
+            sched.set_begin_index(first)
+            start = self.prior_factor * prior_lat if self.target == "image" else torch.zeros_like(prior_lat)
+            latents = sched.add_noise(start, noise.to(dev), timesteps[:1])
+        else:
+            latents = noise.to(dev) * sched.init_noise_sigma
+        for k, t in enumerate(timesteps):
             inp = sched.scale_model_input(latents, t)  # only the noisy latent is scaled, not the prior's
             eps = self.guided_eps(inp, t, prior_lat, text_emb, null_emb, text_scale, image_scale)
             latents = sched.step(eps, t, latents).prev_sample
             if step_done:
-                step_done(k + 1, len(sched.timesteps))
+                step_done(k + 1, len(timesteps))
         if self.target == "residual":
             latents = self.prior_factor * prior_lat + latents / self.residual_scale
         return self.decode_latents(latents)
@@ -454,6 +486,7 @@ class BiomedJourneyPipeline:
             text_encoder = TextEncoder.load(f"local-dir:{path / 'text_encoder'}")
         pipe = cls(vae, unet, text_encoder, proj, sched, meta["image_size"], meta.get("null_prompt", ""))
         pipe.guidance = read_guidance(path)
+        pipe.strength = read_strength(path)
         pipe.prior_latents = meta.get("prior_latents", "scaled")  # absent: saved before the IP2P convention
         pipe.target, pipe.residual_scale = meta.get("target", "image"), float(meta.get("residual_scale", 1.0))
         for m in (vae, unet, proj):
