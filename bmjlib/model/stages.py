@@ -160,14 +160,16 @@ def vae_factor(vae_dir: str | os.PathLike) -> int:
 def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
                  max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
     """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
-    checkpoint_every, seed, model_scale), the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps`
-    set the budget (TrainConfig's default when None); `ema=None` takes the profile's `use_ema`."""
+    checkpoint_every, seed, model_scale; and the stage-2 settings match_targets, diffusion_target, snr_gamma when
+    `params` has them: notebook 04 declares none, so stage 1 trains as the paper does), the UNet sized for the
+    VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when None); `ema=None` takes the profile's `use_ema`."""
     budget = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
     return TrainConfig(image_size=params["image_size"], batch_size=params["batch_size"], lr=params["lr"],
                        cond_dropout=params["cond_dropout"], ema=params["use_ema"] if ema is None else ema,
                        checkpoint_every=params["checkpoint_every"], seed=params["seed"],
                        match_targets=bool(params.get("match_targets", False)),
                        target=params.get("diffusion_target", "image"),
+                       snr_gamma=float(params.get("snr_gamma", 0) or 0),
                        unet_config=unet_config(params["model_scale"], params["image_size"], vae_factor(vae_dir)),
                        **budget)
 
