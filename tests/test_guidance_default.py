@@ -10,7 +10,7 @@ from PIL import Image
 from bmjlib.app import explorer as E
 from bmjlib.cli import main
 from bmjlib.io import read_pixels, to_uint8
-from bmjlib.model.pipeline import IP2P_GUIDANCE, BiomedJourneyPipeline, ModelFolderError, read_guidance
+from bmjlib.model.pipeline import IP2P_GUIDANCE, BiomedJourneyPipeline, ModelFolderError, read_guidance, read_strength
 
 from test_pipeline import tiny_pipeline
 
@@ -86,10 +86,29 @@ def test_explicit_scales_still_win(folders, prior):
 
 @pytest.mark.parametrize("content,needle", [('{"text_scale": 2', "guidance.json is not valid JSON"),
                                             ('{"text_scale": -1, "image_scale": 1}', "guidance.json is unusable"),
-                                            ('{"text_scale": 1}', "guidance.json has no 'image_scale'")])
+                                            ('{"text_scale": 1}', "guidance.json has no 'image_scale'"),
+                                            ('{"text_scale": 1, "image_scale": 1, "settings": {"strength": 2}}',
+                                             r"settings.strength 2.0 is not in \(0, 1\]"),
+                                            ('{"text_scale": 1, "image_scale": 1, "settings": {"strength": "x"}}',
+                                             "settings.strength is unusable")])
 def test_a_damaged_guidance_file_is_named_by_the_loader(folders, tmp_path, content, needle):
     bad = tmp_path / "bad"
     shutil.copytree(folders[0], bad)
     (bad / "guidance.json").write_text(content)
     with pytest.raises(ModelFolderError, match=needle):
         BiomedJourneyPipeline.from_pretrained(bad)
+
+
+def test_the_sampling_strength_chosen_with_the_scales_is_the_default(folders, prior, tmp_path):
+    plain, chosen = folders
+    assert read_strength(plain) == read_strength(chosen) == 1.0  # none recorded: from pure noise
+    strong = tmp_path / "strong"
+    shutil.copytree(plain, strong)
+    (strong / "guidance.json").write_text(json.dumps({"text_scale": 2.0, "image_scale": 2.5,
+                                                      "settings": {"scheduler": "dpm", "steps": 20, "strength": 0.6}}))
+    pipe = BiomedJourneyPipeline.from_pretrained(strong)
+    assert pipe.strength == read_strength(strong) == 0.6
+    image = prior[1]
+    out = pipe(image, PROMPT, steps=STEPS + 2, seed=SEED)[0]
+    assert np.array_equal(out, pipe(image, PROMPT, steps=STEPS + 2, seed=SEED, strength=0.6)[0])
+    assert np.abs(out - pipe(image, PROMPT, steps=STEPS + 2, seed=SEED, strength=1.0)[0]).max() > 1e-2

@@ -161,6 +161,9 @@ def test_bad_inputs(pipe):
     ({"steps": 1001}, "steps 1001 is not allowed"),
     ({"steps": -1}, "steps -1 is not allowed"),
     ({"seed": -1}, "seed -1 is not allowed"),
+    ({"strength": 0.0}, r"strength must be in \(0, 1\], got 0.0"),
+    ({"strength": 1.5}, r"strength must be in \(0, 1\], got 1.5"),
+    ({"strength": float("nan")}, r"strength must be in \(0, 1\], got nan"),
 ])
 def test_sampling_settings_are_checked_before_any_work(pipe, kw, msg):
     """The pipeline itself refuses settings that would give a black image or an endless loop, before sampling."""
@@ -181,3 +184,37 @@ def test_callback_reports_every_denoising_step_across_batches():
     pipe(np.full((32, 32), 0.5, np.float32), ["a", "b", "c"], steps=3, batch_size=2,
          callback=lambda done, total: seen.append((done, total)))
     assert seen == [(k, 6) for k in range(1, 7)]  # 2 batches x 3 steps, counted monotonically
+
+
+def test_strength_starts_from_the_noised_prior():
+    """strength 1 is InstructPix2Pix's sampling from pure noise (the default); strength s runs the last s of the
+    steps from the prior's latent noised to that point (diffusers' img2img)."""
+    pipe = tiny_pipeline()
+    yy, xx = np.mgrid[:32, :32]
+    prior = (0.5 + 0.4 * np.sin(xx / 3.0) * np.cos(yy / 5.0)).astype(np.float32)
+    kw = dict(steps=10, seed=2, text_scale=3.0, image_scale=1.5)
+    full = pipe(prior, "new left effusion", **kw)[0]
+    assert np.array_equal(full, pipe(prior, "new left effusion", strength=1.0, **kw)[0])
+    seen = []
+    low = pipe(prior, "new left effusion", strength=0.2, callback=lambda k, n: seen.append((k, n)), **kw)[0]
+    assert seen == [(1, 2), (2, 2)]  # 2 of the 10 steps
+    assert np.abs(low - full).max() > 1e-2
+    pipe.strength = 0.2  # a model's default (read from its guidance.json) applies when none is given
+    assert np.array_equal(low, pipe(prior, "new left effusion", **kw)[0])
+
+    # the first denoising step sees the prior's latent noised to the first kept timestep with the seed's noise
+    first = []
+    orig = pipe.guided_eps
+    pipe.guided_eps = lambda latents, t, *a: first.append((latents.clone(), int(t))) or orig(latents, t, *a)
+    pipe(prior, "x", strength=0.3, steps=10, seed=2)
+    pipe(prior, "x", strength=1.0, steps=10, seed=2)
+    sched = make_scheduler("dpm", pipe.scheduler_config)
+    sched.set_timesteps(10)
+    z = pipe.prior_factor * pipe.encode_prior(prior[None])
+    noise = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(2))[None]
+    start = sched.timesteps[7]
+    expected = sched.add_noise(z, noise, torch.tensor([start]))
+    (lat03, t03), (lat1, t1) = first[0], first[3]
+    assert t03 == int(start) and t1 == int(sched.timesteps[0])
+    torch.testing.assert_close(lat03, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lat1, noise * sched.init_noise_sigma, atol=1e-6, rtol=1e-6)
