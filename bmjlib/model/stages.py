@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 import os
 import shutil
@@ -160,9 +161,8 @@ def vae_factor(vae_dir: str | os.PathLike) -> int:
 def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
                  max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
     """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
-    checkpoint_every, seed, model_scale; and the stage-2 settings match_targets, diffusion_target, snr_gamma when
-    `params` has them: notebook 04 declares none, so stage 1 trains as the paper does), the UNet sized for the
-    VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when None); `ema=None` takes the profile's `use_ema`."""
+    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma when `params` has them;
+    `train_stage` and `train_stage1` turn them off for stage 1), the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when None); `ema=None` takes the profile's `use_ema`."""
     budget = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
     return TrainConfig(image_size=params["image_size"], batch_size=params["batch_size"], lr=params["lr"],
                        cond_dropout=params["cond_dropout"], ema=params["use_ema"] if ema is None else ema,
@@ -189,7 +189,9 @@ def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], componen
     out = step_dir(run_dir, "04_stage1")
     table = pd.read_csv(step_dir(run_dir, "01_cohort") / "stage1.csv")
     comp = stage1_components(run_dir, params) if components is None else components
-    return train_stage(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), table, out,
+    # stage 1 trains with the plain loss whatever snr_gamma says: the min-SNR measurements were of stage 2 only
+    cfg = replace(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), snr_gamma=0.0)
+    return train_stage(cfg, table, out,
                        prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
                        cache_dir=out / "latents", unet_init=params["sd_unet_dir"] or None, split=("train", "val"))
 
