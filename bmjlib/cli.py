@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image guidance s_I, a finite number >= 0 (default: the model's guidance.json, else 1.5)")
     g.add_argument("--steps", type=int, default=None, help="sampling steps, 1 to 1000 (default 20)")
     g.add_argument("--scheduler", default=None, choices=["ddim", "dpm", "euler"])
+    g.add_argument("--strength", type=float, default=None,
+                   help="how far from the prior sampling starts, in (0, 1]; 1 = pure noise (default: the model's "
+                        "guidance.json, else 1)")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 

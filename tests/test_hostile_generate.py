@@ -85,6 +85,13 @@ def test_the_cli_refusal_is_one_line_without_traceback_in_a_real_process(tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "nan", "inf"])
+def test_strength_outside_0_to_1_is_refused(capsys, tmp_path, model, prior, value):
+    refused(capsys, tmp_path, base(model, prior, tmp_path / "cf.png", f"--strength={value}"), f"strength {float(value)}",
+            "(0, 1]")
+    assert not (tmp_path / "cf.png").exists()
+
+
 # --------------------------------------------------------------------------- 2. output = prior
 
 def test_output_equal_to_the_prior_is_refused_by_path_symlink_and_hardlink(capsys, tmp_path, model, prior,

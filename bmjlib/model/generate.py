@@ -13,6 +13,8 @@ first tokens, and said so (a warning naming how many tokens were kept of how man
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import sys
 import warnings
@@ -96,12 +98,12 @@ def check_output(out: str | os.PathLike, prior: str | os.PathLike) -> Path:
 
 def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | None = None,
              image_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
-             seed: int = 0, warn: Callable[[str], None] | None = None) -> Path:
+             seed: int = 0, warn: Callable[[str], None] | None = None, strength: float | None = None) -> Path:
     """Validate inputs, run the pipeline, write the counterfactual as an 8-bit PNG at the prior's size.
 
     Raises GenerateError (one line) for any bad input, before the model runs; nothing is written then.
     `warn(message)` receives notices, e.g. a prompt cut to the text encoder's length (default:
-    warnings.warn)."""
+    warnings.warn). `strength` None = the model's own (its guidance.json's settings.strength, else 1)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise GenerateError("prompt is empty: give a progression description, e.g. 'new small left effusion'")
     steps = DEFAULTS["steps"] if steps is None else steps
@@ -113,6 +115,9 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
                        DEFAULTS["image_scale"] if image_scale is None else image_scale, steps, seed)
     except ValueError as e:
         raise GenerateError(str(e)) from None
+    if strength is not None and not (isinstance(strength, numbers.Real) and not isinstance(strength, bool)
+                                     and math.isfinite(strength) and 0 < strength <= 1):
+        raise GenerateError(f"strength {strength!r} is not allowed: give a number in (0, 1] (1 = from pure noise)")
     check_output(out, prior)
     model_dir = resolve_model(model)
     default_guidance(model_dir)  # a damaged guidance.json is refused before the image is read
@@ -127,7 +132,7 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(notice)
     # None = the model's own default scales (the pipeline reads them from its folder)
     result = pipe(image, prompt, text_scale=text_scale, image_scale=image_scale,
-                  steps=int(steps), scheduler=scheduler, seed=int(seed))[0]
+                  steps=int(steps), scheduler=scheduler, seed=int(seed), strength=strength)[0]
     if not np.isfinite(result).all():
         raise GenerateError("the model produced non-finite pixel values (NaN or inf), nothing written: "
                             "try smaller guidance scales")
@@ -145,7 +150,8 @@ def generate_cli(args) -> int:
 
     try:
         path = generate(args.model, args.prior, args.prompt, args.out, args.text_scale, args.image_scale,
-                        args.steps, args.scheduler, args.seed, warn=lambda m: say(f"warning: {m}"))
+                        args.steps, args.scheduler, args.seed, warn=lambda m: say(f"warning: {m}"),
+                        strength=args.strength)
     except (GenerateError, FileNotFoundError, DemoModelError) as e:
         say(e)
         return 2
