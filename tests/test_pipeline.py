@@ -161,9 +161,9 @@ def test_bad_inputs(pipe):
     ({"steps": 1001}, "steps 1001 is not allowed"),
     ({"steps": -1}, "steps -1 is not allowed"),
     ({"seed": -1}, "seed -1 is not allowed"),
-    ({"strength": 0.0}, r"strength must be in \(0, 1\], got 0.0"),
-    ({"strength": 1.5}, r"strength must be in \(0, 1\], got 1.5"),
-    ({"strength": float("nan")}, r"strength must be in \(0, 1\], got nan"),
+    ({"strength": 0.0}, r"strength 0.0 is not allowed: give a number in \(0, 1\]"),
+    ({"strength": 1.5}, r"strength 1.5 is not allowed: give a number in \(0, 1\]"),
+    ({"strength": float("nan")}, r"strength nan is not allowed: give a number in \(0, 1\]"),
 ])
 def test_sampling_settings_are_checked_before_any_work(pipe, kw, msg):
     """The pipeline itself refuses settings that would give a black image or an endless loop, before sampling."""

@@ -13,8 +13,6 @@ first tokens, and said so (a warning naming how many tokens were kept of how man
 """
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import sys
 import warnings
@@ -112,12 +110,10 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
         raise GenerateError(f"scheduler {scheduler!r} is unknown: choose one of {', '.join(SCHEDULERS)}")
     try:
         check_sampling(DEFAULTS["text_scale"] if text_scale is None else text_scale,
-                       DEFAULTS["image_scale"] if image_scale is None else image_scale, steps, seed)
+                       DEFAULTS["image_scale"] if image_scale is None else image_scale, steps, seed,
+                       1.0 if strength is None else strength)
     except ValueError as e:
         raise GenerateError(str(e)) from None
-    if strength is not None and not (isinstance(strength, numbers.Real) and not isinstance(strength, bool)
-                                     and math.isfinite(strength) and 0 < strength <= 1):
-        raise GenerateError(f"strength {strength!r} is not allowed: give a number in (0, 1] (1 = from pure noise)")
     check_output(out, prior)
     model_dir = resolve_model(model)
     default_guidance(model_dir)  # a damaged guidance.json is refused before the image is read

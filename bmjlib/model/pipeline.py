@@ -111,10 +111,11 @@ def read_strength(path: str | os.PathLike) -> float:
     return s
 
 
-def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int = 20, seed: int = 0) -> None:
+def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int = 20, seed: int = 0,
+                   strength: float = 1.0) -> None:
     """Refuse settings that cannot give a meaningful image, with a ValueError naming the setting: guidance
     scales must be finite numbers >= 0 (NaN guidance decodes to a black image), steps a whole number from
-    1 to MAX_STEPS, the seed a whole number from 0 to MAX_SEED."""
+    1 to MAX_STEPS, the seed a whole number from 0 to MAX_SEED, the strength a number in (0, 1]."""
     for name, v in (("text scale", text_scale), ("image scale", image_scale)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise ValueError(f"{name} {v!r} is not a number")
@@ -124,6 +125,9 @@ def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int
         whole = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer()
         if not whole or not lo <= int(v) <= hi:
             raise ValueError(f"{name} {v} is not allowed: give a whole number from {lo} to {hi}")
+    if (isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength)
+            or not 0 < strength <= 1):
+        raise ValueError(f"strength {strength!r} is not allowed: give a number in (0, 1] (1 = from pure noise)")
 
 
 def read_model_meta(path: str | os.PathLike, text_encoder: bool = True) -> dict:
@@ -380,10 +384,8 @@ class BiomedJourneyPipeline:
             raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
         text_scale = self.guidance[0] if text_scale is None else text_scale
         image_scale = self.guidance[1] if image_scale is None else image_scale
-        strength = self.strength if strength is None else float(strength)
-        check_sampling(text_scale, image_scale, steps, seed)
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        strength = self.strength if strength is None else strength
+        check_sampling(text_scale, image_scale, steps, seed, strength)
         it = range(0, n, batch_size)
         if progress:
             it = tqdm(it, desc="generate", unit="batch")
