@@ -1,5 +1,8 @@
-"""The training options where the paper is silent (min-SNR-gamma weighting, the changed-region loss weight, the lr
-schedule) against their formulas, and the schedule's state surviving a resume."""
+"""The training options where the paper is silent (min-SNR-gamma weighting, the changed-region loss weight, the
+share of the noise schedule trained, the lr schedule) against their formulas, and the schedule's state surviving a
+resume."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -28,12 +31,12 @@ def _batch(pipe, seed=0, n=6):
     return {"target": target, "prior": prior, "text": text, "null": null}
 
 
-def _per_pixel_error(pipe, sched, batch, seed):
+def _per_pixel_error(pipe, sched, batch, seed, t_hi=None):
     """What diffusion_loss draws with a generator seeded `seed` (noise, timesteps, dropout draw), recomputed."""
     g = torch.Generator().manual_seed(seed)
     n = len(batch["target"])
     noise = torch.randn(batch["target"].shape, generator=g)
-    t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=g)
+    t = torch.randint(0, t_hi or sched.config.num_train_timesteps, (n,), generator=g)
     noisy = sched.add_noise(batch["target"], noise, t)
     with torch.no_grad():
         pred = pipe.unet(torch.cat([noisy, batch["prior"]], 1), t,
@@ -77,6 +80,25 @@ def test_change_weight_moves_the_loss_onto_the_changed_pixels(pipe):
     # no change map (stage 1, whose prior is the dummy): the plain loss
     del batch["change"]
     assert _loss(pipe, sched, batch, 4, change_weight=3.0) == pytest.approx(float(err.mean()), rel=1e-5)
+
+
+def test_timestep_max_trains_only_the_noise_levels_a_sampler_at_that_strength_visits(pipe):
+    sched = train_scheduler(pipe.scheduler_config)
+    batch = _batch(pipe, n=64)
+    err, t = _per_pixel_error(pipe, sched, batch, seed=5, t_hi=300)
+    assert int(t.max()) < 300 and int(t.max()) > 250  # the whole first 30 % of the schedule, nothing above
+    assert _loss(pipe, sched, batch, 5, timestep_max=0.3) == pytest.approx(float(err.mean()), rel=1e-5)
+    full, t_full = _per_pixel_error(pipe, sched, batch, seed=5)
+    assert int(t_full.max()) >= 300 and _loss(pipe, sched, batch, 5) == pytest.approx(float(full.mean()), rel=1e-5)
+    # an img2img sampler at strength 0.7 (20 DPM steps) starts below 70 % of the schedule: every step is trained
+    from bmjlib.model.pipeline import make_scheduler
+    s = make_scheduler("dpm", pipe.scheduler_config)
+    s.set_timesteps(20)
+    first = int(round(len(s.timesteps) * (1 - 0.7)))
+    assert int(s.timesteps[first]) < round(0.7 * sched.config.num_train_timesteps)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=f"timestep_max: {bad} is not in \\(0, 1\\]"):
+            T.TrainConfig.from_dict({"timestep_max": bad})
 
 
 def _trainer(cfg, total):
@@ -132,3 +154,19 @@ def test_resume_restores_the_lr_schedule(tmp_path, monkeypatch):
     wb = BiomedJourneyPipeline.from_pretrained(ref).unet.state_dict()
     for k in wa:  # a schedule restarted at the resume would take steps 4-6 at other rates
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_timestep_max_is_part_of_the_stage_key(tmp_path):
+    d = tmp_path / "parts"
+    pipe = tiny_pipeline()
+    pipe.vae.save_pretrained(d / "vae")
+    pipe.text_encoder.save(d / "text_encoder")
+    table = make_table(d / "img")
+    kw = dict(vae=str(d / "vae"), text_encoder=f"local-dir:{d / 'text_encoder'}", progress=False)
+    cfg = dict(CFG, max_steps=2, checkpoint_every=2)
+    T.train_stage(cfg, table, tmp_path / "run", **kw)
+    key = json.loads((tmp_path / "run" / "train.json").read_text())["key"]
+    T.train_stage(dict(cfg, timestep_max=0.5), table, tmp_path / "run", **kw)
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["key"] != key  # a new option value retrains
+    T.train_stage(cfg, table, tmp_path / "run", **kw)
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["key"] == key

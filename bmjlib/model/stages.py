@@ -161,7 +161,7 @@ def vae_factor(vae_dir: str | os.PathLike) -> int:
 def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
                  max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
     """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
-    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma when `params` has them;
+    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, timestep_max when `params` has them;
     `train_stage` and `train_stage1` turn them off for stage 1), the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when None); `ema=None` takes the profile's `use_ema`."""
     budget = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
     return TrainConfig(image_size=params["image_size"], batch_size=params["batch_size"], lr=params["lr"],
@@ -170,6 +170,7 @@ def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: 
                        match_targets=bool(params.get("match_targets", False)),
                        target=params.get("diffusion_target", "image"),
                        snr_gamma=float(params.get("snr_gamma", 0) or 0),
+                       timestep_max=float(params.get("timestep_max", 1.0) or 1.0),
                        unet_config=unet_config(params["model_scale"], params["image_size"], vae_factor(vae_dir)),
                        **budget)
 
@@ -189,8 +190,9 @@ def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], componen
     out = step_dir(run_dir, "04_stage1")
     table = pd.read_csv(step_dir(run_dir, "01_cohort") / "stage1.csv")
     comp = stage1_components(run_dir, params) if components is None else components
-    # stage 1 trains with the plain loss whatever snr_gamma says: the min-SNR measurements were of stage 2 only
-    cfg = replace(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), snr_gamma=0.0)
+    # stage 1 trains with the plain loss over the whole schedule whatever snr_gamma and timestep_max say: the
+    # text-only arm samples it from pure noise, and the min-SNR measurements were of stage 2 only
+    cfg = replace(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), snr_gamma=0.0, timestep_max=1.0)
     return train_stage(cfg, table, out,
                        prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
                        cache_dir=out / "latents", unet_init=params["sd_unet_dir"] or None, split=("train", "val"))

@@ -113,6 +113,8 @@ class TrainConfig:
     snr_gamma: float = 0.0           # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is theirs); 0 = plain MSE
     change_weight: float = 0.0       # extra loss weight where the follow-up's latent differs from the prior's:
                                      # w = 1 + change_weight x |z_target - z_prior| / its per-sample mean; 0 = none
+    timestep_max: float = 1.0        # share of the noise schedule trained: t ~ U{0 .. round(timestep_max x T) - 1};
+                                     # a sampler started from the prior at strength s visits only t < s x T
     # How the step is executed, not what it computes (left out of the stage's key: a model trained with other
     # values of these is the same model, to float tolerance; tests/test_distributed.py checks each against the default)
     grad_accum_steps: int = 0        # micro-batches per process per optimizer step; 0 = accelerate's setting
@@ -133,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         if d.get("target", "image") not in TARGETS:
             raise ValueError(f"target: {d['target']!r} is not one of {', '.join(TARGETS)}")
+        if not 0 < float(d.get("timestep_max", 1.0)) <= 1:
+            raise ValueError(f"timestep_max: {d['timestep_max']!r} is not in (0, 1] (the share of the schedule trained)")
         return cls(**d)
 
 
@@ -164,10 +168,11 @@ def stage_rows(table: pd.DataFrame, prior: str, text_column: str, split: str | S
 
 
 def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: torch.Generator,
-                   cond_dropout: float, snr_gamma: float = 0.0, change_weight: float = 0.0) -> torch.Tensor:
+                   cond_dropout: float, snr_gamma: float = 0.0, change_weight: float = 0.0,
+                   timestep_max: float = 1.0) -> torch.Tensor:
     """Epsilon-prediction MSE with InstructPix2Pix conditioning dropout (one training step's loss), optionally
-    min-SNR-weighted per sample (`snr_gamma`) and weighted per latent pixel where target and prior differ
-    (`change_weight`)."""
+    min-SNR-weighted per sample (`snr_gamma`), weighted per latent pixel where target and prior differ
+    (`change_weight`), and with timesteps drawn from the first `timestep_max` of the schedule only."""
     target, prior, text, null = batch["target"], batch["prior"], batch["text"], batch["null"]
     weight = None
     if change_weight and batch.get("change") is not None:  # N,1,h,w: |follow-up - prior| in latent space
@@ -175,7 +180,8 @@ def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: to
         weight = 1 + change_weight * d / d.mean((2, 3), keepdim=True).clamp_min(1e-6)
     n, dev = len(target), target.device
     noise = torch.randn(target.shape, generator=generator).to(dev)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(dev)
+    t_hi = max(1, round(timestep_max * noise_scheduler.config.num_train_timesteps))
+    t = torch.randint(0, t_hi, (n,), generator=generator).to(dev)
     noisy = noise_scheduler.add_noise(target, noise, t)
     p = torch.rand(n, generator=generator).to(dev)
     drop_text = (p < 2 * cond_dropout)[:, None, None]
@@ -202,6 +208,8 @@ DEBUG_ENV = "BMJ_TRAIN_DEBUG"
 ATTENTION = ("sdpa", "classic")
 # TrainConfig fields that change how a step runs, not what it computes: not part of the stage's key
 EXECUTION_OPTIONS = ("grad_accum_steps", "attention", "channels_last", "fused_adamw", "compile")
+# Fields added after models were trained: left out of the key at their default, so those models stay current
+KEY_OMITTED_AT_DEFAULT = {"timestep_max": 1.0}
 
 
 class _BatchDraws(TorchFunctionMode):
@@ -411,7 +419,8 @@ class Trainer:
                     batch["null"] = self.null
                     with acc.autocast():
                         loss = diffusion_loss(self.forward_unet, self.forward_proj, self.noise_scheduler, batch, g,
-                                              cfg.cond_dropout, cfg.snr_gamma, cfg.change_weight)
+                                              cfg.cond_dropout, cfg.snr_gamma, cfg.change_weight,
+                                              cfg.timestep_max)
                 if split:
                     part = float(acc.gather((loss.detach().float() * share)[None]).sum())
                 else:
@@ -564,7 +573,8 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     init_fp = (sha256_file(Path(init_from) / "unet" / "diffusion_pytorch_model.safetensors") if init_from
                else module_fingerprint(pipe.unet) if unet_init else None)
     data_fp = fingerprint(rows.to_dict("list"), prior)
-    what = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_OPTIONS}
+    what = {k: v for k, v in asdict(cfg).items()
+            if k not in EXECUTION_OPTIONS and KEY_OMITTED_AT_DEFAULT.get(k, object()) != v}
     key = fingerprint(what, data_fp, init_fp, module_fingerprint(pipe.vae), module_fingerprint(pipe.text_encoder.model))
     done_file = out / "train.json"
     if (out / "model" / "bmj_pipeline.json").is_file() and done_file.is_file():
