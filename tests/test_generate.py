@@ -150,3 +150,23 @@ def test_strength_option_overrides_the_models_own(tmp_path, model):
     assert np.array_equal(implicit, run("b.png", "--strength", "0.5"))
     assert not np.array_equal(implicit, run("c.png", "--strength", "1"))
 
+
+
+def test_strength_above_what_the_model_was_trained_on_is_refused(tmp_path, model, capsys):
+    """bmj generate refuses a strength above the model folder's max_strength with one line, writing nothing."""
+    import json
+    import shutil
+
+    from bmjlib.cli import main
+
+    own = tmp_path / "model"
+    shutil.copytree(model, own)
+    meta = json.loads((own / "bmj_pipeline.json").read_text())
+    (own / "bmj_pipeline.json").write_text(json.dumps(dict(meta, max_strength=0.7)))
+    atomic_write_png(tmp_path / "prior.png", _prior())
+    out = tmp_path / "cf.png"
+    assert main(["generate", "--model", str(own), "--prior", str(tmp_path / "prior.png"), "--prompt",
+                 "new left effusion", "--steps", "4", "--strength", "0.9", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "strength 0.9 is not allowed for this model" in err[0] and "up to 0.7" in err[0]
+    assert not out.exists()

@@ -218,3 +218,21 @@ def test_strength_starts_from_the_noised_prior():
     assert t03 == int(start) and t1 == int(sched.timesteps[0])
     torch.testing.assert_close(lat03, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lat1, noise * sched.init_noise_sigma, atol=1e-6, rtol=1e-6)
+
+
+def test_a_model_trained_on_part_of_the_schedule_refuses_stronger_starts(tmp_path):
+    """A UNet trained only on t < 0.6 T (TrainConfig.timestep_max) keeps that bound through save and load, samples
+    at strengths up to it and refuses a start from noisier latents with one line, before any step."""
+    pipe = tiny_pipeline()
+    pipe.max_strength = 0.6
+    loaded = BiomedJourneyPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m"))
+    assert loaded.max_strength == 0.6
+    assert tiny_pipeline().max_strength == 1.0  # the default: the whole schedule
+    prior = prior_image()
+    assert np.isfinite(loaded(prior, "new left effusion", steps=5, seed=0, strength=0.6)[0]).all()
+    calls = []
+    for s in (0.7, 1.0):
+        with pytest.raises(ValueError, match=f"strength {s:g} is not allowed for this model: it was trained on the "
+                                             r"first 0.6 of the noise schedule only"):
+            loaded(prior, "new left effusion", steps=5, seed=0, strength=s, callback=lambda k, n: calls.append(k))
+    assert calls == []

@@ -122,6 +122,10 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
     except ImageError as e:
         raise GenerateError(f"prior image {e.path}: {e.problem}") from None
     pipe = load_pipeline(model_dir)
+    try:
+        pipe.check_strength(pipe.strength if strength is None else strength)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
     prompt = prompt.strip()
     notice = pipe.text_encoder.truncation_notice(prompt) if pipe.text_encoder is not None else None
     if notice:

@@ -239,6 +239,8 @@ class BiomedJourneyPipeline:
     """
     guidance: tuple[float, float] = IP2P_GUIDANCE
     strength: float = 1.0  # default of `__call__`'s strength (1 = from pure noise, InstructPix2Pix)
+    # the share of the noise schedule the UNet was trained on (TrainConfig.timestep_max): no start from noisier latents
+    max_strength: float = 1.0
     # "unscaled": the prior's latent is the posterior mode as is (InstructPix2Pix); "scaled": x scaling_factor
     # (models saved before bmj_pipeline.json recorded it)
     prior_latents: str = "unscaled"
@@ -386,6 +388,7 @@ class BiomedJourneyPipeline:
         image_scale = self.guidance[1] if image_scale is None else image_scale
         strength = self.strength if strength is None else strength
         check_sampling(text_scale, image_scale, steps, seed, strength)
+        self.check_strength(strength)
         it = range(0, n, batch_size)
         if progress:
             it = tqdm(it, desc="generate", unit="batch")
@@ -443,6 +446,12 @@ class BiomedJourneyPipeline:
             latents = self.prior_factor * prior_lat + latents / self.residual_scale
         return self.decode_latents(latents)
 
+    def check_strength(self, strength: float) -> None:
+        """Refuse a strength above `max_strength`: sampling would start from noise levels the model never saw."""
+        if strength > self.max_strength + 1e-9:
+            raise ValueError(f"strength {strength:g} is not allowed for this model: it was trained on the first "
+                             f"{self.max_strength:g} of the noise schedule only; give a strength up to {self.max_strength:g}")
+
     # ---- persistence --------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the pipeline as one folder (vae/, unet/, text_encoder/, projection.safetensors,
@@ -460,7 +469,7 @@ class BiomedJourneyPipeline:
                 "class": "BiomedJourneyPipeline", "image_size": self.image_size,
                 "null_prompt": self.null_prompt, "text_dim": self.projection.in_features,
                 "has_text_encoder": self.text_encoder is not None, "prior_latents": self.prior_latents,
-                "target": self.target, "residual_scale": self.residual_scale})
+                "target": self.target, "residual_scale": self.residual_scale, "max_strength": self.max_strength})
         return path
 
     @classmethod
@@ -491,6 +500,7 @@ class BiomedJourneyPipeline:
         pipe.strength = read_strength(path)
         pipe.prior_latents = meta.get("prior_latents", "scaled")  # absent: saved before the IP2P convention
         pipe.target, pipe.residual_scale = meta.get("target", "image"), float(meta.get("residual_scale", 1.0))
+        pipe.max_strength = float(meta.get("max_strength", 1.0))
         for m in (vae, unet, proj):
             m.eval().requires_grad_(False)
         return pipe.to(device)

@@ -589,6 +589,7 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
         data = build_cache(pipe, rows, Path(cache_dir or out / "latents"), cfg.image_size, cfg.crop_margin,
                            dummy_prior=(prior == "dummy"), progress=progress and main, write=main,
                            match_targets=cfg.match_targets)
+    pipe.max_strength = cfg.timestep_max
     residual = None
     if cfg.target == "residual":
         pipe.target, pipe.residual_scale = "residual", residual_scale(data, pipe.prior_factor, cfg.seed)
