@@ -45,7 +45,7 @@ def test_train_config_is_what_the_smoke_profile_implies(tmp_path):
     _, vae = _fake_run(tmp_path)
     p = load_profile("smoke")
     expected = dict(image_size=32, batch_size=16, lr=1e-4, cond_dropout=0.05, ema=False, checkpoint_every=5, seed=0,
-                    match_targets=True, snr_gamma=5.0,  # the demo profile's (smoke inherits them)
+                    match_targets=True, snr_gamma=5.0, timestep_max=0.7,  # the demo profile's (smoke inherits them)
                     unet_config=dict(DEMO_UNET_CONFIG, sample_size=8))
     assert stages.train_config(p, vae, epochs=p["stage1_epochs"]) == TrainConfig(epochs=2, **expected)
     assert stages.train_config(p, vae, epochs=p["stage2_epochs"]) == TrainConfig(epochs=2, **expected)
@@ -68,9 +68,11 @@ def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
 
     assert launch.stage1(str(run), p) == run / "04_stage1" / "model"
     (_, out, kw), (c, table, out1, kw1) = calls
-    # stage 1 trains with the plain loss; stage 2 with the profile's min-SNR weighting
-    assert cfg.snr_gamma == 5.0 and c.snr_gamma == 0.0
-    assert out == out1 == run / "04_stage1" and c == replace(cfg, snr_gamma=0.0) and list(table["impression"]) == ["x"]
+    # stage 1 trains with the plain loss over the whole schedule; stage 2 with the profile's min-SNR weighting on
+    # the share of the schedule its sampler visits
+    assert cfg.snr_gamma == 5.0 and c.snr_gamma == 0.0 and cfg.timestep_max == 0.7 and c.timestep_max == 1.0
+    assert out == out1 == run / "04_stage1" and c == replace(cfg, snr_gamma=0.0, timestep_max=1.0)
+    assert list(table["impression"]) == ["x"]
     assert kw == dict(model_scale="demo", image_size=32, vae_steps=20, clip_epochs=2, seed=0, sd_vae_dir="",
                       text_encoder="")
     assert kw1 == dict(prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
