@@ -277,6 +277,14 @@ def test_probes_chain_and_score(run, tmp_path):
     assert s.loc["copy_prior", "null_edit_ssim"] == pytest.approx(1.0)
     assert s.loc["copy_prior", "null_edit_ssim_10"] == pytest.approx(1.0)
     assert s.loc["copy_prior", "dose_response_rho"] == 0.0  # the same image at every dose
+    # per finding, over the priors without it; their mean per prior is the overall rho
+    cols = [f"dose_response_rho_{k}" for k in ("effusion", "cardiomegaly", "edema")]
+    assert all(s.loc["copy_prior", c] == 0.0 or np.isnan(s.loc["copy_prior", c]) for c in cols)
+    bj = per_prior[per_prior["source"] == "biomedjourney"]
+    np.testing.assert_allclose(bj[cols].mean(axis=1, skipna=True), bj["dose_response_rho"], atol=1e-9)
+    for c, f in zip(cols, V.DOSE_FINDINGS):
+        had = pairs.head(2)[f"prior_{f}"].to_numpy() == 1
+        assert np.isnan(bj[c].to_numpy()[had]).all() and not np.isnan(bj[c].to_numpy()[~had]).any()
     assert s.loc["biomedjourney", "null_edit_ssim"] < 1.0
     assert len(per_prior) == 4 and s.loc["copy_prior", "null_edit_ssim_lo"] <= 1.0
     # a rerun makes nothing again

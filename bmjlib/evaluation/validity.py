@@ -34,8 +34,9 @@ the progression synthesiser:
   small / moderate / large: Spearman rho between the requested grade and the judge probability;
   `dose_response_rho_physical`: the same against a measure on the output (effusion: opaque fraction of that
   lung; cardiomegaly: cardiothoracic ratio; edema: mean lung density; from the anatomy judge's masks). Mean
-  over priors and findings; a response that does not vary counts rho = 0. The truth rows' dose response is
-  the phantom drawn at the three grades (`phantom.cohort.render_variant`).
+  over priors and findings; a response that does not vary counts rho = 0. `dose_response_rho_effusion`,
+  `_cardiomegaly`, `_edema`: the judge's rho of one finding, over the priors without it. The truth rows' dose
+  response is the phantom drawn at the three grades (`phantom.cohort.render_variant`).
 
 Columns that need the truth are empty (NaN) where a run has none (MIMIC, a user's cohort), never zero.
 Intervals: 95 % percentile bootstrap (`metrics.bootstrap_ci`) over test pairs, and over probe priors for the
@@ -409,8 +410,10 @@ def score_probes(run_dir: str | Path, probes_dir: str | Path, judges: dict, sour
             rev = [images.get(f"{p}__resolve") for p in ids]
             pp["reversibility_ssim"] = [float(M.ssim(r[None], ref[i:i + 1])[0]) if r is not None else np.nan
                                         for i, r in enumerate(rev)]
-        judge_rho, phys_rho = _dose_response(dose, images, judges, ids)
+        judge_rho, phys_rho, by_finding = _dose_response(dose, images, judges, ids)
         pp["dose_response_rho"], pp["dose_response_rho_physical"] = judge_rho, phys_rho
+        for f, rho in by_finding.items():
+            pp[f"dose_response_rho_{FINDING_KEYS[f]}"] = rho
         per_prior.append(pp)
         cols = [c for c in pp.columns if c not in ("pair_id", "source")]
         vals = {c: pp[c].to_numpy(float) for c in cols}
@@ -450,10 +453,11 @@ def _probe_images(source, plan, probes_dir, pairs, frames, cohort, size, vae) ->
     return {p: resize_image(read_output(f), size) for p, f in files.items()}
 
 
-def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str]) -> tuple[list, list]:
-    """Per prior: mean over its dose findings of rho(grade, judge probability) and rho(grade, measure)."""
+def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str]) -> tuple[list, list, dict]:
+    """Per prior: mean over its dose findings of rho(grade, judge probability) and rho(grade, measure), and
+    {finding: per-prior rho(grade, judge probability)} for each of DOSE_FINDINGS."""
     if dose.empty:
-        return [np.nan] * len(ids), [np.nan] * len(ids)
+        return [np.nan] * len(ids), [np.nan] * len(ids), {f: [np.nan] * len(ids) for f in DOSE_FINDINGS}
     keys = list(dose["probe_id"])
     x = np.stack([images[k] for k in keys])
     prob = predict(judges.get("finding"), x, "finding")
@@ -464,12 +468,15 @@ def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str
         pos = [keys.index(k) for k in g["probe_id"]]
         d.loc[g.index, "measure"] = physical_measure(f, x[pos], masks[pos], side)
     judge_rho, phys_rho = [], []
+    by_finding = {f: [] for f in DOSE_FINDINGS}
     for p in ids:
-        per = [(dose_rho(g["grade"], g["prob"]), dose_rho(g["grade"], g["measure"]))
-               for _, g in d[d["pair_id"] == p].groupby("finding")]
-        judge_rho.append(_nanmean([a for a, _ in per]) if per else np.nan)
-        phys_rho.append(_nanmean([b for _, b in per]) if per else np.nan)
-    return judge_rho, phys_rho
+        per = {f: (dose_rho(g["grade"], g["prob"]), dose_rho(g["grade"], g["measure"]))
+               for f, g in d[d["pair_id"] == p].groupby("finding")}
+        judge_rho.append(_nanmean([a for a, _ in per.values()]) if per else np.nan)
+        phys_rho.append(_nanmean([b for _, b in per.values()]) if per else np.nan)
+        for f in DOSE_FINDINGS:  # NaN where the prior already has the finding (no dose probe)
+            by_finding[f].append(per[f][0] if f in per else np.nan)
+    return judge_rho, phys_rho, by_finding
 
 
 # --------------------------------------------------------------------------- the table
@@ -555,7 +562,8 @@ def evaluate_validity(run_dir: str | Path, gen_dir: str | Path, judges: dict, mo
 
 VALIDITY_COLUMNS = ["effectiveness", "effectiveness_rel", "effectiveness_lat", "changed_auroc", "pathology_auroc",
                     "preservation_ssim", "change_error", "anatomy_dice", "null_edit_ssim", "null_edit_ssim_10",
-                    "reversibility_ssim", "dose_response_rho", "dose_response_rho_physical"]
+                    "reversibility_ssim", "dose_response_rho", "dose_response_rho_physical"] + [
+                    f"dose_response_rho_{FINDING_KEYS[f]}" for f in DOSE_FINDINGS]
 
 
 def validity_table(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
@@ -674,7 +682,8 @@ VALIDITY_NOTE = """
   output vs prior.
 - null_edit_ssim (_10): the stable-pair description applied once (ten times) keeps the prior (SSIM to the prior
   through the VAE); reversibility_ssim: add a finding, then resolve it; dose_response_rho: Spearman rho of
-  small / moderate / large against the judge (and against a physical measure).
+  small / moderate / large against the judge (and against a physical measure), over the three findings and
+  (`dose_response_rho_effusion`, `_cardiomegaly`, `_edema`) per finding, over the priors without it.
 - Empty cells: undefined for that source (labels only for previous_label; no truth on real data).
 """
 
