@@ -226,7 +226,7 @@ def test_a_model_trained_on_part_of_the_schedule_refuses_stronger_starts(tmp_pat
     pipe = tiny_pipeline()
     pipe.max_strength = 0.6
     loaded = BiomedJourneyPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m"))
-    assert loaded.max_strength == 0.6
+    assert loaded.max_strength == 0.6 and loaded.strength == 0.6  # no guidance.json: the strongest start it knows
     assert tiny_pipeline().max_strength == 1.0  # the default: the whole schedule
     prior = prior_image()
     assert np.isfinite(loaded(prior, "new left effusion", steps=5, seed=0, strength=0.6)[0]).all()
@@ -236,3 +236,31 @@ def test_a_model_trained_on_part_of_the_schedule_refuses_stronger_starts(tmp_pat
                                              r"first 0.6 of the noise schedule only"):
             loaded(prior, "new left effusion", steps=5, seed=0, strength=s, callback=lambda k, n: calls.append(k))
     assert calls == []
+
+
+@pytest.mark.parametrize("value", ["abc", 0, 1.5, True, None])
+def test_a_damaged_max_strength_is_refused_on_load(tmp_path, value):
+    import json
+
+    from bmjlib.model.pipeline import ModelFolderError
+    folder = tiny_pipeline().save_pretrained(tmp_path / "m")
+    meta = json.loads((folder / "bmj_pipeline.json").read_text())
+    (folder / "bmj_pipeline.json").write_text(json.dumps(dict(meta, max_strength=value)))
+    with pytest.raises(ModelFolderError, match=r"bmj_pipeline.json max_strength .* is not a number in \(0, 1\]"):
+        BiomedJourneyPipeline.from_pretrained(folder)
+
+
+def test_a_default_strength_above_what_the_model_was_trained_for_is_refused_on_load(tmp_path):
+    import json
+
+    from bmjlib.model.pipeline import ModelFolderError
+    pipe = tiny_pipeline()
+    pipe.max_strength = 0.7
+    folder = pipe.save_pretrained(tmp_path / "m")
+    (folder / "guidance.json").write_text(json.dumps({"text_scale": 7.5, "image_scale": 1.5,
+                                                      "settings": {"strength": 1.0}}))
+    with pytest.raises(ModelFolderError, match="settings.strength 1 is above the max_strength 0.7"):
+        BiomedJourneyPipeline.from_pretrained(folder)
+    (folder / "guidance.json").write_text(json.dumps({"text_scale": 7.5, "image_scale": 1.5,
+                                                      "settings": {"strength": 0.7}}))
+    assert BiomedJourneyPipeline.from_pretrained(folder).strength == 0.7

@@ -111,6 +111,27 @@ def read_strength(path: str | os.PathLike) -> float:
     return s
 
 
+def read_max_strength(path: str | os.PathLike, meta: dict, strength: float) -> tuple[float, float]:
+    """(max_strength, default strength) of a model folder: the share of the noise schedule its UNet was trained on
+    (bmj_pipeline.json max_strength, else 1) and `strength` (read_strength's), lowered to max_strength when
+    guidance.json records none. A max_strength that is not a number in (0, 1], or a recorded strength above it,
+    raises ModelFolderError."""
+    v = meta.get("max_strength", 1.0)
+    try:
+        m = float(v)
+    except (TypeError, ValueError):
+        m = math.nan
+    if isinstance(v, bool) or not 0 < m <= 1:
+        raise ModelFolderError(f"model folder {path}: {PIPELINE_FILE} max_strength {v!r} is not a number in (0, 1]")
+    if strength <= m + 1e-9:
+        return m, strength
+    f = Path(path) / GUIDANCE_FILE
+    if f.is_file() and "strength" in json.loads(f.read_text()).get("settings", {}):
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.strength {strength:g} is above the "
+                               f"max_strength {m:g} the model was trained for")
+    return m, m  # none recorded: the strongest start the model was trained for
+
+
 def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int = 20, seed: int = 0,
                    strength: float = 1.0) -> None:
     """Refuse settings that cannot give a meaningful image, with a ValueError naming the setting: guidance
@@ -500,7 +521,7 @@ class BiomedJourneyPipeline:
         pipe.strength = read_strength(path)
         pipe.prior_latents = meta.get("prior_latents", "scaled")  # absent: saved before the IP2P convention
         pipe.target, pipe.residual_scale = meta.get("target", "image"), float(meta.get("residual_scale", 1.0))
-        pipe.max_strength = float(meta.get("max_strength", 1.0))
+        pipe.max_strength, pipe.strength = read_max_strength(path, meta, pipe.strength)
         for m in (vae, unet, proj):
             m.eval().requires_grad_(False)
         return pipe.to(device)
