@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="sampling steps, 1 to 1000 (default 20)")
     g.add_argument("--scheduler", default=None, choices=["ddim", "dpm", "euler"])
     g.add_argument("--strength", type=float, default=None,
-                   help="how far from the prior sampling starts, in (0, 1]; 1 = pure noise (default: the model's "
-                        "guidance.json, else 1)")
+                   help="how far from the prior sampling starts, in (0, 1] and at most what the model was trained "
+                        "for (the demo model: 0.7); 1 = pure noise (default: the model's guidance.json, else its "
+                        "max_strength)")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 
