@@ -151,7 +151,6 @@ def test_strength_option_overrides_the_models_own(tmp_path, model):
     assert not np.array_equal(implicit, run("c.png", "--strength", "1"))
 
 
-
 def test_strength_above_what_the_model_was_trained_on_is_refused(tmp_path, model, capsys):
     """bmj generate refuses a strength above the model folder's max_strength with one line, writing nothing."""
     import json

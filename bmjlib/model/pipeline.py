@@ -95,14 +95,15 @@ def read_guidance(path: str | os.PathLike) -> tuple[float, float]:
     return ts, isc
 
 
-def read_strength(path: str | os.PathLike) -> float:
+def read_strength(path: str | os.PathLike, default: float = 1.0) -> float:
     """The default sampling strength of a model folder: its guidance.json's settings.strength (the sampler the
-    scales were chosen with) when present, else 1 (from pure noise). A damaged value raises ModelFolderError."""
+    scales were chosen with) when present, else `default` (1: from pure noise). A damaged value raises
+    ModelFolderError."""
     f = Path(path) / GUIDANCE_FILE
     if not f.is_file():
-        return 1.0
+        return default
     try:
-        s = json.loads(f.read_text()).get("settings", {}).get("strength", 1.0)
+        s = json.loads(f.read_text()).get("settings", {}).get("strength", default)
         s = float(s)
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
         raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.strength is unusable ({e})") from None
@@ -111,11 +112,11 @@ def read_strength(path: str | os.PathLike) -> float:
     return s
 
 
-def read_max_strength(path: str | os.PathLike, meta: dict, strength: float) -> tuple[float, float]:
+def read_max_strength(path: str | os.PathLike, meta: dict) -> tuple[float, float]:
     """(max_strength, default strength) of a model folder: the share of the noise schedule its UNet was trained on
-    (bmj_pipeline.json max_strength, else 1) and `strength` (read_strength's), lowered to max_strength when
-    guidance.json records none. A max_strength that is not a number in (0, 1], or a recorded strength above it,
-    raises ModelFolderError."""
+    (bmj_pipeline.json max_strength, else 1) and guidance.json's settings.strength, else max_strength (the
+    strongest start the model was trained for). A max_strength that is not a number in (0, 1], or a recorded
+    strength above it, raises ModelFolderError."""
     v = meta.get("max_strength", 1.0)
     try:
         m = float(v)
@@ -123,13 +124,11 @@ def read_max_strength(path: str | os.PathLike, meta: dict, strength: float) -> t
         m = math.nan
     if isinstance(v, bool) or not 0 < m <= 1:
         raise ModelFolderError(f"model folder {path}: {PIPELINE_FILE} max_strength {v!r} is not a number in (0, 1]")
-    if strength <= m + 1e-9:
-        return m, strength
-    f = Path(path) / GUIDANCE_FILE
-    if f.is_file() and "strength" in json.loads(f.read_text()).get("settings", {}):
+    strength = read_strength(path, default=m)
+    if strength > m + 1e-9:
         raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.strength {strength:g} is above the "
                                f"max_strength {m:g} the model was trained for")
-    return m, m  # none recorded: the strongest start the model was trained for
+    return m, strength
 
 
 def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int = 20, seed: int = 0,
@@ -518,10 +517,9 @@ class BiomedJourneyPipeline:
             text_encoder = TextEncoder.load(f"local-dir:{path / 'text_encoder'}")
         pipe = cls(vae, unet, text_encoder, proj, sched, meta["image_size"], meta.get("null_prompt", ""))
         pipe.guidance = read_guidance(path)
-        pipe.strength = read_strength(path)
         pipe.prior_latents = meta.get("prior_latents", "scaled")  # absent: saved before the IP2P convention
         pipe.target, pipe.residual_scale = meta.get("target", "image"), float(meta.get("residual_scale", 1.0))
-        pipe.max_strength, pipe.strength = read_max_strength(path, meta, pipe.strength)
+        pipe.max_strength, pipe.strength = read_max_strength(path, meta)
         for m in (vae, unet, proj):
             m.eval().requires_grad_(False)
         return pipe.to(device)
