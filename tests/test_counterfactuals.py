@@ -109,7 +109,7 @@ def untrained_judges():
     from bmjlib.evaluation import judges as J
     torch.manual_seed(0)
     return {"finding": J.FindingJudge(32, 4), "sex": J.SexJudge(32, 4), "age": J.AgeJudge(32, 4),
-            "anatomy": ThresholdSegmenter()}
+            "anatomy": ThresholdSegmenter(), "severity": J.SeverityJudge(32, 4)}
 
 
 class ThresholdSegmenter:
@@ -152,7 +152,8 @@ def test_figures_write_png_and_pdf(run, tmp_path):
     F.fig5(run, tmp_path, pair, ["copy_prior"], j["anatomy"], tmp_path / "f", size=32)
     assert F.overlay_masks(np.zeros((4, 4)), np.ones((6, 4, 4), bool)).shape == (4, 4, 3)
     F.fig3(pipe, j["finding"], prior, tmp_path / "f", settings={"steps": 1})
-    _, sweep = F.fig9(pipe, prior, fig_dir=tmp_path / "f", settings={"steps": 1}, finding_judge=j["finding"])
+    _, sweep = F.fig9(pipe, prior, fig_dir=tmp_path / "f", settings={"steps": 1}, finding_judge=j["finding"],
+                      severity_judge=j["severity"])
     assert sweep.shape == (3, 32, 32)
     names = {p.name for p in (tmp_path / "f").iterdir()}
     for n in ("fig4", "fig5_segmentations", "fig3_counterfactuals_attention", "fig9_severity_sweep"):

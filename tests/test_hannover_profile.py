@@ -96,7 +96,7 @@ def test_the_hannover_profile_runs_end_to_end_through_the_runner(tmp_path, monke
     chosen = json.loads((run / "05_stage2" / "guidance" / "guidance.json").read_text())
     assert (chosen["text_scale"], chosen["image_scale"]) == shipped
     skipped = json.loads((run / "05_stage2" / "judges" / "skipped.json").read_text())
-    assert skipped["skipped"] == ["finding", "sex", "age"]
+    assert skipped["skipped"] == ["finding", "sex", "age", "severity"]
     assert not any((run / "08_ablations").iterdir())
     pairs = pd.read_csv(run / "03_descriptions" / "pairs.csv")
     assert set(pairs["description"]) == {NO_REPORT_DESCRIPTION} and set(pairs["credentialed"]) == {False}

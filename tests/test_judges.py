@@ -33,7 +33,7 @@ def render(sev: dict, male: bool, age: float, shift: int, size: int = 32, rng=No
         img[:, :3] += 0.25
     for f, (r, c) in BLOB.items():
         if sev.get(f, 0) > 0:
-            img += 0.4 * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 6.0)
+            img += (0.25 + 0.1 * sev[f]) * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 6.0)  # brighter when worse
     if rng is not None:
         img += rng.normal(0, 0.02, img.shape)
     return np.clip(img, 0, 1), masks
@@ -107,7 +107,9 @@ def test_judges_learn_visible_signals_on_heldout_patients(trained):
     # empty masks score 0 and all-ones masks ~0.18 (each organ covers ~10 % of the image)
     assert judges["anatomy"].heldout["dice_mean"] > 0.4
     table = pd.read_csv(run / "07_evaluate" / "judges" / "heldout.csv")
-    assert {"finding", "sex", "age", "anatomy"} == set(table["judge"])
+    # the grade is read, not only the presence: held-out grades (0-3) ranked with rho > 0.8 on every finding
+    assert all(judges["severity"].heldout[f"rho_grade_{f}"] > 0.8 for f in FINDINGS), judges["severity"].heldout
+    assert {"finding", "sex", "age", "anatomy", "severity"} == set(table["judge"])
 
 
 @pytest.mark.slow
@@ -120,6 +122,7 @@ def test_judges_save_load_roundtrip_and_shapes(trained, tmp_path):
         assert np.array_equal(a, b), k
     assert loaded["finding"].predict(x).shape == (3, 5)
     assert loaded["sex"].predict(x).shape == (3,) and loaded["age"].predict(x).shape == (3,)
+    assert loaded["severity"].predict(x).shape == (3, 5)
     seg = loaded["anatomy"].predict(x)
     assert seg.shape == (3, len(ORGANS), 48, 48) and seg.dtype == bool
     assert loaded["finding"].heldout == judges["finding"].heldout

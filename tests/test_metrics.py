@@ -94,6 +94,14 @@ def test_pearson_r_known():
     assert math.isnan(M.pearson_r(np.ones(10), x))
 
 
+def test_spearman_rho_known():
+    x = np.arange(10.0)
+    assert M.spearman_rho(np.exp(x), x) == pytest.approx(1.0)  # any increasing reading of the grade
+    assert M.spearman_rho([0, 1, 1, 2], [0, 1, 2, 3]) == pytest.approx(0.9486833)  # ties get their average rank
+    assert M.spearman_rho([1.0, np.nan, 3.0, 2.0], [1, 2, 3, 4]) == pytest.approx(0.5)  # NaN pairs left out
+    assert math.isnan(M.spearman_rho(np.ones(10), x))
+
+
 def test_kl_identical_is_zero_and_known_value():
     p = np.array([[0.2, 0.5, 0.1], [0.9, 0.05, 0.3]])
     assert np.allclose(M.kl_divergence(p, p), 0.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bmjlib.evaluation import counterfactuals as C
@@ -140,6 +141,32 @@ def test_dose_rho_known_answers():
     assert V.dose_rho([1, 2, 3], [0.4, 0.4, 0.4]) == 0.0  # no response to the dose
     assert V.dose_rho([1, 2, 3], [0.4, 0.4 + 3e-8, 0.4 - 2e-8]) == 0.0  # float noise is no response either
     assert np.isnan(V.dose_rho([1, 2, 3], [0.4, np.nan, 0.4]))
+
+
+class _Reads:
+    """A stub judge: `fn(images)` -> N x 5."""
+    def __init__(self, fn):
+        self.fn = fn
+
+    def predict(self, images):
+        return self.fn(np.asarray(images, float))
+
+
+def test_dose_response_reads_the_grade_with_the_severity_judge():
+    # three dose probes per finding whose images get brighter with the requested grade; a finding judge that is
+    # sure at every grade (presence, not grade) cannot order them, a judge that reads the grade can
+    dose = pd.DataFrame([dict(probe_id=f"p__{V.FINDING_KEYS[f]}{g}", pair_id="p", kind="dose", finding=f, grade=g,
+                              side="left" if f == "Pleural Effusion" else "", step=1, source="", prompt="")
+                         for f in V.DOSE_FINDINGS for g in (1, 2, 3)])
+    images = {r.probe_id: np.full((8, 8), 0.2 * r.grade) for r in dose.itertuples()}
+    sure = _Reads(lambda x: np.full((len(x), len(FINDINGS)), 0.99))
+    grade = _Reads(lambda x: np.repeat(x.mean(axis=(1, 2))[:, None] / 0.2, len(FINDINGS), axis=1))
+    rho, _, per = V._dose_response(dose, images, {"finding": sure, "severity": grade}, ["p"])
+    assert rho == [1.0] and all(per[f] == [1.0] for f in V.DOSE_FINDINGS)
+    rho, _, per = V._dose_response(dose, images, {"finding": sure}, ["p"])  # no severity judge: the finding judge
+    assert rho == [0.0] and all(per[f] == [0.0] for f in V.DOSE_FINDINGS)
+    rho, _, _ = V._dose_response(dose, images, {"finding": sure, "severity": None}, ["p"])
+    assert rho == [0.0]
 
 
 def test_untouched_organs_follow_the_changed_findings():

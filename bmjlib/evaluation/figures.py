@@ -144,9 +144,9 @@ def fig5(run_dir, gen_dir, pair: pd.Series, models: Sequence[str], anatomy_judge
 
 def fig9(pipe, prior: np.ndarray, finding_phrase: str = "left pleural effusion", fig_dir=None,
          settings: dict | None = None, seed: int = 0, finding_judge=None, finding: str = "Pleural Effusion",
-         name: str = "fig9_severity_sweep"):
+         name: str = "fig9_severity_sweep", severity_judge=None):
     """Fig. 9: one prior, then '<word> <finding>' for slight / moderate / large (same seed), with the
-    finding judge's probability under each when a judge is given."""
+    finding judge's probability and the severity judge's grade (0-3) under each when those judges are given."""
     _, plt = _plt()
     prompts = [f"new {w} {finding_phrase}" for w in SWEEP_WORDS]
     outs = pipe(prior, prompts, seed=seed, **dict(settings or {}))
@@ -158,6 +158,8 @@ def fig9(pipe, prior: np.ndarray, finding_phrase: str = "left pleural effusion",
         t = _wrap(pr, 22)
         if finding_judge is not None:
             t += f"\nP({finding})={finding_judge.predict(im[None])[0, FINDINGS.index(finding)]:.2f}"
+        if severity_judge is not None:
+            t += f", grade {severity_judge.predict(im[None])[0, FINDINGS.index(finding)]:.1f}"
         _show(ax, im, t)
     _caption(fig, -0.05)
     save_figure(fig, fig_dir, name)

@@ -8,7 +8,9 @@ the phantom's REAL (rendered, never generated) images, with labels from the phan
   with a Grad-CAM attention map (`attention`) for Fig. 3;
 - `SexJudge`: P(male) -> N (retention AUROC; the phantom does not simulate race);
 - `AgeJudge`: age in years -> N (retention Pearson r);
-- `AnatomyJudge`: organ masks (schema.ORGANS) -> N x organs x H x W bool (Table 4, Fig. 5).
+- `AnatomyJudge`: organ masks (schema.ORGANS) -> N x organs x H x W bool (Table 4, Fig. 5);
+- `SeverityJudge`: the grade of the five findings (0 absent ... 3 large / severe) -> N x 5, for the validity
+  table's dose response: the finding judge is trained to tell a finding's presence and does not order its grades.
 
 Each judge is trained on patients of the cohort's train split and reports its accuracy on held-out
 (val-split) patients' real images (`judge.heldout`): a judge that cannot see an effusion on real images
@@ -196,6 +198,16 @@ class AgeJudge(_Judge):
         return (self._logits(images)[:, 0] * sd + mu).numpy()
 
 
+class SeverityJudge(_Judge):
+    """The grade of each finding, regressed (0 absent, 1 small / mild, 2 moderate, 3 large / severe): predict ->
+    N x 5 in schema.FINDINGS order."""
+    kind, n_out = "severity", len(FINDINGS)
+    names = list(FINDINGS)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self._logits(images).numpy()
+
+
 class AnatomyJudge(_Judge):
     """predict -> N x len(ORGANS) x H x W bool at the input's own size."""
     kind, n_out = "anatomy", len(ORGANS)
@@ -213,17 +225,18 @@ class AnatomyJudge(_Judge):
         return (logits > 0).numpy()
 
 
-DEMO_JUDGES = {"finding": FindingJudge, "sex": SexJudge, "age": AgeJudge, "anatomy": AnatomyJudge}
+DEMO_JUDGES = {"finding": FindingJudge, "sex": SexJudge, "age": AgeJudge, "anatomy": AnatomyJudge,
+               "severity": SeverityJudge}
 
 
 SKIPPED_FILE = "skipped.json"
 # The judges that score against a cohort's labels or recorded demographics (skipped for a cohort without labels).
-LABEL_JUDGES = ("finding", "sex", "age")
+LABEL_JUDGES = ("finding", "sex", "age", "severity")
 
 
 def predict(judge, images: np.ndarray, kind: str) -> np.ndarray:
     """`judge.predict(images)`, or for a judge this run does not have (None): NaN of the judge's output shape
-    (finding N x 5, sex / race / age N) or empty organ masks (anatomy N x organs x H x W, all False, so every
+    (finding / severity N x 5, sex / race / age N) or empty organ masks (anatomy N x organs x H x W, all False, so every
     Dice and measure taken from them is NaN). A score that needs a missing judge is undefined, never zero."""
     if judge is not None:
         return judge.predict(images)
@@ -231,7 +244,7 @@ def predict(judge, images: np.ndarray, kind: str) -> np.ndarray:
     n = 1 if x.ndim == 2 else len(x)
     if kind == "anatomy":
         return np.zeros((n, len(ORGANS), *x.shape[-2:]), bool)
-    return np.full((n, len(FINDINGS)) if kind == "finding" else n, np.nan)
+    return np.full((n, len(FINDINGS)) if kind in ("finding", "severity") else n, np.nan)
 
 
 def load_judges(d: str | Path, scale: str = "demo", weights_dir: str | Path | None = None) -> dict:
@@ -319,7 +332,7 @@ def judge_data(run_dir: str | Path, size: int, max_images: int | None = None, se
 
     Patients of test pairs are left out entirely (the judges score those later); val-split patients are
     the held-out set; every other patient trains. Returns arrays per split: images N,size,size,
-    findings N x 5 (truth severity > 0), male N, age N, masks N x organs x size x size, and `dicom_id`.
+    findings N x 5 (truth severity > 0), grades N x 5 (truth severity 0-3), male N, age N, masks N x organs x size x size, and `dicom_id`.
     Unreadable images are skipped and counted (`skipped`).
     """
     run = resolve(run_dir)
@@ -362,6 +375,8 @@ def judge_data(run_dir: str | Path, size: int, max_images: int | None = None, se
             "images": np.stack(ims) if ims else np.zeros((0, size, size), np.float32),
             "masks": np.stack(masks) if masks else np.zeros((0, len(ORGANS), size, size), bool),
             "findings": np.stack([(sub[f"{FINDING_KEYS[f]}_sev"].to_numpy(float) > 0) for f in FINDINGS], 1)
+            .astype(np.float32) if len(sub) else np.zeros((0, 5), np.float32),
+            "grades": np.stack([sub[f"{FINDING_KEYS[f]}_sev"].to_numpy(float) for f in FINDINGS], 1)
             .astype(np.float32) if len(sub) else np.zeros((0, 5), np.float32),
             "male": sub["sex"].map(sex_male).to_numpy(float),
             "age": sub["age"].to_numpy(float),
@@ -425,13 +440,18 @@ def _fit(judge: _Judge, x: np.ndarray, y: np.ndarray, loss_fn, epochs: int, seed
 
 def evaluate_judge(judge: _Judge, data: dict) -> dict:
     """Accuracy of one judge on real images with truth: per-finding + mean AUROC, sex AUROC, age r and
-    MAE, organ Dice."""
+    MAE, organ Dice, per-finding Spearman rho of the predicted grade + its mean absolute error."""
     x = data["images"]
     if isinstance(judge, FindingJudge):
         res = M.pathology_auroc(judge.predict(x), data["findings"], FINDINGS)
         return {f"auroc_{k}": v for k, v in res.items()}
     if isinstance(judge, SexJudge):
         return {"auroc_sex": M.auroc(data["male"], judge.predict(x))}
+    if isinstance(judge, SeverityJudge):
+        p, g = judge.predict(x), data["grades"]
+        rho = {f"rho_grade_{f}": M.spearman_rho(g[:, k], p[:, k]) for k, f in enumerate(FINDINGS)}
+        return {**rho, "rho_grade_mean": float(np.nanmean(list(rho.values()))) if len(x) else float("nan"),
+                "mae_grade": float(np.mean(np.abs(p - g))) if len(x) else float("nan")}
     if isinstance(judge, AgeJudge):
         p = judge.predict(x)
         return {"pearson_age": M.pearson_r(p, data["age"]), "mae_age": float(np.nanmean(np.abs(p - data["age"])))}
@@ -447,7 +467,7 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
     out_dir = Path(out_dir)
     truth = judge_phantom(run_dir) / "truth"
     everyone = tuple(kinds) == tuple(DEMO_JUDGES)
-    key = fingerprint("judges-v1", size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
+    key = fingerprint("judges-v2", size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
                       sha256_file(resolve(run_dir) / "01_cohort" / "pairs.csv"), *(() if everyone else (kinds,)))
     stamp = out_dir / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
@@ -469,6 +489,7 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
         ("age", lambda: AgeJudge(size, width // 2, extra={"age_mean": mu, "age_std": sd}), tr["images"],
          ((tr["age"] - mu) / sd)[:, None], nn.SmoothL1Loss()),
         ("anatomy", lambda: AnatomyJudge(size, width), tr["images"], tr["masks"].astype(np.float32), bce),
+        ("severity", lambda: SeverityJudge(size, width), tr["images"], tr["grades"], nn.SmoothL1Loss()),
     ]
     for kind, make, x, y, loss in plan:
         if kind not in kinds:
@@ -477,7 +498,7 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
         torch.manual_seed(seed)  # initial weights from the seed, not from whatever ran before
         judge = make()
         # dense and regression targets: smaller batches (more steps) converge within the same epochs
-        bs, lr = {"anatomy": (16, 1e-2), "age": (16, 2e-3)}.get(kind, (64, 2e-3))
+        bs, lr = {"anatomy": (16, 1e-2), "age": (16, 2e-3), "severity": (16, 2e-3)}.get(kind, (64, 2e-3))
         _fit(judge, x, y, loss, epochs, seed, batch=bs, lr=lr, desc=f"judge {kind}")
         judge.heldout = {**evaluate_judge(judge, ho), "n_train": int(len(x)), "n_heldout": int(len(ho["images"]))}
         record_timing(f"judge {kind}", time.time() - t1, n_train=int(len(x)))

@@ -133,6 +133,14 @@ def pearson_r(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.corrcoef(p, t)[0, 1])
 
 
+def spearman_rho(pred: np.ndarray, true: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson r of average ranks; a judge's grade against the truth's); NaN when
+    either side is constant."""
+    p, t = np.asarray(pred, float), np.asarray(true, float)
+    keep = ~np.isnan(p) & ~np.isnan(t)
+    return pearson_r(rankdata(p[keep]), rankdata(t[keep]))
+
+
 # --------------------------------------------------------------------------- KL divergence (App. A.2)
 
 def kl_divergence(p_scores: np.ndarray, q_scores: np.ndarray, eps: float = 1e-6) -> np.ndarray:

@@ -31,7 +31,9 @@ the progression synthesiser:
 - `reversibility_ssim`: "New moderate <side> <finding>." then "Resolved <side> <finding>.", SSIM to the prior
   through the VAE.
 - `dose_response_rho`: for priors without the finding (pleural effusion, cardiomegaly, edema), outputs for
-  small / moderate / large: Spearman rho between the requested grade and the judge probability;
+  small / moderate / large: Spearman rho between the requested grade and the grade the severity judge reads
+  (`judges.SeverityJudge`; where a run has none, e.g. the paper's torchxrayvision judges, the finding judge's
+  probability, which tells presence rather than grade);
   `dose_response_rho_physical`: the same against a measure on the output (effusion: opaque fraction of that
   lung; cardiomegaly: cardiothoracic ratio; edema: mean lung density; from the anatomy judge's masks). Mean
   over priors and findings; a response that does not vary counts rho = 0. `dose_response_rho_effusion`,
@@ -454,15 +456,17 @@ def _probe_images(source, plan, probes_dir, pairs, frames, cohort, size, vae) ->
 
 
 def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str]) -> tuple[list, list, dict]:
-    """Per prior: mean over its dose findings of rho(grade, judge probability) and rho(grade, measure), and
-    {finding: per-prior rho(grade, judge probability)} for each of DOSE_FINDINGS."""
+    """Per prior: mean over its dose findings of rho(grade, judge's reading) and rho(grade, measure), and
+    {finding: per-prior rho(grade, judge's reading)} for each of DOSE_FINDINGS. The judge's reading is the
+    severity judge's grade, or the finding judge's probability where the run has no severity judge."""
     if dose.empty:
         return [np.nan] * len(ids), [np.nan] * len(ids), {f: [np.nan] * len(ids) for f in DOSE_FINDINGS}
     keys = list(dose["probe_id"])
     x = np.stack([images[k] for k in keys])
-    prob = predict(judges.get("finding"), x, "finding")
+    reading = (judges["severity"].predict(x) if judges.get("severity") is not None
+               else predict(judges.get("finding"), x, "finding"))
     masks = predict(judges.get("anatomy"), x, "anatomy")
-    d = dose.assign(prob=[prob[i, FINDINGS.index(f)] for i, f in enumerate(dose["finding"])])
+    d = dose.assign(prob=[reading[i, FINDINGS.index(f)] for i, f in enumerate(dose["finding"])])
     d["measure"] = np.nan
     for (f, side), g in d.groupby(["finding", "side"]):
         pos = [keys.index(k) for k in g["probe_id"]]
@@ -682,7 +686,8 @@ VALIDITY_NOTE = """
   output vs prior.
 - null_edit_ssim (_10): the stable-pair description applied once (ten times) keeps the prior (SSIM to the prior
   through the VAE); reversibility_ssim: add a finding, then resolve it; dose_response_rho: Spearman rho of
-  small / moderate / large against the judge (and against a physical measure), over the three findings and
+  small / moderate / large against the grade the severity judge reads (the finding judge's probability where a
+  run has no severity judge; and against a physical measure), over the three findings and
   (`dose_response_rho_effusion`, `_cardiomegaly`, `_edema`) per finding, over the priors without it.
 - Empty cells: undefined for that source (labels only for previous_label; no truth on real data).
 """
