@@ -159,7 +159,7 @@ def fig9(pipe, prior: np.ndarray, finding_phrase: str = "left pleural effusion",
         if finding_judge is not None:
             t += f"\nP({finding})={finding_judge.predict(im[None])[0, FINDINGS.index(finding)]:.2f}"
         if severity_judge is not None:
-            t += f", grade {severity_judge.predict(im[None])[0, FINDINGS.index(finding)]:.1f}"
+            t += f"\ngrade {severity_judge.predict(im[None])[0, FINDINGS.index(finding)]:.1f}"
         _show(ax, im, t)
     _caption(fig, -0.05)
     save_figure(fig, fig_dir, name)
