@@ -155,8 +155,9 @@ class _Reads:
 def test_dose_response_reads_the_grade_with_the_severity_judge():
     # three dose probes per finding whose images get brighter with the requested grade; a finding judge that is
     # sure at every grade (presence, not grade) cannot order them, a judge that reads the grade can
-    dose = pd.DataFrame([dict(probe_id=f"p__{V.FINDING_KEYS[f]}{g}", pair_id="p", kind="dose", finding=f, grade=g,
-                              side="left" if f == "Pleural Effusion" else "", step=1, source="", prompt="")
+    dose = pd.DataFrame([dict(probe_id=f"p__{V.FINDING_KEYS[f]}{g}", pair_id="p", kind="dose", finding=f,
+                              grade=g, side="left" if f == "Pleural Effusion" else "", step=1, source="",
+                              prompt="")
                          for f in V.DOSE_FINDINGS for g in (1, 2, 3)])
     images = {r.probe_id: np.full((8, 8), 0.2 * r.grade) for r in dose.itertuples()}
     sure = _Reads(lambda x: np.full((len(x), len(FINDINGS)), 0.99))

@@ -236,8 +236,8 @@ LABEL_JUDGES = ("finding", "sex", "age", "severity")
 
 def predict(judge, images: np.ndarray, kind: str) -> np.ndarray:
     """`judge.predict(images)`, or for a judge this run does not have (None): NaN of the judge's output shape
-    (finding / severity N x 5, sex / race / age N) or empty organ masks (anatomy N x organs x H x W, all False, so every
-    Dice and measure taken from them is NaN). A score that needs a missing judge is undefined, never zero."""
+    (finding / severity N x 5, sex / race / age N) or empty organ masks (anatomy N x organs x H x W, all False, so
+    every Dice and measure taken from them is NaN). A score that needs a missing judge is undefined, never zero."""
     if judge is not None:
         return judge.predict(images)
     x = np.asarray(images)
@@ -332,7 +332,8 @@ def judge_data(run_dir: str | Path, size: int, max_images: int | None = None, se
 
     Patients of test pairs are left out entirely (the judges score those later); val-split patients are
     the held-out set; every other patient trains. Returns arrays per split: images N,size,size,
-    findings N x 5 (truth severity > 0), grades N x 5 (truth severity 0-3), male N, age N, masks N x organs x size x size, and `dicom_id`.
+    findings N x 5 (truth severity > 0), grades N x 5 (truth severity 0-3), male N, age N, masks
+    N x organs x size x size, and `dicom_id`.
     Unreadable images are skipped and counted (`skipped`).
     """
     run = resolve(run_dir)
