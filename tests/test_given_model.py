@@ -90,7 +90,8 @@ def test_a_cohort_without_labels_gets_no_label_judges(tmp_path, capsys):
     assert [k for k, v in judges.items() if v is None] == ["finding", "sex", "age", "severity"]
     assert isinstance(judges["anatomy"], J.AnatomyJudge)
     held = J.heldout_table(judges)
-    assert list(held["judge"]) == ["finding", "sex", "age", "anatomy", "severity"] and held["note"].iloc[0].startswith("not trained")
+    assert list(held["judge"]) == ["finding", "sex", "age", "anatomy", "severity"]
+    assert held["note"].iloc[0].startswith("not trained")
 
 
 def test_a_missing_judge_predicts_nan_never_zero():

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from pytorch_msssim import ms_ssim as _ms_ssim
-from scipy.stats import rankdata
+from scipy.stats import rankdata, spearmanr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 # --------------------------------------------------------------------------- CMIG
@@ -134,11 +134,14 @@ def pearson_r(pred: np.ndarray, true: np.ndarray) -> float:
 
 
 def spearman_rho(pred: np.ndarray, true: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson r of average ranks; a judge's grade against the truth's); NaN when
-    either side is constant."""
+    """Spearman rank correlation (a judge's grade against the truth's) over the pairs where neither is NaN; NaN
+    when either side is constant."""
     p, t = np.asarray(pred, float), np.asarray(true, float)
     keep = ~np.isnan(p) & ~np.isnan(t)
-    return pearson_r(rankdata(p[keep]), rankdata(t[keep]))
+    p, t = p[keep], t[keep]
+    if p.size < 2 or p.std() == 0 or t.std() == 0:
+        return float("nan")
+    return float(spearmanr(p, t).statistic)
 
 
 # --------------------------------------------------------------------------- KL divergence (App. A.2)

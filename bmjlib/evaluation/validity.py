@@ -466,7 +466,7 @@ def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str
     reading = (judges["severity"].predict(x) if judges.get("severity") is not None
                else predict(judges.get("finding"), x, "finding"))
     masks = predict(judges.get("anatomy"), x, "anatomy")
-    d = dose.assign(prob=[reading[i, FINDINGS.index(f)] for i, f in enumerate(dose["finding"])])
+    d = dose.assign(reading=[reading[i, FINDINGS.index(f)] for i, f in enumerate(dose["finding"])])
     d["measure"] = np.nan
     for (f, side), g in d.groupby(["finding", "side"]):
         pos = [keys.index(k) for k in g["probe_id"]]
@@ -474,7 +474,7 @@ def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str
     judge_rho, phys_rho = [], []
     by_finding = {f: [] for f in DOSE_FINDINGS}
     for p in ids:
-        per = {f: (dose_rho(g["grade"], g["prob"]), dose_rho(g["grade"], g["measure"]))
+        per = {f: (dose_rho(g["grade"], g["reading"]), dose_rho(g["grade"], g["measure"]))
                for f, g in d[d["pair_id"] == p].groupby("finding")}
         judge_rho.append(_nanmean([a for a, _ in per.values()]) if per else np.nan)
         phys_rho.append(_nanmean([b for _, b in per.values()]) if per else np.nan)
