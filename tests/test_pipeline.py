@@ -186,6 +186,20 @@ def test_callback_reports_every_denoising_step_across_batches():
     assert seen == [(k, 6) for k in range(1, 7)]  # 2 batches x 3 steps, counted monotonically
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+def test_strength_below_one_with_every_scheduler(scheduler):
+    """Every sampler starts from the noised prior: the last 3 of 10 steps run, and the output is not the
+    strength-1 one."""
+    pipe = tiny_pipeline()
+    prior = np.full((32, 32), 0.4, np.float32)
+    seen = []
+    low = pipe(prior, "new left effusion", strength=0.3, steps=10, seed=1, scheduler=scheduler,
+               callback=lambda k, n: seen.append(k))
+    full = pipe(prior, "new left effusion", strength=1.0, steps=10, seed=1, scheduler=scheduler)
+    assert seen == [1, 2, 3]
+    assert np.isfinite(low).all() and np.abs(low - full).max() > 1e-3
+
+
 def test_strength_starts_from_the_noised_prior():
     """strength 1 is InstructPix2Pix's sampling from pure noise (the default); strength s runs the last s of the
     steps from the prior's latent noised to that point (diffusers' img2img)."""

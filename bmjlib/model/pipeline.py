@@ -451,7 +451,8 @@ class BiomedJourneyPipeline:
         if strength < 1:
             first = min(len(timesteps) - 1, int(round(len(timesteps) * (1 - strength))))
             timesteps = timesteps[first:]
-            sched.set_begin_index(first)
+            if hasattr(sched, "set_begin_index"):  # DDIM has no step index: it steps from any timestep
+                sched.set_begin_index(first)
             start = self.prior_factor * prior_lat if self.target == "image" else torch.zeros_like(prior_lat)
             latents = sched.add_noise(start, noise.to(dev), timesteps[:1])
         else:
