@@ -82,6 +82,41 @@ def test_change_weight_moves_the_loss_onto_the_changed_pixels(pipe):
     assert _loss(pipe, sched, batch, 4, change_weight=3.0) == pytest.approx(float(err.mean()), rel=1e-5)
 
 
+def test_null_text_keeps_trains_the_text_dropped_samples_to_return_the_prior(pipe):
+    sched = train_scheduler(pipe.scheduler_config)
+    batch = _batch(pipe)
+    keep = dict(batch, keep=batch["prior"] * 0.5)  # the prior on the target's scale (here a factor 0.5)
+
+    def loss(b, dropout):
+        with torch.no_grad():
+            return float(T.diffusion_loss(pipe.unet, pipe.projection, sched, b, torch.Generator().manual_seed(7),
+                                          dropout))
+    # no sample has its text dropped: the prior is never a target, the loss is the plain one
+    assert loss(keep, 0.0) == pytest.approx(loss(batch, 0.0), rel=1e-6)
+    # cond_dropout 1: every sample has its text (alone) dropped, so every sample is trained to return the prior
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(batch["target"].shape, generator=g)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(noise),), generator=g)
+    with torch.no_grad():
+        pred = pipe.unet(torch.cat([sched.add_noise(keep["keep"], noise, t), batch["prior"]], 1), t,
+                         encoder_hidden_states=pipe.projection(batch["null"].expand_as(batch["text"]))).sample
+    expected = float(((pred - noise) ** 2).mean())
+    assert loss(keep, 1.0) == pytest.approx(expected, rel=1e-5)
+    assert abs(loss(batch, 1.0) - expected) > 1e-3 * expected  # without it they learn the follow-up
+
+
+def test_null_text_keeps_is_a_profile_setting_for_stage_two_only(tmp_path):
+    from bmjlib.model import stages
+    from bmjlib.runtime import load_profile
+    pipe = tiny_pipeline()
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    params = load_profile("demo")
+    assert stages.train_config(dict(params, null_text_keeps=True), tmp_path / "vae").null_text_keeps
+    assert not stages.train_config(dict(params, null_text_keeps=False), tmp_path / "vae").null_text_keeps
+    # a model trained before the option existed keeps its key (left out at its default)
+    assert T.KEY_OMITTED_AT_DEFAULT["null_text_keeps"] is False
+
+
 def test_timestep_max_trains_only_the_noise_levels_a_sampler_at_that_strength_visits(pipe):
     sched = train_scheduler(pipe.scheduler_config)
     batch = _batch(pipe, n=64)

@@ -115,6 +115,9 @@ class TrainConfig:
                                      # w = 1 + change_weight x |z_target - z_prior| / its per-sample mean; 0 = none
     timestep_max: float = 1.0        # share of the noise schedule trained: t ~ U{0 .. round(timestep_max x T) - 1};
                                      # a sampler started from the prior at strength s visits only t < s x T
+    null_text_keeps: bool = False    # a sample whose text alone is dropped learns the prior itself as its target, so
+                                     # the empty prompt means "keep the patient" and text guidance pushes away from the
+                                     # prior, not from the average follow-up (InstructPix2Pix: the follow-up as it is)
     # How the step is executed, not what it computes (left out of the stage's key: a model trained with other
     # values of these is the same model, to float tolerance; tests/test_distributed.py checks each against the default)
     grad_accum_steps: int = 0        # micro-batches per process per optimizer step; 0 = accelerate's setting
@@ -172,7 +175,8 @@ def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: to
                    timestep_max: float = 1.0) -> torch.Tensor:
     """Epsilon-prediction MSE with InstructPix2Pix conditioning dropout (one training step's loss), optionally
     min-SNR-weighted per sample (`snr_gamma`), weighted per latent pixel where target and prior differ
-    (`change_weight`), and with timesteps drawn from the first `timestep_max` of the schedule only."""
+    (`change_weight`), and with timesteps drawn from the first `timestep_max` of the schedule only. With
+    batch["keep"] (TrainConfig.null_text_keeps) a sample whose text alone is dropped is trained to return it."""
     target, prior, text, null = batch["target"], batch["prior"], batch["text"], batch["null"]
     weight = None
     if change_weight and batch.get("change") is not None:  # N,1,h,w: |follow-up - prior| in latent space
@@ -188,6 +192,9 @@ def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: to
     drop_image = ((p >= cond_dropout) & (p < 3 * cond_dropout))[:, None, None, None]
     text = torch.where(drop_text, null.expand_as(text), text)
     prior = torch.where(drop_image, torch.zeros_like(prior), prior)
+    if batch.get("keep") is not None:  # text dropped, image kept: the target is the prior itself
+        text_only = (p < cond_dropout)[:, None, None, None]
+        noisy = noise_scheduler.add_noise(torch.where(text_only, batch["keep"], target), noise, t)
     ctx = projection(text.to(projection.weight.dtype))
     pred = unet(torch.cat([noisy, prior], 1), t, encoder_hidden_states=ctx).sample
     err = (pred.float() - noise.float()) ** 2
@@ -209,7 +216,7 @@ ATTENTION = ("sdpa", "classic")
 # TrainConfig fields that change how a step runs, not what it computes: not part of the stage's key
 EXECUTION_OPTIONS = ("grad_accum_steps", "attention", "channels_last", "fused_adamw", "compile")
 # Fields added after models were trained: left out of the key at their default, so those models stay current
-KEY_OMITTED_AT_DEFAULT = {"timestep_max": 1.0}
+KEY_OMITTED_AT_DEFAULT = {"timestep_max": 1.0, "null_text_keeps": False}
 
 
 class _BatchDraws(TorchFunctionMode):
@@ -334,8 +341,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig | dict, unet, projection, noise_scheduler, data, acc: Accelerator,
                  debug_dir: str | os.PathLike | None = None, residual: tuple[float, float] | None = None,
-                 total_steps: int = 1, has_prior: bool = True):
+                 total_steps: int = 1, has_prior: bool = True, prior_factor: float = 1.0):
         cfg = self.cfg = TrainConfig.from_dict(cfg)
+        self.prior_factor = prior_factor  # puts a prior's conditioning latent on the target's scale
         # (prior factor, scale): the diffused target is (target - prior_factor x prior) x scale (TrainConfig.target)
         self.residual = residual
         if cfg.attention not in ATTENTION:
@@ -416,6 +424,9 @@ class Trainer:
                     if self.residual is not None:
                         k, scale = self.residual
                         batch["target"] = (batch["target"] - k * batch["prior"]) * scale
+                    if cfg.null_text_keeps and self.has_prior:  # the prior as a target (a residual of 0)
+                        batch["keep"] = (torch.zeros_like(batch["prior"]) if self.residual is not None
+                                         else self.prior_factor * batch["prior"])
                     batch["null"] = self.null
                     with acc.autocast():
                         loss = diffusion_loss(self.forward_unet, self.forward_proj, self.noise_scheduler, batch, g,
@@ -598,6 +609,7 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     total = int(cfg.max_steps) if cfg.max_steps else max(1, int(round(cfg.epochs * math.ceil(n / cfg.batch_size))))
     trainer = Trainer(cfg, pipe.unet, pipe.projection, train_scheduler(pipe.scheduler_config), data, acc,
                       debug_dir=os.environ.get(DEBUG_ENV) or None, residual=residual, total_steps=total,
+                      prior_factor=pipe.prior_factor,
                       has_prior=prior != "dummy")
     _portable_weights(acc)
 
