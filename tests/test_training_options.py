@@ -105,18 +105,6 @@ def test_null_text_keeps_trains_the_text_dropped_samples_to_return_the_prior(pip
     assert abs(loss(batch, 1.0) - expected) > 1e-3 * expected  # without it they learn the follow-up
 
 
-def test_null_text_keeps_is_a_profile_setting_for_stage_two_only(tmp_path):
-    from bmjlib.model import stages
-    from bmjlib.runtime import load_profile
-    pipe = tiny_pipeline()
-    pipe.vae.save_pretrained(tmp_path / "vae")
-    params = load_profile("demo")
-    assert stages.train_config(dict(params, null_text_keeps=True), tmp_path / "vae").null_text_keeps
-    assert not stages.train_config(dict(params, null_text_keeps=False), tmp_path / "vae").null_text_keeps
-    # a model trained before the option existed keeps its key (left out at its default)
-    assert T.KEY_OMITTED_AT_DEFAULT["null_text_keeps"] is False
-
-
 def test_timestep_max_trains_only_the_noise_levels_a_sampler_at_that_strength_visits(pipe):
     sched = train_scheduler(pipe.scheduler_config)
     batch = _batch(pipe, n=64)

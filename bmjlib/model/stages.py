@@ -161,8 +161,7 @@ def vae_factor(vae_dir: str | os.PathLike) -> int:
 def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
                  max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
     """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
-    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, timestep_max, null_text_keeps
-    when `params` has them;
+    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, timestep_max when `params` has them;
     `train_stage` and `train_stage1` turn them off for stage 1), the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when None); `ema=None` takes the profile's `use_ema`."""
     budget = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
     return TrainConfig(image_size=params["image_size"], batch_size=params["batch_size"], lr=params["lr"],
@@ -172,7 +171,6 @@ def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: 
                        target=params.get("diffusion_target", "image"),
                        snr_gamma=float(params.get("snr_gamma", 0) or 0),
                        timestep_max=float(params.get("timestep_max", 1.0) or 1.0),
-                       null_text_keeps=bool(params.get("null_text_keeps", False)),
                        unet_config=unet_config(params["model_scale"], params["image_size"], vae_factor(vae_dir)),
                        **budget)
 
