@@ -248,9 +248,9 @@ def predict(judge, images: np.ndarray, kind: str) -> np.ndarray:
 
 
 def load_judges(d: str | Path, scale: str = "demo", weights_dir: str | Path | None = None) -> dict:
-    """The judges of one scale. demo: {'finding', 'sex', 'age', 'anatomy'} loaded from `d/<kind>/` (None for
-    the kinds `d/skipped.json` lists: see `run_judges`); paper: the torchxrayvision models {'finding', 'race',
-    'age', 'anatomy'} (weights from `weights_dir` or the torchxrayvision cache; see judges_xrv)."""
+    """The judges of one scale. demo: {'finding', 'sex', 'age', 'anatomy', 'severity'} loaded from `d/<kind>/`
+    (None for the kinds `d/skipped.json` lists: see `run_judges`); paper: the torchxrayvision models {'finding',
+    'race', 'age', 'anatomy'} (weights from `weights_dir` or the torchxrayvision cache; see judges_xrv)."""
     if scale == "paper":
         return load_paper_judges(weights_dir)
     f = Path(d) / SKIPPED_FILE

@@ -193,7 +193,7 @@ def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: to
     text = torch.where(drop_text, null.expand_as(text), text)
     prior = torch.where(drop_image, torch.zeros_like(prior), prior)
     if batch.get("keep") is not None:  # text dropped, image kept: the target is the prior itself
-        text_only = (p < cond_dropout)[:, None, None, None]
+        text_only = drop_text[..., None] & ~drop_image
         noisy = noise_scheduler.add_noise(torch.where(text_only, batch["keep"], target), noise, t)
     ctx = projection(text.to(projection.weight.dtype))
     pred = unet(torch.cat([noisy, prior], 1), t, encoder_hidden_states=ctx).sample
