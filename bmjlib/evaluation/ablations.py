@@ -30,7 +30,7 @@ from bmjlib.io import atomic_write_csv
 from bmjlib.model.encoders import TextEncoder
 from bmjlib.model.stages import train_config
 from bmjlib.model.train import TrainConfig, train_stage
-from bmjlib.runtime import record_timing, resolve
+from bmjlib.runtime import record_timing, resolve, side_by_side
 
 ARMS = [(d, r, t) for r in (False, True) for t in (False, True) for d in ("impression", "description")]
 TEXT_COLUMN = {"impression": "instruction_impression", "description": "description"}
@@ -65,42 +65,56 @@ def arm_config(run_dir: str | Path, params: dict) -> TrainConfig:
 
 
 def train_arm(name: str, desc: str, reg: bool, two: bool, pairs: pd.DataFrame, run_dir: str | Path,
-              out_dir: str | Path, config, text_encoder: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Train one arm (resumable / no-op when done: train_stage's own fingerprint)."""
+              out_dir: str | Path, config, text_encoder: str | None = None, cache_dir: str | Path | None = None,
+              cache_only: bool = False) -> Path:
+    """Train one arm (resumable / no-op when done: train_stage's own fingerprint); `cache_only`: only encode
+    what it reads into its latent cache."""
     stage1 = resolve(run_dir) / "04_stage1"
     kw = dict(prior="registered" if reg else "unregistered", text_column=TEXT_COLUMN[desc],
-              cache_dir=cache_dir or stage1 / "latents", progress=False)
+              cache_dir=cache_dir or stage1 / "latents", progress=False, cache_only=cache_only)
     if two and text_encoder is None:
         return train_stage(config, pairs, Path(out_dir) / name, init_from=stage1 / "model", **kw)
     return train_stage(config, pairs, Path(out_dir) / name, vae=stage1 / "model" / "vae",
                        text_encoder=text_encoder or f"local-dir:{stage1 / 'model' / 'text_encoder'}", **kw)
 
 
+def _arm(arm: tuple, run: Path, out: Path, pairs: pd.DataFrame, test: pd.DataFrame, config, judges: dict,
+         size: int, settings: dict, seed: int, n_boot: int, scale: str, encoders: dict | None) -> dict:
+    """Train, generate and score one arm (desc, reg, two[, encoder]): its summary row."""
+    desc, reg, two = arm[:3]
+    enc = arm[3] if len(arm) > 3 else "clip"
+    name = arm_name(desc, reg, two, enc)
+    t0 = time.time()
+    te = (encoders or {}).get(enc)
+    model = train_arm(name, desc, reg, two, pairs, run, out / "models", config, text_encoder=te,
+                      cache_dir=out / f"latents_{enc}" if te else None)
+    spec = {"kind": "pipeline", "path": model, "prior": "prior", "text": TEXT_COLUMN[desc]}
+    generate_model(name, spec, test, out / "generated", size, seed, settings=settings)
+    summary, _ = evaluate(run, out / "generated", judges, [name], size, scale, n_boot, seed, pairs=test)
+    r = summary[summary["source"] == name].iloc[0].to_dict()
+    info = json.loads((out / "models" / name / "train.json").read_text())
+    record_timing(f"ablation arm {name}", time.time() - t0)
+    return {"arm": name, "instruction": desc, "registration": reg, "two_stage": two, "encoder": enc,
+            "train_steps": info.get("steps"), **r}
+
+
 def run_arms(arms: list[tuple], run_dir, out_dir, config, judges: dict, size: int, settings: dict,
              seed: int = 0, n_boot: int = 200, max_pairs: int | None = None, scale: str = "demo",
              encoders: dict | None = None) -> pd.DataFrame:
-    """Train, generate and score each arm (desc, reg, two[, encoder]); one summary row per arm."""
+    """Train, generate and score each arm (desc, reg, two[, encoder]); one summary row per arm. The arms are
+    independent: once what they read is in their latent caches (one writer), they run side by side."""
     run, out = resolve(run_dir), Path(out_dir)
     pairs = pd.read_csv(run / "03_descriptions" / "pairs.csv")
     test = test_pairs(run, max_pairs=max_pairs)
-    rows = []
     for arm in arms:
-        desc, reg, two = arm[:3]
         enc = arm[3] if len(arm) > 3 else "clip"
-        name = arm_name(desc, reg, two, enc)
-        t0 = time.time()
         te = (encoders or {}).get(enc)
-        model = train_arm(name, desc, reg, two, pairs, run, out / "models", config, text_encoder=te,
-                          cache_dir=out / f"latents_{enc}" if te else None)
-        spec = {"kind": "pipeline", "path": model, "prior": "prior", "text": TEXT_COLUMN[desc]}
-        generate_model(name, spec, test, out / "generated", size, seed, settings=settings)
-        summary, _ = evaluate(run, out / "generated", judges, [name], size, scale, n_boot, seed, pairs=test)
-        r = summary[summary["source"] == name].iloc[0].to_dict()
-        info = json.loads((out / "models" / name / "train.json").read_text())
-        rows.append({"arm": name, "instruction": desc, "registration": reg, "two_stage": two, "encoder": enc,
-                     "train_steps": info.get("steps"), **r})
-        record_timing(f"ablation arm {name}", time.time() - t0)
-    table = pd.DataFrame(rows)
+        train_arm(arm_name(*arm[:3], enc), *arm[:3], pairs, run, out / "models", config, text_encoder=te,
+                  cache_dir=out / f"latents_{enc}" if te else None, cache_only=True)
+    rows = side_by_side({arm_name(*arm[:3], arm[3] if len(arm) > 3 else "clip"):
+                         (_arm, arm, run, out, pairs, test, config, judges, size, settings, seed, n_boot, scale,
+                          encoders) for arm in arms})
+    table = pd.DataFrame(list(rows.values()))
     atomic_write_csv(out / "arms.csv", table)
     return table
 

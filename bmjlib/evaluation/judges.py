@@ -43,7 +43,7 @@ from bmjlib.evaluation.judges_xrv import load_paper_judges
 from bmjlib.io import (atomic_torch_save, atomic_write_csv, atomic_write_json, fingerprint, read_image, resize_image,
                        sha256_file)
 from bmjlib.phantom.cohort import write_cohort as write_phantom
-from bmjlib.runtime import record_timing, resolve
+from bmjlib.runtime import record_timing, resolve, side_by_side
 from bmjlib.schema import FINDING_KEYS, FINDINGS, ORGANS
 
 JUDGE_FILE = "judge.json"
@@ -460,6 +460,22 @@ def evaluate_judge(judge: _Judge, data: dict) -> dict:
     return {**{f"dice_{o}": float(v) for o, v in zip(ORGANS, d)}, "dice_mean": float(d.mean())}
 
 
+def _train_judge(kind: str, x: np.ndarray, y: np.ndarray, heldout: dict, out: Path, size: int, width: int,
+                 epochs: int, seed: int, extra: dict | None = None) -> Path:
+    """Train one demo judge from the seed, score it on the held-out patients, save it to `out`."""
+    t1 = time.time()
+    torch.manual_seed(seed)  # initial weights from the seed, not from whatever ran before
+    judge = DEMO_JUDGES[kind](size, width // 2 if kind in ("sex", "age") else width,
+                              **({"extra": extra} if extra else {}))
+    loss = nn.SmoothL1Loss() if kind in ("age", "severity") else nn.BCEWithLogitsLoss()
+    # dense and regression targets: smaller batches (more steps) converge within the same epochs
+    bs, lr = {"anatomy": (16, 1e-2), "age": (16, 2e-3), "severity": (16, 2e-3)}.get(kind, (64, 2e-3))
+    _fit(judge, x, y, loss, epochs, seed, batch=bs, lr=lr, desc=f"judge {kind}")
+    judge.heldout = {**evaluate_judge(judge, heldout), "n_train": int(len(x)), "n_heldout": int(len(heldout["images"]))}
+    record_timing(f"judge {kind}", time.time() - t1, n_train=int(len(x)))
+    return judge.save(out)
+
+
 def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, epochs: int = 12,
                       width: int = 16, seed: int = 0, max_images: int | None = None,
                       kinds: tuple[str, ...] = tuple(DEMO_JUDGES)) -> dict:
@@ -480,32 +496,20 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
     tr, ho = data["train"], data["heldout"]
     if len(tr["images"]) < 8:
         raise ValueError(f"{truth}: only {len(tr['images'])} usable training images for the judges")
-    judges, rows, t0 = {}, [], time.time()
-    bce = nn.BCEWithLogitsLoss()
+    t0 = time.time()
     mu, sd = float(np.nanmean(tr["age"])), float(np.nanstd(tr["age"]) or 1.0)
     sex_ok = ~np.isnan(tr["male"])
-    plan = [
-        ("finding", lambda: FindingJudge(size, width), tr["images"], tr["findings"], bce),
-        ("sex", lambda: SexJudge(size, width // 2), tr["images"][sex_ok], tr["male"][sex_ok, None], bce),
-        ("age", lambda: AgeJudge(size, width // 2, extra={"age_mean": mu, "age_std": sd}), tr["images"],
-         ((tr["age"] - mu) / sd)[:, None], nn.SmoothL1Loss()),
-        ("anatomy", lambda: AnatomyJudge(size, width), tr["images"], tr["masks"].astype(np.float32), bce),
-        ("severity", lambda: SeverityJudge(size, width), tr["images"], tr["grades"], nn.SmoothL1Loss()),
-    ]
-    for kind, make, x, y, loss in plan:
-        if kind not in kinds:
-            continue
-        t1 = time.time()
-        torch.manual_seed(seed)  # initial weights from the seed, not from whatever ran before
-        judge = make()
-        # dense and regression targets: smaller batches (more steps) converge within the same epochs
-        bs, lr = {"anatomy": (16, 1e-2), "age": (16, 2e-3), "severity": (16, 2e-3)}.get(kind, (64, 2e-3))
-        _fit(judge, x, y, loss, epochs, seed, batch=bs, lr=lr, desc=f"judge {kind}")
-        judge.heldout = {**evaluate_judge(judge, ho), "n_train": int(len(x)), "n_heldout": int(len(ho["images"]))}
-        record_timing(f"judge {kind}", time.time() - t1, n_train=int(len(x)))
-        judge.save(out_dir / kind)
-        judges[kind] = judge
-        rows += [{"judge": kind, "metric": m, "value": v} for m, v in judge.heldout.items()]
+    targets = {"finding": (tr["images"], tr["findings"]),
+               "sex": (tr["images"][sex_ok], tr["male"][sex_ok, None]),
+               "age": (tr["images"], ((tr["age"] - mu) / sd)[:, None]),
+               "anatomy": (tr["images"], tr["masks"].astype(np.float32)),
+               "severity": (tr["images"], tr["grades"])}
+    # independent trainings, side by side on a CPU; the longest (the dense anatomy judge) first
+    order = sorted((k for k in DEMO_JUDGES if k in kinds), key=lambda k: k != "anatomy")
+    side_by_side({k: (_train_judge, k, *targets[k], ho, out_dir / k, size, width, epochs, seed,
+                      {"age_mean": mu, "age_std": sd} if k == "age" else None) for k in order})
+    judges = {k: DEMO_JUDGES[k].load(out_dir / k) for k in DEMO_JUDGES if k in kinds}
+    rows = [{"judge": k, "metric": m, "value": v} for k, j in judges.items() for m, v in j.heldout.items()]
     atomic_write_csv(out_dir / "heldout.csv", pd.DataFrame(rows))
     atomic_write_json(stamp, {"key": key, "skipped": data["skipped"], "skipped_files": data["skipped_files"][:50]})
     record_timing("judges", time.time() - t0)

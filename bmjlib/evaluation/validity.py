@@ -67,7 +67,7 @@ from bmjlib.evaluation.judges import predict
 from bmjlib.io import (atomic_write_csv, atomic_write_json, atomic_write_text, markdown_table, read_image,
                        read_pixels, resize_image, save_figure, to_uint8)
 from bmjlib.phantom.cohort import render_variant
-from bmjlib.runtime import resolve
+from bmjlib.runtime import resolve, side_by_side
 from bmjlib.schema import FINDING_KEYS, FINDINGS, ORGANS
 from bmjlib.text.progression import compose_report, describe_change, null_description
 from bmjlib.text.reports import extract_findings
@@ -368,21 +368,26 @@ def generate_probes(run_dir: str | Path, out_dir: str | Path, models: list[str],
     plan = probe_plan(pairs, n_priors)
     priors = pairs.set_index("pair_id")["prior_path"]
     specs = specs or model_specs(run_dir, scale)
-    for name in models:
-        spec = specs[name]
-        gen = None
-        for step in tqdm(sorted(plan["step"].unique()), desc=f"probes {name}", unit="step"):
-            rows = plan[plan["step"] == step].copy()
-            rows["prior_path"] = [str(out / name / f"{s}.png") if s else priors[p]
-                                  for s, p in zip(rows["source"], rows["pair_id"])]
-            rows = rows.rename(columns={"probe_id": "pair_id", "pair_id": "test_pair_id"})
-            rows[spec["text"]] = rows["prompt"]
-            if gen is None:
-                gen = load_generator(name, spec, device)
-            generate_model(name, spec, rows.reset_index(drop=True), out, size, seed + 1000 * int(step), batch_size,
-                           settings, device, generator=gen, write_index=False)
+    side_by_side({name: (_probe_model, name, specs[name], plan, priors, out, size, seed, batch_size, settings, device)
+                  for name in models})  # the models are independent
     atomic_write_csv(out / "probes.csv", plan)
     return plan
+
+
+def _probe_model(name: str, spec: dict, plan: pd.DataFrame, priors: pd.Series, out: Path, size: int, seed: int,
+                 batch_size: int, settings: dict | None, device: str) -> None:
+    """One model's outputs for every probe of `plan`, step by step along the chains."""
+    gen = None
+    for step in tqdm(sorted(plan["step"].unique()), desc=f"probes {name}", unit="step"):
+        rows = plan[plan["step"] == step].copy()
+        rows["prior_path"] = [str(out / name / f"{s}.png") if s else priors[p]
+                              for s, p in zip(rows["source"], rows["pair_id"])]
+        rows = rows.rename(columns={"probe_id": "pair_id", "pair_id": "test_pair_id"})
+        rows[spec["text"]] = rows["prompt"]
+        if gen is None:
+            gen = load_generator(name, spec, device)
+        generate_model(name, spec, rows.reset_index(drop=True), out, size, seed + 1000 * int(step), batch_size,
+                       settings, device, generator=gen, write_index=False)
 
 
 def score_probes(run_dir: str | Path, probes_dir: str | Path, judges: dict, sources: list[str], size: int,
@@ -602,15 +607,12 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
     ceiling_source = "vae_truth" if "vae_truth" in set(base["source"]) else "truth" if has_truth else "reference"
     rows = [dict(model=r["source"], text_scale=np.nan, image_scale=np.nan, **_curve_point(r, pres))
             for _, r in base.iterrows() if r["source"] in REFERENCE_ROWS]
-    for m in models:
-        gen = load_generator(m, specs[m])
-        for ts, im in tqdm(grid, desc=f"guidance {m} on val pairs", unit="setting"):
-            arm = out / f"text{ts:g}_image{im:g}"
-            s = dict(settings or {}, text_scale=float(ts), image_scale=float(im))
-            generate_model(m, specs[m], pairs, arm, size, seed, batch_size, s, generator=gen)
-            t, _ = evaluate_validity(run_dir, arm, judges, [m], size, n_boot=0, pairs=pairs, reference_rows=False)
-            rows.append(dict(model=m, text_scale=float(ts), image_scale=float(im),
-                             **_curve_point(t.set_index("source").loc[m], pres)))
+    # every (model, setting) is independent: side by side
+    points = [(m, float(ts), float(im)) for m in models for ts, im in grid]
+    done = side_by_side({f"{m} at text {ts:g} / image {im:g}": (
+        _grid_point, run_dir, m, specs[m], pairs, out / f"text{ts:g}_image{im:g}", size, seed, batch_size,
+        dict(settings or {}, text_scale=ts, image_scale=im), judges, pres) for m, ts, im in points})
+    rows += [dict(model=m, text_scale=ts, image_scale=im, **point) for (m, ts, im), point in zip(points, done.values())]
     table = pd.DataFrame(rows)
     ceiling = float(table.loc[table["model"] == ceiling_source, "preservation"].iloc[0])
     cand = table[(table["model"] == "biomedjourney")]
@@ -634,6 +636,14 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
     atomic_write_json(out / GUIDANCE_FILE, choice)
     atomic_write_csv(out / "guidance_val.csv", table)
     return table, choice
+
+
+def _grid_point(run_dir, model: str, spec: dict, pairs: pd.DataFrame, out: Path, size: int, seed: int,
+                batch_size: int, settings: dict, judges: dict, pres: str) -> dict:
+    """One model at one guidance setting on the validation pairs: its point of the edit-preservation curve."""
+    generate_model(model, spec, pairs, out, size, seed, batch_size, settings)
+    t, _ = evaluate_validity(run_dir, out, judges, [model], size, n_boot=0, pairs=pairs, reference_rows=False)
+    return _curve_point(t.set_index("source").loc[model], pres)
 
 
 def _curve_point(row, pres: str) -> dict:
