@@ -193,3 +193,55 @@ def test_timestep_max_is_part_of_the_stage_key(tmp_path):
     assert json.loads((tmp_path / "run" / "train.json").read_text())["key"] != key  # a new option value retrains
     T.train_stage(cfg, table, tmp_path / "run", **kw)
     assert json.loads((tmp_path / "run" / "train.json").read_text())["key"] == key
+
+
+def test_v_prediction_regresses_the_velocity_with_its_min_snr_weight(pipe):
+    """With a v_prediction schedule the UNet's output is scored against alpha_t x noise - sigma_t x target (Salimans
+    & Ho 2022), and min-SNR's weight is min(snr, gamma) / (snr + 1)."""
+    eps = train_scheduler(pipe.scheduler_config)
+    v = train_scheduler(dict(pipe.scheduler_config, prediction_type="v_prediction"))
+    batch = _batch(pipe)
+    g = torch.Generator().manual_seed(5)
+    n = len(batch["target"])
+    noise = torch.randn(batch["target"].shape, generator=g)
+    t = torch.randint(0, v.config.num_train_timesteps, (n,), generator=g)
+    noisy = v.add_noise(batch["target"], noise, t)
+    with torch.no_grad():
+        pred = pipe.unet(torch.cat([noisy, batch["prior"]], 1), t,
+                         encoder_hidden_states=pipe.projection(batch["text"])).sample
+    ac = v.alphas_cumprod[t][:, None, None, None]
+    velocity = ac.sqrt() * noise - (1 - ac).sqrt() * batch["target"]
+    per = ((pred - velocity) ** 2).mean((1, 2, 3)).double()
+    assert _loss(pipe, v, batch, 5) == pytest.approx(float(per.mean()), rel=1e-5)
+    assert abs(_loss(pipe, eps, batch, 5) - float(per.mean())) > 1e-3  # epsilon scores the same output otherwise
+    snr = (ac / (1 - ac)).flatten().double()
+    assert _loss(pipe, v, batch, 5, snr_gamma=5.0) == pytest.approx(
+        float((per * torch.clamp(snr, max=5.0) / (snr + 1)).mean()), rel=1e-4)
+
+
+def test_prediction_type_is_saved_with_the_model_read_by_its_samplers_and_part_of_the_key(tmp_path):
+    d = tmp_path / "parts"
+    pipe = tiny_pipeline()
+    pipe.vae.save_pretrained(d / "vae")
+    pipe.text_encoder.save(d / "text_encoder")
+    table = make_table(d / "img")
+    kw = dict(vae=str(d / "vae"), text_encoder=f"local-dir:{d / 'text_encoder'}", progress=False)
+    cfg = dict(CFG, max_steps=2, checkpoint_every=2)
+    eps_dir = T.train_stage(cfg, table, tmp_path / "eps", **kw)
+    v_dir = T.train_stage(dict(cfg, prediction_type="v_prediction"), table, tmp_path / "v", **kw)
+    key = lambda run: json.loads((tmp_path / run / "train.json").read_text())["key"]  # noqa: E731
+    assert key("eps") != key("v")
+    saved = json.loads((v_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    v_pipe, eps_pipe = BiomedJourneyPipeline.from_pretrained(v_dir), BiomedJourneyPipeline.from_pretrained(eps_dir)
+    assert v_pipe.scheduler_config["prediction_type"] == "v_prediction"
+    assert eps_pipe.scheduler_config["prediction_type"] == "epsilon"
+    # the same weights sampled as velocity or as noise give different images: the samplers read the setting
+    eps_pipe.unet.load_state_dict(v_pipe.unet.state_dict())
+    eps_pipe.projection.load_state_dict(v_pipe.projection.state_dict())
+    prior = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    a = v_pipe(prior, ["new left pleural effusion"], steps=3, seed=0)
+    b = eps_pipe(prior, ["new left pleural effusion"], steps=3, seed=0)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+    with pytest.raises(ValueError, match="prediction_type: 'velocity' is not one of epsilon, v_prediction"):
+        T.train_stage(dict(cfg, prediction_type="velocity"), table, tmp_path / "bad", **kw)

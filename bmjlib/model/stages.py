@@ -33,7 +33,7 @@ from bmjlib.model.demo_model import resolve_model
 from bmjlib.model.encoders import load_images, load_vae, train_demo_clip, train_demo_vae
 from bmjlib.model.pipeline import GUIDANCE_FILE, PIPELINE_FILE, BiomedJourneyPipeline, read_guidance
 from bmjlib.model.train import TrainConfig, read_loss, train_stage
-from bmjlib.runtime import resolve, step_dir
+from bmjlib.runtime import resolve, side_by_side, step_dir
 from bmjlib.text.progression import compose_report, null_description
 
 FIG_CAPTION_DATA = ("Phantom cohort (synthetic); no real patient data.")
@@ -161,8 +161,10 @@ def vae_factor(vae_dir: str | os.PathLike) -> int:
 def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
                  max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
     """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
-    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, timestep_max when `params` has them;
-    `train_stage` and `train_stage1` turn them off for stage 1), the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when None); `ema=None` takes the profile's `use_ema`."""
+    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, timestep_max and
+    prediction_type when `params` has them; `train_stage` and `train_stage1` turn the first four off for stage 1),
+    the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when
+    None); `ema=None` takes the profile's `use_ema`."""
     budget = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
     return TrainConfig(image_size=params["image_size"], batch_size=params["batch_size"], lr=params["lr"],
                        cond_dropout=params["cond_dropout"], ema=params["use_ema"] if ema is None else ema,
@@ -171,6 +173,7 @@ def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: 
                        target=params.get("diffusion_target", "image"),
                        snr_gamma=float(params.get("snr_gamma", 0) or 0),
                        timestep_max=float(params.get("timestep_max", 1.0) or 1.0),
+                       prediction_type=params.get("prediction_type", "epsilon"),
                        unet_config=unet_config(params["model_scale"], params["image_size"], vae_factor(vae_dir)),
                        **budget)
 
@@ -218,16 +221,17 @@ def with_stable_triples(pairs: pd.DataFrame, share: float, seed: int = 0) -> pd.
     return pd.concat([pairs, stable], ignore_index=True)
 
 
-def train_stage2(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path:
+def train_stage2(run_dir: str | os.PathLike, params: Mapping[str, Any], cache_only: bool = False) -> Path:
     """Stage 2 (notebook 05, BiomedJourney): stage 1's model tuned on 03_descriptions/pairs.csv (prior,
-    description, registered follow-up) for `stage2_epochs`, into 05_stage2/model; stage 1's latent cache reused."""
+    description, registered follow-up) for `stage2_epochs`, into 05_stage2/model; stage 1's latent cache reused
+    (`cache_only`: only encode what stage 2 reads into it)."""
     (step_dir(run_dir, "05_stage2") / GIVEN_MODEL_FILE).unlink(missing_ok=True)  # trained here, not given
     s1 = step_dir(run_dir, "04_stage1")
     pairs = with_stable_triples(pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv"),
                                 params.get("stable_triples", 0.0), params["seed"])
     cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
     return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2"), init_from=s1 / "model", prior="registered",
-                       text_column="description", cache_dir=s1 / "latents")
+                       text_column="description", cache_dir=s1 / "latents", cache_only=cache_only)
 
 
 def train_one_stage(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path:
@@ -241,6 +245,18 @@ def train_one_stage(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Pa
                        text_column="description", vae=s1 / "model" / "vae",
                        text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=s1 / "latents",
                        unet_init=params["sd_unet_dir"] or None)
+
+
+def train_stage2_and_one_stage(run_dir: str | os.PathLike, params: Mapping[str, Any],
+                               one_stage: bool = True) -> dict[str, Path]:
+    """Notebook 05's trainings: {"two-stage": stage 2's model, "one-stage": the one-stage arm's (with
+    `one_stage`)}. The two are independent and read the same triples, so once stage 2's latents are in stage 1's
+    cache they train side by side (`runtime.side_by_side`)."""
+    jobs = {"two-stage": (train_stage2, str(run_dir), dict(params))}
+    if one_stage:
+        train_stage2(run_dir, params, cache_only=True)  # one writer: the jobs then only read the cache
+        jobs["one-stage"] = (train_one_stage, str(run_dir), dict(params))
+    return side_by_side(jobs)
 
 
 # --------------------------------------------------------------------------- a given model instead of training

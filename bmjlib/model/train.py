@@ -74,6 +74,7 @@ class TrainingDiverged(RuntimeError):
 
 
 TARGETS = ("image", "residual")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -115,6 +116,9 @@ class TrainConfig:
                                      # w = 1 + change_weight x |z_target - z_prior| / its per-sample mean; 0 = none
     timestep_max: float = 1.0        # share of the noise schedule trained: t ~ U{0 .. round(timestep_max x T) - 1};
                                      # a sampler started from the prior at strength s visits only t < s x T
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (the paper, Stable Diffusion v1.5) or
+                                     # "v_prediction" (the velocity, Salimans & Ho 2022); saved in the model's
+                                     # scheduler config, which every sampler reads
     null_text_keeps: bool = False    # a sample whose text alone is dropped learns the prior itself as its target, so
                                      # the empty prompt means "keep the patient" and text guidance pushes away from the
                                      # prior, not from the average follow-up (InstructPix2Pix: the follow-up as it is)
@@ -140,7 +144,13 @@ class TrainConfig:
             raise ValueError(f"target: {d['target']!r} is not one of {', '.join(TARGETS)}")
         if not 0 < float(d.get("timestep_max", 1.0)) <= 1:
             raise ValueError(f"timestep_max: {d['timestep_max']!r} is not in (0, 1] (the share of the schedule trained)")
-        return cls(**d)
+        return _checked(cls(**d))
+
+
+def _checked(cfg: TrainConfig) -> TrainConfig:
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: {cfg.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- data
@@ -173,10 +183,11 @@ def stage_rows(table: pd.DataFrame, prior: str, text_column: str, split: str | S
 def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: torch.Generator,
                    cond_dropout: float, snr_gamma: float = 0.0, change_weight: float = 0.0,
                    timestep_max: float = 1.0) -> torch.Tensor:
-    """Epsilon-prediction MSE with InstructPix2Pix conditioning dropout (one training step's loss), optionally
-    min-SNR-weighted per sample (`snr_gamma`), weighted per latent pixel where target and prior differ
-    (`change_weight`), and with timesteps drawn from the first `timestep_max` of the schedule only. With
-    batch["keep"] (TrainConfig.null_text_keeps) a sample whose text alone is dropped is trained to return it."""
+    """Epsilon-prediction MSE (velocity, when the schedule's prediction_type is v_prediction) with InstructPix2Pix
+    conditioning dropout (one training step's loss), optionally min-SNR-weighted per sample (`snr_gamma`), weighted
+    per latent pixel where target and prior differ (`change_weight`), and with timesteps drawn from the first
+    `timestep_max` of the schedule only. With batch["keep"] (TrainConfig.null_text_keeps) a sample whose text alone
+    is dropped is trained to return it."""
     target, prior, text, null = batch["target"], batch["prior"], batch["text"], batch["null"]
     weight = None
     if change_weight and batch.get("change") is not None:  # N,1,h,w: |follow-up - prior| in latent space
@@ -194,16 +205,20 @@ def diffusion_loss(unet, projection, noise_scheduler, batch: dict, generator: to
     prior = torch.where(drop_image, torch.zeros_like(prior), prior)
     if batch.get("keep") is not None:  # text dropped, image kept: the target is the prior itself
         text_only = drop_text[..., None] & ~drop_image
-        noisy = noise_scheduler.add_noise(torch.where(text_only, batch["keep"], target), noise, t)
+        target = torch.where(text_only, batch["keep"], target)
+        noisy = noise_scheduler.add_noise(target, noise, t)
     ctx = projection(text.to(projection.weight.dtype))
     pred = unet(torch.cat([noisy, prior], 1), t, encoder_hidden_states=ctx).sample
-    err = (pred.float() - noise.float()) ** 2
+    v_pred = noise_scheduler.config.prediction_type == "v_prediction"
+    goal = noise_scheduler.get_velocity(target, noise, t) if v_pred else noise
+    err = (pred.float() - goal.float()) ** 2
     if weight is not None:
         err = err * weight / weight.mean((2, 3), keepdim=True)  # where, not how much: each sample's mean weight 1
     per_sample = err.mean((1, 2, 3))
     if snr_gamma:
         snr = compute_snr(noise_scheduler, t)
-        per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / snr  # epsilon-prediction form of min-SNR
+        # min-SNR's weight in the epsilon form, min(snr, gamma) / snr; in the v form, min(snr, gamma) / (snr + 1)
+        per_sample = per_sample * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_pred else snr)
     return per_sample.mean()
 
 
@@ -216,7 +231,7 @@ ATTENTION = ("sdpa", "classic")
 # TrainConfig fields that change how a step runs, not what it computes: not part of the stage's key
 EXECUTION_OPTIONS = ("grad_accum_steps", "attention", "channels_last", "fused_adamw", "compile")
 # Fields added after models were trained: left out of the key at their default, so those models stay current
-KEY_OMITTED_AT_DEFAULT = {"timestep_max": 1.0, "null_text_keeps": False}
+KEY_OMITTED_AT_DEFAULT = {"timestep_max": 1.0, "null_text_keeps": False, "prediction_type": "epsilon"}
 
 
 class _BatchDraws(TorchFunctionMode):
@@ -555,7 +570,8 @@ def init_pipeline(init_from=None, vae=None, text_encoder=None, unet_config=None,
 def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | os.PathLike, init_from=None,
                 text_column: str = "impression", prior: str = "dummy", vae=None, text_encoder=None,
                 cache_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
-                split: str | Sequence[str] | None = "train", progress: bool = True, unet_init=None) -> Path:
+                split: str | Sequence[str] | None = "train", progress: bool = True, unet_init=None,
+                cache_only: bool = False) -> Path:
     """Train one stage and return the saved model folder (out_dir/model).
 
     `table`: stage1.csv rows (prior="dummy", image column `image_path`) or pair rows (prior_path +
@@ -565,8 +581,10 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     Writes out_dir/{model/, loss.csv, train.json, checkpoints/}. A rerun with the same inputs returns at
     once; an interrupted one resumes from its newest complete checkpoint. Under `accelerate launch` every
     process runs this: the main one writes the latent cache and the outputs, the others wait and read.
+    `cache_only`: encode what the stage reads into the latent cache (nothing when the model is up to date: it
+    reads nothing), train nothing, return the cache folder; stages trained side by side then only read it.
     """
-    cfg = TrainConfig.from_dict(config)
+    cfg = _checked(TrainConfig.from_dict(config))
     if prior == "dummy" and cfg.match_targets:  # no prior to match a target to: the same stage, the same key
         cfg = replace(cfg, match_targets=False)
     if prior == "dummy" and cfg.target != "image":  # no prior to add back: stage 1 diffuses the image
@@ -581,23 +599,31 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     torch.manual_seed(cfg.seed)  # the new UNet's and projection's initial weights
     pipe = init_pipeline(init_from, vae, text_encoder, cfg.unet_config, cfg.image_size, unet_init)
     pipe.image_size = cfg.image_size
+    # the model predicts what this stage trains it to (a stage started from a model of the other kind learns anew)
+    pipe.scheduler_config = dict(pipe.scheduler_config, prediction_type=cfg.prediction_type)
     init_fp = (sha256_file(Path(init_from) / "unet" / "diffusion_pytorch_model.safetensors") if init_from
                else module_fingerprint(pipe.unet) if unet_init else None)
     data_fp = fingerprint(rows.to_dict("list"), prior)
     what = {k: v for k, v in asdict(cfg).items()
             if k not in EXECUTION_OPTIONS and KEY_OMITTED_AT_DEFAULT.get(k, object()) != v}
     key = fingerprint(what, data_fp, init_fp, module_fingerprint(pipe.vae), module_fingerprint(pipe.text_encoder.model))
+    cache = Path(cache_dir or out / "latents")
     done_file = out / "train.json"
     if (out / "model" / "bmj_pipeline.json").is_file() and done_file.is_file():
         if json.loads(done_file.read_text()).get("key") == key:
-            print(f"{out / 'model'} is up to date (same data, config and initialisation): nothing to do")
-            return out / "model"
+            if not cache_only:
+                print(f"{out / 'model'} is up to date (same data, config and initialisation): nothing to do")
+            return cache if cache_only else out / "model"
+    if cache_only:
+        build_cache(pipe, rows, cache, cfg.image_size, cfg.crop_margin, dummy_prior=(prior == "dummy"),
+                    progress=progress, match_targets=cfg.match_targets)
+        return cache
 
     acc = make_accelerator(cfg, project_dir=out)
     main = acc.is_main_process
     pipe.to(acc.device)
     with acc.main_process_first():  # the main process encodes; the others then open what it wrote
-        data = build_cache(pipe, rows, Path(cache_dir or out / "latents"), cfg.image_size, cfg.crop_margin,
+        data = build_cache(pipe, rows, cache, cfg.image_size, cfg.crop_margin,
                            dummy_prior=(prior == "dummy"), progress=progress and main, write=main,
                            match_targets=cfg.match_targets)
     pipe.max_strength = cfg.timestep_max
