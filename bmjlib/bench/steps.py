@@ -35,6 +35,7 @@ from bmjlib.model.latents import build_cache
 from bmjlib.model.pipeline import BiomedJourneyPipeline, to_batch, train_scheduler
 from bmjlib.model.train import diffusion_loss
 from bmjlib.phantom.cohort import write_cohort
+from bmjlib.runtime import run_threads, side_by_side, use_run_threads
 from bmjlib.text.progression import benchmark as progression_benchmark
 from bmjlib.text.progression import synthesise
 
@@ -227,6 +228,43 @@ def training_cached(ctx: Context) -> list[Result]:
                           "loss_cached": loss_c, "loss_on_the_fly": loss_f}),
             Result("Throughput", "training samples/s, VAE + text encoder on the fly", fly, "samples/s",
                    note="same model, same run, same pairs")]
+
+
+def _training_seconds(image_size: int, seed: int, rows: pd.DataFrame, cache: Path, batch: int, steps: int) -> float:
+    """Wall seconds of one training of `steps` steps of a random demo model on an encoded cache (a job that
+    `side_by_side` can run in a worker)."""
+    t0 = time.perf_counter()
+    _train_arm(random_pipeline(image_size, seed), rows, batch, steps, True, cache)
+    return time.perf_counter() - t0
+
+
+def training_side_by_side(ctx: Context) -> list[Result]:
+    """Two independent trainings (notebook 05's stage 2 and one-stage arm, 08's arms) one after the other on every
+    thread of the run, then side by side (`runtime.side_by_side`), in one run."""
+    cfg = ctx.cfg
+    n = run_threads()
+    if n < 2:
+        raise NotAvailable("one thread: nothing runs side by side")
+    rows, cache = _train_rows(ctx), ctx.tmp / "lat"
+    steps = 10 * cfg.train_steps
+    job = (_training_seconds, cfg.image_size, cfg.seed, rows, cache, cfg.train_batch, steps)
+    _training_seconds(*job[1:-1], 1)  # encodes the cache: the jobs then only read it
+    use_run_threads()
+    t0 = time.perf_counter()
+    alone = [_training_seconds(*job[1:]) for _ in range(2)]
+    after = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    both = side_by_side({"first": job, "second": job})
+    beside = time.perf_counter() - t0
+    return [Result("Throughput", "two trainings side by side (speed-up)", after / beside, "x",
+                   compare=f"one after the other on {n} threads {after:.1f} s; side by side {beside:.1f} s, "
+                           f"starting the workers included (each training {min(both.values()):.1f}-"
+                           f"{max(both.values()):.1f} s at {n // 2} thread(s), {min(alone):.1f} s alone on {n}: "
+                           f"{sum(alone) / max(both.values()):.2f}x once the workers run)",
+                   note=f"demo model (random weights), {cfg.image_size} px, batch {cfg.train_batch}, {steps} steps "
+                        "each, cached latents",
+                   extra={"one_after_the_other_s": after, "side_by_side_s": beside, "threads": n,
+                          "each_alone_s": alone, "each_side_by_side_s": list(both.values())})]
 
 
 def training_batch_scaling(ctx: Context) -> list[Result]:
