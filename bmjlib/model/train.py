@@ -44,7 +44,6 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import (SAFE_MODEL_NAME, DistributedType, GradientAccumulationPlugin, ProjectConfiguration,
