@@ -85,7 +85,7 @@ def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
     (c2, t2, o2, k2), (c3, t3, o3, k3) = calls
     assert c2 == c3 == cfg and list(t2["description"]) == list(t3["description"]) == ["y"]
     assert (o2, k2) == (run / "05_stage2", dict(init_from=s1 / "model", prior="registered", text_column="description",
-                                                cache_dir=s1 / "latents"))
+                                                cache_dir=s1 / "latents", cache_only=False))
     assert (o3, k3) == (run / "05_stage2" / "one_stage", dict(
         prior="registered", text_column="description", vae=s1 / "model" / "vae",
         text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=s1 / "latents", unet_init=None))
