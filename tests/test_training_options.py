@@ -31,8 +31,9 @@ def _batch(pipe, seed=0, n=6):
     return {"target": target, "prior": prior, "text": text, "null": null}
 
 
-def _per_pixel_error(pipe, sched, batch, seed, t_hi=None):
-    """What diffusion_loss draws with a generator seeded `seed` (noise, timesteps, dropout draw), recomputed."""
+def _prediction(pipe, sched, batch, seed, t_hi=None):
+    """What diffusion_loss draws with a generator seeded `seed` (noise, timesteps), recomputed, and the UNet's
+    output on that noisy input: (pred, noise, t)."""
     g = torch.Generator().manual_seed(seed)
     n = len(batch["target"])
     noise = torch.randn(batch["target"].shape, generator=g)
@@ -41,6 +42,12 @@ def _per_pixel_error(pipe, sched, batch, seed, t_hi=None):
     with torch.no_grad():
         pred = pipe.unet(torch.cat([noisy, batch["prior"]], 1), t,
                          encoder_hidden_states=pipe.projection(batch["text"])).sample
+    return pred, noise, t
+
+
+def _per_pixel_error(pipe, sched, batch, seed, t_hi=None):
+    """The epsilon-prediction squared error of `_prediction`'s output, and its timesteps."""
+    pred, noise, t = _prediction(pipe, sched, batch, seed, t_hi)
     return (pred - noise) ** 2, t
 
 
@@ -179,14 +186,18 @@ def test_resume_restores_the_lr_schedule(tmp_path, monkeypatch):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
-def test_timestep_max_is_part_of_the_stage_key(tmp_path):
+def _stage_parts(tmp_path):
+    """A tiny model's frozen parts saved as folders, a training table, and a two-step config: what train_stage needs."""
     d = tmp_path / "parts"
     pipe = tiny_pipeline()
     pipe.vae.save_pretrained(d / "vae")
     pipe.text_encoder.save(d / "text_encoder")
-    table = make_table(d / "img")
     kw = dict(vae=str(d / "vae"), text_encoder=f"local-dir:{d / 'text_encoder'}", progress=False)
-    cfg = dict(CFG, max_steps=2, checkpoint_every=2)
+    return make_table(d / "img"), kw, dict(CFG, max_steps=2, checkpoint_every=2)
+
+
+def test_timestep_max_is_part_of_the_stage_key(tmp_path):
+    table, kw, cfg = _stage_parts(tmp_path)
     T.train_stage(cfg, table, tmp_path / "run", **kw)
     key = json.loads((tmp_path / "run" / "train.json").read_text())["key"]
     T.train_stage(dict(cfg, timestep_max=0.5), table, tmp_path / "run", **kw)
@@ -201,14 +212,7 @@ def test_v_prediction_regresses_the_velocity_with_its_min_snr_weight(pipe):
     eps = train_scheduler(pipe.scheduler_config)
     v = train_scheduler(dict(pipe.scheduler_config, prediction_type="v_prediction"))
     batch = _batch(pipe)
-    g = torch.Generator().manual_seed(5)
-    n = len(batch["target"])
-    noise = torch.randn(batch["target"].shape, generator=g)
-    t = torch.randint(0, v.config.num_train_timesteps, (n,), generator=g)
-    noisy = v.add_noise(batch["target"], noise, t)
-    with torch.no_grad():
-        pred = pipe.unet(torch.cat([noisy, batch["prior"]], 1), t,
-                         encoder_hidden_states=pipe.projection(batch["text"])).sample
+    pred, noise, t = _prediction(pipe, v, batch, seed=5)
     ac = v.alphas_cumprod[t][:, None, None, None]
     velocity = ac.sqrt() * noise - (1 - ac).sqrt() * batch["target"]
     per = ((pred - velocity) ** 2).mean((1, 2, 3)).double()
@@ -220,13 +224,7 @@ def test_v_prediction_regresses_the_velocity_with_its_min_snr_weight(pipe):
 
 
 def test_prediction_type_is_saved_with_the_model_read_by_its_samplers_and_part_of_the_key(tmp_path):
-    d = tmp_path / "parts"
-    pipe = tiny_pipeline()
-    pipe.vae.save_pretrained(d / "vae")
-    pipe.text_encoder.save(d / "text_encoder")
-    table = make_table(d / "img")
-    kw = dict(vae=str(d / "vae"), text_encoder=f"local-dir:{d / 'text_encoder'}", progress=False)
-    cfg = dict(CFG, max_steps=2, checkpoint_every=2)
+    table, kw, cfg = _stage_parts(tmp_path)
     eps_dir = T.train_stage(cfg, table, tmp_path / "eps", **kw)
     v_dir = T.train_stage(dict(cfg, prediction_type="v_prediction"), table, tmp_path / "v", **kw)
     key = lambda run: json.loads((tmp_path / run / "train.json").read_text())["key"]  # noqa: E731
