@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from bmjlib.evaluation import metrics as M
@@ -435,6 +436,9 @@ def _fit(judge: _Judge, x: np.ndarray, y: np.ndarray, loss_fn, epochs: int, seed
             sched.step()
             tot += float(loss.detach()) * len(idx)
         losses.append(tot / len(xt))
+    # BatchNorm's running statistics were gathered on augmented batches (half of them blurred); a judge reads clean
+    # images, so they are recomputed on the clean training images (without this the age judge read 24 years young)
+    update_bn([xt[i:i + batch] for i in range(0, len(xt), batch)], net)
     net.eval()
     return losses
 
@@ -484,7 +488,7 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
     out_dir = Path(out_dir)
     truth = judge_phantom(run_dir) / "truth"
     everyone = tuple(kinds) == tuple(DEMO_JUDGES)
-    key = fingerprint("judges-v2", size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
+    key = fingerprint("judges-v3", size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
                       sha256_file(resolve(run_dir) / "01_cohort" / "pairs.csv"), *(() if everyone else (kinds,)))
     stamp = out_dir / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
