@@ -60,11 +60,12 @@ class Arm:
     options: dict = field(default_factory=dict)
 
 
-BASELINE = Arm("fp32, classic attention", dict(mixed_precision="no", attention="classic"))
+# the trainer fuses AdamW by default: the arms before the fused one set the per-tensor loop
+BASELINE = Arm("fp32, classic attention", dict(mixed_precision="no", attention="classic", fused_adamw=False))
 ARMS = [BASELINE,
-        Arm("fp32, SDPA", dict(mixed_precision="no", attention="sdpa")),
-        Arm("bf16 + SDPA", dict(mixed_precision="bf16")),
-        Arm("bf16 + SDPA + channels_last", dict(mixed_precision="bf16", channels_last=True)),
+        Arm("fp32, SDPA", dict(mixed_precision="no", attention="sdpa", fused_adamw=False)),
+        Arm("bf16 + SDPA", dict(mixed_precision="bf16", fused_adamw=False)),
+        Arm("bf16 + SDPA + channels_last", dict(mixed_precision="bf16", channels_last=True, fused_adamw=False)),
         Arm("bf16 + SDPA + channels_last + fused AdamW", dict(mixed_precision="bf16", channels_last=True,
                                                               fused_adamw=True)),
         Arm("bf16 + SDPA + channels_last + fused AdamW + torch.compile",

@@ -21,6 +21,7 @@ def plan(cfg: BenchConfig, gpu: bool) -> list[tuple[str, str, Callable[[], Any]]
         ("Throughput", "offline descriptions/s", lambda: S.description_rate(ctx)),
         ("Throughput", "training samples/s (cached latents + text states)", lambda: S.training_cached(ctx)),
         ("Throughput", "two trainings side by side", lambda: S.training_side_by_side(ctx)),
+        ("Throughput", "training with fused AdamW", lambda: S.training_fused_adamw(ctx)),
         ("Throughput", f"counterfactuals/s (DPM-Solver++ {cfg.fast_steps} steps)", lambda: S.sampler_rates(ctx)),
         ("Scaling", "registration time vs image size", lambda: S.registration_scaling(ctx)),
         ("Scaling", "generation time vs image size", lambda: S.generation_scaling(ctx)),

@@ -168,10 +168,12 @@ def trained_model(ctx: Context):
     return BiomedJourneyPipeline.from_pretrained(path), f"model '{name}'"
 
 
-def _train_arm(pipe, rows, batch: int, steps: int, cached: bool, tmp: Path) -> tuple[float, float, float]:
-    """Samples/s of `steps` optimisation steps (after one warm-up), the last loss, and the cache build time."""
+def _train_arm(pipe, rows, batch: int, steps: int, cached: bool, tmp: Path,
+               fused: bool = True) -> tuple[float, float, float]:
+    """Samples/s of `steps` optimisation steps (after one warm-up), the last loss, and the cache build time;
+    AdamW fused as the trainer's default (`fused` False: torch's per-tensor loop)."""
     unet, proj = pipe.unet.train().requires_grad_(True), pipe.projection.train().requires_grad_(True)
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(proj.parameters()), lr=1e-4)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(proj.parameters()), lr=1e-4, fused=fused)
     sched = train_scheduler(pipe.scheduler_config)
     size = pipe.image_size
     t0 = time.perf_counter()
@@ -196,7 +198,7 @@ def _train_arm(pipe, rows, batch: int, steps: int, cached: bool, tmp: Path) -> t
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     step(-1)
     t0 = time.perf_counter()
@@ -228,6 +230,24 @@ def training_cached(ctx: Context) -> list[Result]:
                           "loss_cached": loss_c, "loss_on_the_fly": loss_f}),
             Result("Throughput", "training samples/s, VAE + text encoder on the fly", fly, "samples/s",
                    note="same model, same run, same pairs")]
+
+
+def training_fused_adamw(ctx: Context) -> list[Result]:
+    """The trainer's fused AdamW against torch's per-tensor AdamW, alternated twice in one run (so a drift in the
+    machine's speed falls on both); the faster of each pair of runs is compared."""
+    cfg = ctx.cfg
+    rows = _train_rows(ctx)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for fused in (False, True, False, True):
+        rate, _, _ = _train_arm(random_pipeline(cfg.image_size, cfg.seed), rows, cfg.train_batch, cfg.train_steps,
+                                True, ctx.tmp / "lat", fused=fused)
+        rates[fused].append(rate)
+    loop, fused = max(rates[False]), max(rates[True])
+    return [Result("Throughput", "training with fused AdamW (speed-up)", fused / loop, "x",
+                   compare=f"per-tensor AdamW {loop:.3g} samples/s, fused {fused:.3g} samples/s",
+                   note=f"demo model (random weights), {cfg.image_size} px, batch {cfg.train_batch}, "
+                        f"{cfg.train_steps} steps per run, cached latents, {run_threads()} thread(s)",
+                   extra={"per_tensor": rates[False], "fused": rates[True]})]
 
 
 def _training_seconds(image_size: int, seed: int, rows: pd.DataFrame, cache: Path, batch: int, steps: int) -> float:
