@@ -40,6 +40,12 @@ def arm_name(desc: str, reg: bool, two: bool, encoder: str = "clip") -> str:
     return f"{desc}_{'reg' if reg else 'noreg'}_{'two' if two else 'one'}" + ("" if encoder == "clip" else f"_{encoder}")
 
 
+def arm_parts(arm: tuple) -> tuple[str, bool, bool, str]:
+    """An arm (desc, reg, two[, encoder]) with its encoder named ("clip" when left out)."""
+    desc, reg, two = arm[:3]
+    return desc, reg, two, arm[3] if len(arm) > 3 else "clip"
+
+
 def random_text_encoder(src: str | Path, out: str | Path, seed: int = 0) -> str:
     """The text tower of `src` with every weight re-drawn at random (same architecture and tokenizer);
     saved once to `out`. Returns its local-dir spec."""
@@ -81,8 +87,7 @@ def train_arm(name: str, desc: str, reg: bool, two: bool, pairs: pd.DataFrame, r
 def _arm(arm: tuple, run: Path, out: Path, pairs: pd.DataFrame, test: pd.DataFrame, config, judges: dict,
          size: int, settings: dict, seed: int, n_boot: int, scale: str, encoders: dict | None) -> dict:
     """Train, generate and score one arm (desc, reg, two[, encoder]): its summary row."""
-    desc, reg, two = arm[:3]
-    enc = arm[3] if len(arm) > 3 else "clip"
+    desc, reg, two, enc = arm_parts(arm)
     name = arm_name(desc, reg, two, enc)
     t0 = time.time()
     te = (encoders or {}).get(enc)
@@ -107,13 +112,12 @@ def run_arms(arms: list[tuple], run_dir, out_dir, config, judges: dict, size: in
     pairs = pd.read_csv(run / "03_descriptions" / "pairs.csv")
     test = test_pairs(run, max_pairs=max_pairs)
     for arm in arms:
-        enc = arm[3] if len(arm) > 3 else "clip"
+        desc, reg, two, enc = arm_parts(arm)
         te = (encoders or {}).get(enc)
-        train_arm(arm_name(*arm[:3], enc), *arm[:3], pairs, run, out / "models", config, text_encoder=te,
-                  cache_dir=out / f"latents_{enc}" if te else None, cache_only=True)
-    rows = side_by_side({arm_name(*arm[:3], arm[3] if len(arm) > 3 else "clip"):
-                         (_arm, arm, run, out, pairs, test, config, judges, size, settings, seed, n_boot, scale,
-                          encoders) for arm in arms})
+        train_arm(arm_name(desc, reg, two, enc), desc, reg, two, pairs, run, out / "models", config,
+                  text_encoder=te, cache_dir=out / f"latents_{enc}" if te else None, cache_only=True)
+    rows = side_by_side({arm_name(*arm_parts(arm)): (_arm, arm, run, out, pairs, test, config, judges, size,
+                                                     settings, seed, n_boot, scale, encoders) for arm in arms})
     table = pd.DataFrame(list(rows.values()))
     atomic_write_csv(out / "arms.csv", table)
     return table
