@@ -38,6 +38,20 @@ def test_chain_rows_read_the_recorded_seconds(tmp_path):
         chain_rows(str(tmp_path / "missing.json"))
 
 
+def test_chain_total_says_when_the_steps_come_from_more_than_one_run(tmp_path):
+    """A rerun redoes only what changed: a step last run hours after the others makes the sum of the steps'
+    seconds something other than one run's wall time, and the total row says so."""
+    one_run = {"00_phantom": {"seconds": 60.0, "finished": "2026-12-03 19:01:00"},
+               "01_cohort": {"seconds": 30.0, "finished": "2026-12-03 19:01:40"}}
+    later = {**one_run, "01_cohort": {"seconds": 30.0, "finished": "2026-12-03 22:00:00"}}
+    for state, several in ((one_run, False), (later, True)):
+        p = tmp_path / "chain.json"
+        p.write_text(json.dumps(state))
+        total = chain_rows(str(p))[-1]
+        assert total.value == 90.0
+        assert ("more than one run" in total.note) == several, total.note
+
+
 def test_a_measurement_that_cannot_run_is_a_row_that_says_why_and_a_failure_is_marked_failed():
     def missing():
         raise NotAvailable("runs/demo/chain.json does not exist")
