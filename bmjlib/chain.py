@@ -45,8 +45,8 @@ from papermill.exceptions import PapermillExecutionError
 
 from bmjlib.evaluation.counterfactuals import DEMO_MODELS, PAPER_MODELS, resolve_guidance
 from bmjlib.io import CREDIT_ENV, atomic_write_json, fingerprint, sha256_file
-from bmjlib.runtime import (PROFILE_DIR, THREADS_ENV, TIMINGS_ENV, figures_dir_for, load_profile, repo_root,
-                            resolve, run_threads)
+from bmjlib.runtime import (PROFILE_DIR, STAMP_FORMAT, THREADS_ENV, TIMINGS_ENV, figures_dir_for, load_profile,
+                            repo_root, resolve, run_threads)
 from bmjlib.text.llm import secret_problem
 
 STEP_RE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
@@ -221,7 +221,7 @@ def _run_steps(steps, declared, values, run_dir, lo, hi, explicit, force, thread
                 logger.removeHandler(h)
         dt = time.time() - t0
         state[s.stem] = {"key": key, "outputs": outputs_digest(run_dir, s), "threads": threads,
-                         "seconds": round(dt, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                         "seconds": round(dt, 1), "finished": time.strftime(STAMP_FORMAT)}
         atomic_write_json(state_path, state)
         upstream.append(fingerprint(key, state[s.stem]["outputs"]))
         log(f"[{i}/{len(selected)}] {s.stem}: done in {dt:.1f} s")

@@ -148,6 +148,7 @@ def use_run_threads() -> int:
 # Wall-clock times are logs, not results: they go to the run's logs/timings.jsonl (the chain names the file
 # in this variable), never into a step's outputs, so two runs of a step write byte-identical outputs.
 TIMINGS_ENV = "BMJ_TIMINGS"
+STAMP_FORMAT = "%Y-%m-%d %H:%M:%S"  # local time of timing lines and of chain.json's "finished"
 
 
 def record_timing(what: str, seconds: float, **extra) -> None:
@@ -155,7 +156,7 @@ def record_timing(what: str, seconds: float, **extra) -> None:
     f = os.environ.get(TIMINGS_ENV)
     if not f:
         return
-    row = {"what": what, "seconds": round(float(seconds), 3), **extra, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    row = {"what": what, "seconds": round(float(seconds), 3), **extra, "at": time.strftime(STAMP_FORMAT)}
     with open(f, "a") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
 

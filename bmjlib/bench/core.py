@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from bmjlib.runtime import resolve
+from bmjlib.runtime import STAMP_FORMAT, resolve
 
 GROUPS = ["Throughput", "Scaling", "Demo chain", "GPU"]
 PACKAGES = ["numpy", "torch", "diffusers", "open_clip_torch", "SimpleITK", "scikit-image", "pandas", "papermill"]
@@ -224,7 +224,7 @@ CHAIN_SLACK_S = 300  # kernel start-ups and bookkeeping between steps of one run
 def _span_seconds(records: list[dict]) -> float | None:
     """Seconds from the first step's start (finished - seconds) to the last step's end; None without times."""
     try:
-        ends = [time.mktime(time.strptime(r["finished"], "%Y-%m-%d %H:%M:%S")) for r in records]
+        ends = [time.mktime(time.strptime(r["finished"], STAMP_FORMAT)) for r in records]
     except (KeyError, TypeError, ValueError):
         return None
     return max(ends) - min(e - float(r["seconds"]) for e, r in zip(ends, records))
