@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from bmjlib.phantom import cohort as phantom
-from bmjlib.text.progression import changes
+from bmjlib.text.progression import changes, null_description
 from bmjlib.text.reports import chexpert_labels, extract_findings
 from bmjlib.schema import CHEXPERT_LABELS, FINDING_KEYS
 
@@ -88,3 +88,26 @@ def test_synthesiser_changes_equal_the_true_progression(cohort):
                     wrong.append((a, b, name, want, got.get(name)))
     assert n > 100
     assert not wrong, f"{len(wrong)} of {n} changes differ, e.g. {wrong[:3]}"
+
+
+def test_stable_sentence_states_every_finding_of_the_prior_unchanged(cohort):
+    """The "no change" sentence of a prior (stable triples in training, the null-edit probe) names each finding
+    the prior has, with the prior's severity and side, as unchanged, and no change: the change words of a prior's
+    own report ("New ...", "Worsening ...") compare it with an earlier study, not with itself."""
+    _, truth, reports = cohort
+    state = truth.drop_duplicates("study_id").set_index("study_id")
+    wrong, comparative = [], 0
+    for sid, text in reports.items():
+        stated = {k: v for k, v in extract_findings(text).items() if k in FINDING_KEYS}
+        comparative += any(v["change"] in ("new", "worse", "better") for v in stated.values())
+        same = changes(null_description(text), null_description(text))
+        want = {name: "unchanged" for name, key in FINDING_KEYS.items()
+                if int(state.loc[sid, f"{key}_sev"]) > 0 and name in stated}
+        got = {k: v for k, v in changes(text, null_description(text)).items() if v != "resolved"}
+        sentence = null_description(text).lower()  # beyond three findings the rest are summarised
+        named = set(got) == set(want) or (set(got) < set(want) and "other findings unchanged" in sentence)
+        if (set(same.values()) - {"unchanged"} or not named
+                or any(w in sentence for w in ("new ", "worse", "increased", "decreased", "improv", "resolved"))):
+            wrong.append((sid, text[:80], null_description(text)))
+    assert comparative > 20  # the cohort's reports do compare with earlier studies
+    assert not wrong, f"{len(wrong)} stable sentences state a change, e.g. {wrong[:3]}"

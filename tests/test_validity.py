@@ -187,6 +187,11 @@ def test_probe_sentences_are_the_synthesisers():
     assert describe_change("Cardiomegaly", "new", 3) == "New severe cardiomegaly."
     assert null_description("IMPRESSION: Small left pleural effusion.") == "Unchanged small left pleural effusion."
     assert null_description("") == "No acute cardiopulmonary abnormality on either study."
+    # a prior's own report compares it with an earlier study: its change words are not this pair's change
+    assert null_description("IMPRESSION: New large right pneumothorax.") == "Unchanged large right pneumothorax."
+    assert (null_description("FINDINGS: Worsening pulmonary edema, now severe. Decreased left basilar atelectasis, "
+                             "now mild. Interval resolution of the right pneumothorax.")
+            == "Unchanged mild left atelectasis and unchanged severe pulmonary edema.")
     with pytest.raises(ValueError, match="'Fracture'"):
         describe_change("Fracture", "new")
 

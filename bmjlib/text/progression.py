@@ -163,7 +163,10 @@ def changes(prior_report: str, followup_report: str) -> dict[str, str]:
 
 def synthesise(prior_report: str, followup_report: str) -> str:
     """The offline backend: one deterministic progression sentence from the extractor's reading of both reports."""
-    p, f = extract_findings(prior_report), extract_findings(followup_report)
+    return _sentence(extract_findings(prior_report), extract_findings(followup_report))
+
+
+def _sentence(p: dict, f: dict) -> str:
     items = sorted((_ORDER[ch], ch, name) for name, ch in _changes(p, f).items())
     clauses = [_clause(name, ch, p.get(name), f.get(name)) for _, ch, name in items]
     # Keep it near the paper's length: beyond three clauses the unchanged ones are summarised.
@@ -194,8 +197,12 @@ def describe_change(finding: str, change: str, severity: int = 0, side: str = ""
 
 def null_description(prior_report: str) -> str:
     """The description the synthesiser writes for a stable pair whose two reports both read like the prior
-    ("Unchanged moderate left pleural effusion." / "No acute cardiopulmonary abnormality on either study.")."""
-    return synthesise(prior_report, prior_report)
+    ("Unchanged moderate left pleural effusion." / "No acute cardiopulmonary abnormality on either study."):
+    every finding the prior states, unchanged. The prior's own change words ("New moderate right pleural
+    effusion", "Worsening edema, now severe") compare it with an earlier study, not with itself, so they are
+    dropped: "Unchanged moderate right pleural effusion.", "Unchanged severe pulmonary edema."."""
+    same = {k: dict(v, change=None) for k, v in extract_findings(prior_report).items()}
+    return _sentence(same, same)
 
 
 def loopback_model(body: dict, n: int):
