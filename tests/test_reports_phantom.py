@@ -96,7 +96,7 @@ def test_stable_sentence_states_every_finding_of_the_prior_unchanged(cohort):
     own report ("New ...", "Worsening ...") compare it with an earlier study, not with itself."""
     _, truth, reports = cohort
     state = truth.drop_duplicates("study_id").set_index("study_id")
-    wrong, comparative = [], 0
+    wrong, comparative, checked = [], 0, 0
     for sid, text in reports.items():
         stated = {k: v for k, v in extract_findings(text).items() if k in FINDING_KEYS}
         comparative += any(v["change"] in ("new", "worse", "better") for v in stated.values())
@@ -106,8 +106,14 @@ def test_stable_sentence_states_every_finding_of_the_prior_unchanged(cohort):
         got = {k: v for k, v in changes(text, null_description(text)).items() if v != "resolved"}
         sentence = null_description(text).lower()  # beyond three findings the rest are summarised
         named = set(got) == set(want) or (set(got) < set(want) and "other findings unchanged" in sentence)
+        read = extract_findings(null_description(text))
+        for name in got:  # each named with the prior's true severity and side
+            key, checked = FINDING_KEYS[name], checked + 1
+            want_side = "" if name == "Cardiomegaly" else state.loc[sid, f"{key}_side"]
+            if (read[name]["severity"], read[name]["side"]) != (int(state.loc[sid, f"{key}_sev"]), want_side):
+                named = False
         if (set(same.values()) - {"unchanged"} or not named
                 or any(w in sentence for w in ("new ", "worse", "increased", "decreased", "improv", "resolved"))):
             wrong.append((sid, text[:80], null_description(text)))
-    assert comparative > 20  # the cohort's reports do compare with earlier studies
+    assert comparative > 20 and checked > 50  # the cohort's reports do compare with earlier studies
     assert not wrong, f"{len(wrong)} stable sentences state a change, e.g. {wrong[:3]}"
