@@ -100,13 +100,14 @@ def test_stable_sentence_states_every_finding_of_the_prior_unchanged(cohort):
     for sid, text in reports.items():
         stated = {k: v for k, v in extract_findings(text).items() if k in FINDING_KEYS}
         comparative += any(v["change"] in ("new", "worse", "better") for v in stated.values())
-        same = changes(null_description(text), null_description(text))
+        stable = null_description(text)
+        same = changes(stable, stable)
         want = {name: "unchanged" for name, key in FINDING_KEYS.items()
                 if int(state.loc[sid, f"{key}_sev"]) > 0 and name in stated}
-        got = {k: v for k, v in changes(text, null_description(text)).items() if v != "resolved"}
-        sentence = null_description(text).lower()  # beyond three findings the rest are summarised
+        got = {k: v for k, v in changes(text, stable).items() if v != "resolved"}
+        sentence = stable.lower()  # beyond three findings the rest are summarised
         named = set(got) == set(want) or (set(got) < set(want) and "other findings unchanged" in sentence)
-        read = extract_findings(null_description(text))
+        read = extract_findings(stable)
         for name in got:  # each named with the prior's true severity and side
             key, checked = FINDING_KEYS[name], checked + 1
             want_side = "" if name == "Cardiomegaly" else state.loc[sid, f"{key}_side"]
@@ -114,6 +115,6 @@ def test_stable_sentence_states_every_finding_of_the_prior_unchanged(cohort):
                 named = False
         if (set(same.values()) - {"unchanged"} or not named
                 or any(w in sentence for w in ("new ", "worse", "increased", "decreased", "improv", "resolved"))):
-            wrong.append((sid, text[:80], null_description(text)))
+            wrong.append((sid, text[:80], stable))
     assert comparative > 20 and checked > 50  # the cohort's reports do compare with earlier studies
     assert not wrong, f"{len(wrong)} stable sentences state a change, e.g. {wrong[:3]}"
