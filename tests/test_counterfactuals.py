@@ -139,6 +139,41 @@ def test_evaluate_known_identities_and_tables(run, tmp_path):
     assert len(T.table1(summary)) == 2 and len(T.table4(summary)) == 2
 
 
+class _StubVAE:
+    """`reconstruct` as a VAE round trip: the identity, or a 3x3 box blur (a VAE that loses fine detail)."""
+
+    def __init__(self, blur: bool):
+        self.blur = blur
+
+    def reconstruct(self, images, size):
+        from scipy import ndimage
+        x = np.asarray(images, np.float32)
+        return np.stack([ndimage.uniform_filter(i, 3) for i in x]) if self.blur else x.copy()
+
+
+def test_evaluate_ceiling_rows_are_the_truth_and_its_vae_round_trip(run, tmp_path):
+    """With a VAE, the summary ends with the true counterfactual and the true counterfactual through the VAE: an
+    identity VAE scores exactly what the truth scores (and SSIM 1 to it), a blurring one is further from the truth;
+    the truth is not scored against itself; the tables name both rows."""
+    from bmjlib.evaluation import evaluate as E
+    from bmjlib.evaluation import tables as T
+    pairs = C.test_pairs(run)
+    C.generate_model("copy_prior", C.model_specs(run)["copy_prior"], pairs, tmp_path, size=32)
+    judges = untrained_judges()
+    same, _ = E.evaluate(run, tmp_path, judges, ["copy_prior"], size=32, n_boot=0, vae=_StubVAE(blur=False))
+    s = same.set_index("source")
+    assert list(s.index) == ["copy_prior", "reference", "truth", "vae_truth"]
+    assert np.isnan(s.loc["truth", "ssim"])  # not scored against itself
+    assert s.loc["vae_truth", "ssim"] == pytest.approx(1.0)
+    cols = ["pathology_auroc", "retention_auroc", "age_r", "cmig", "kl", "dice_vs_prior"]
+    np.testing.assert_allclose(s.loc["vae_truth", cols].to_numpy(float), s.loc["truth", cols].to_numpy(float),
+                               rtol=1e-6, equal_nan=True)
+    blurred, _ = E.evaluate(run, tmp_path, judges, ["copy_prior"], size=32, n_boot=0, vae=_StubVAE(blur=True))
+    b = blurred.set_index("source")
+    assert b.loc["vae_truth", "ssim"] < 0.99
+    assert T.table1(blurred)["Model"].tolist()[-2:] == [T.LABEL["truth"], T.LABEL["vae_truth"]]
+
+
 def test_figures_write_png_and_pdf(run, tmp_path):
     from bmjlib.evaluation import figures as F
     from bmjlib.model.pipeline import BiomedJourneyPipeline

@@ -93,25 +93,33 @@ def source_path(p, root=None) -> Path:
 
 def evaluate(run_dir: str | Path, gen_dir: str | Path, judges: dict, models: list[str], size: int,
              scale: str = "demo", n_boot: int = 1000, seed: int = 0, pairs: pd.DataFrame | None = None,
-             root: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(summary, per_pair). summary: one row per source (models + 'reference') with every metric and
-    its bootstrap interval (`<metric>_lo`, `<metric>_hi`); per_pair: pair-level KL, Dice, fidelity."""
+             root: str | Path | None = None, vae=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary, per_pair). summary: one row per source (models + 'reference', then 'truth' and 'vae_truth' when
+    the run has the phantom's true counterfactuals and a `vae` is given) with every metric and its bootstrap
+    interval (`<metric>_lo`, `<metric>_hi`); per_pair: pair-level KL, Dice, fidelity. `vae`: an object with
+    `reconstruct(images, size)` (a BiomedJourneyPipeline); 'vae_truth' is the true counterfactual through it,
+    the most a latent model with that VAE can score (its CMIG is the ceiling a model's is read against)."""
     pairs = test_pairs(run_dir) if pairs is None else pairs
     ids = pairs["pair_id"].tolist()
     have = [m for m in models if all((Path(gen_dir) / m / f"{p}.png").is_file() for p in ids)]
     imgs = load_sources(run_dir, gen_dir, pairs, have, size, root)
+    ceiling = []
+    if "truth" in imgs and vae is not None:
+        imgs["vae_truth"] = resize_image(vae.reconstruct(imgs["truth"], size), size)
+        ceiling = ["truth", "vae_truth"]
     t = truth_of(pairs, scale)
-    outs = {s: judge_outputs(judges, imgs[s], scale) for s in have + [REFERENCE, "prior"]}
+    sources = have + [REFERENCE] + ceiling
+    outs = {s: judge_outputs(judges, imgs[s], scale) for s in sources + ["prior"]}
     ref, prior = outs[REFERENCE], outs["prior"]
     rows, per_pair = [], []
-    for s in have + [REFERENCE]:
+    for s in sources:
         o = outs[s]
         kl = M.kl_divergence(ref["finding"], o["finding"])
         d_ref = M.mean_dice(o["masks"], ref["masks"])
         d_pri = M.mean_dice(o["masks"], prior["masks"])
         pp = pd.DataFrame({"pair_id": ids, "source": s, "kl": kl, "dice_vs_reference": d_ref,
                            "dice_vs_prior": d_pri})
-        if "truth" in imgs:
+        if "truth" in imgs and s != "truth":  # the truth against itself: SSIM 1, PSNR infinite, nothing learnt
             pp["ssim"] = M.ssim(imgs[s], imgs["truth"])
             pp["ms_ssim"] = M.ms_ssim(imgs[s], imgs["truth"])
             pp["psnr"] = M.psnr(imgs[s], imgs["truth"])

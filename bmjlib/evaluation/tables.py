@@ -19,7 +19,9 @@ from bmjlib.schema import FINDING_ABBREV, FINDINGS
 
 LABEL = {"biomedjourney": "BiomedJourney (two-stage)", "one_stage": "One-stage", "text_only":
          "Text-only (stage 1 + impression; RoentGen-like)", "copy_prior": "Copy prior", "sd15": "SD v1.5",
-         "ip2p": "InstructPix2Pix", "reference": "Reference image (real follow-up)"}
+         "ip2p": "InstructPix2Pix", "reference": "Reference image (real follow-up)",
+         "truth": "True counterfactual (phantom)",
+         "vae_truth": "True counterfactual through the VAE (a latent model's ceiling)"}
 PAPER_ROW = {"biomedjourney": "BiomedJourney", "text_only": "RoentGen", "sd15": "SD", "ip2p": "IP2P",
              "one_stage": "BiomedJourney one-stage (Table 2: GPT-4, reg., one-stage)",
              "reference": "Reference Image"}
