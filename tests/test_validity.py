@@ -162,12 +162,37 @@ def test_dose_response_reads_the_grade_with_the_severity_judge():
     images = {r.probe_id: np.full((8, 8), 0.2 * r.grade) for r in dose.itertuples()}
     sure = _Reads(lambda x: np.full((len(x), len(FINDINGS)), 0.99))
     grade = _Reads(lambda x: np.repeat(x.mean(axis=(1, 2))[:, None] / 0.2, len(FINDINGS), axis=1))
-    rho, _, per = V._dose_response(dose, images, {"finding": sure, "severity": grade}, ["p"])
+    rho, _, per, _ = V._dose_response(dose, images, {"finding": sure, "severity": grade}, ["p"])
     assert rho == [1.0] and all(per[f] == [1.0] for f in V.DOSE_FINDINGS)
-    rho, _, per = V._dose_response(dose, images, {"finding": sure}, ["p"])  # no severity judge: the finding judge
+    rho, _, per, _ = V._dose_response(dose, images, {"finding": sure}, ["p"])  # no severity judge: the finding judge
     assert rho == [0.0] and all(per[f] == [0.0] for f in V.DOSE_FINDINGS)
-    rho, _, _ = V._dose_response(dose, images, {"finding": sure, "severity": None}, ["p"])
+    rho, _, _, _ = V._dose_response(dose, images, {"finding": sure, "severity": None}, ["p"])
     assert rho == [0.0]
+
+
+def test_dose_response_per_finding_physical_measure():
+    """The measure's rho per finding: a heart that widens with the grade while the lungs stay as they are orders
+    cardiomegaly (cardiothoracic ratio) and nothing else (the lungs' opacity and density do not move)."""
+    dose = pd.DataFrame([dict(probe_id=f"p__{V.FINDING_KEYS[f]}{g}", pair_id="p", kind="dose", finding=f,
+                              grade=g, side="left" if f == "Pleural Effusion" else "", step=1, source="",
+                              prompt="") for f in V.DOSE_FINDINGS for g in (1, 2, 3)])
+    images = {}
+    for r in dose.itertuples():  # a uniform image; the corner pixel, outside every organ, carries the grade
+        images[r.probe_id] = np.full((16, 16), 0.5)
+        images[r.probe_id][0, 0] = 0.1 * r.grade
+
+    def masks(x):  # lungs: columns 1-6 and 9-14 of rows 2-13; heart: 2 x grade columns about the midline
+        m = np.zeros((len(x), len(V.ORGANS), 16, 16), bool)
+        for i, img in enumerate(np.asarray(x)):
+            g = int(round(img[0, 0] / 0.1))
+            m[i, V.ORGANS.index("left_lung"), 2:14, 1:7] = True
+            m[i, V.ORGANS.index("right_lung"), 2:14, 9:15] = True
+            m[i, V.ORGANS.index("heart"), 8:12, 8 - g:8 + g] = True
+        return m
+    sure = _Reads(lambda x: np.full((len(x), len(FINDINGS)), 0.99))
+    _, phys, _, per = V._dose_response(dose, images, {"finding": sure, "anatomy": _Reads(masks)}, ["p"])
+    assert per == {"Pleural Effusion": [0.0], "Cardiomegaly": [1.0], "Edema": [0.0]}
+    assert phys == [pytest.approx(1 / 3)]  # the mean over the three findings
 
 
 def test_untouched_organs_follow_the_changed_findings():

@@ -37,7 +37,8 @@ the progression synthesiser:
   `dose_response_rho_physical`: the same against a measure on the output (effusion: opaque fraction of that
   lung; cardiomegaly: cardiothoracic ratio; edema: mean lung density; from the anatomy judge's masks). Mean
   over priors and findings; a response that does not vary counts rho = 0. `dose_response_rho_effusion`,
-  `_cardiomegaly`, `_edema`: the judge's rho of one finding, over the priors without it. The truth rows' dose
+  `_cardiomegaly`, `_edema`: the judge's rho of one finding, over the priors without it;
+  `dose_response_rho_physical_effusion` etc.: the measure's rho of one finding. The truth rows' dose
   response is the phantom drawn at the three grades (`phantom.cohort.render_variant`).
 
 Columns that need the truth are empty (NaN) where a run has none (MIMIC, a user's cohort), never zero.
@@ -417,10 +418,12 @@ def score_probes(run_dir: str | Path, probes_dir: str | Path, judges: dict, sour
             rev = [images.get(f"{p}__resolve") for p in ids]
             pp["reversibility_ssim"] = [float(M.ssim(r[None], ref[i:i + 1])[0]) if r is not None else np.nan
                                         for i, r in enumerate(rev)]
-        judge_rho, phys_rho, by_finding = _dose_response(dose, images, judges, ids)
+        judge_rho, phys_rho, by_finding, phys_by_finding = _dose_response(dose, images, judges, ids)
         pp["dose_response_rho"], pp["dose_response_rho_physical"] = judge_rho, phys_rho
         for f, rho in by_finding.items():
             pp[f"dose_response_rho_{FINDING_KEYS[f]}"] = rho
+        for f, rho in phys_by_finding.items():
+            pp[f"dose_response_rho_physical_{FINDING_KEYS[f]}"] = rho
         per_prior.append(pp)
         cols = [c for c in pp.columns if c not in ("pair_id", "source")]
         vals = {c: pp[c].to_numpy(float) for c in cols}
@@ -460,12 +463,15 @@ def _probe_images(source, plan, probes_dir, pairs, frames, cohort, size, vae) ->
     return {p: resize_image(read_output(f), size) for p, f in files.items()}
 
 
-def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str]) -> tuple[list, list, dict]:
+def _dose_response(dose: pd.DataFrame, images: dict, judges: dict,
+                   ids: list[str]) -> tuple[list, list, dict, dict]:
     """Per prior: mean over its dose findings of rho(grade, judge's reading) and rho(grade, measure), and
-    {finding: per-prior rho(grade, judge's reading)} for each of DOSE_FINDINGS. The judge's reading is the
-    severity judge's grade, or the finding judge's probability where the run has no severity judge."""
+    {finding: per-prior rho(grade, judge's reading)} and {finding: per-prior rho(grade, measure)} for each of
+    DOSE_FINDINGS. The judge's reading is the severity judge's grade, or the finding judge's probability where the
+    run has no severity judge; the measure is `physical_measure` (cardiomegaly: the cardiothoracic ratio)."""
     if dose.empty:
-        return [np.nan] * len(ids), [np.nan] * len(ids), {f: [np.nan] * len(ids) for f in DOSE_FINDINGS}
+        none = {f: [np.nan] * len(ids) for f in DOSE_FINDINGS}
+        return [np.nan] * len(ids), [np.nan] * len(ids), none, dict(none)
     keys = list(dose["probe_id"])
     x = np.stack([images[k] for k in keys])
     reading = (judges["severity"].predict(x) if judges.get("severity") is not None
@@ -477,7 +483,7 @@ def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str
         pos = [keys.index(k) for k in g["probe_id"]]
         d.loc[g.index, "measure"] = physical_measure(f, x[pos], masks[pos], side)
     judge_rho, phys_rho = [], []
-    by_finding = {f: [] for f in DOSE_FINDINGS}
+    by_finding, phys_by_finding = {f: [] for f in DOSE_FINDINGS}, {f: [] for f in DOSE_FINDINGS}
     for p in ids:
         per = {f: (dose_rho(g["grade"], g["reading"]), dose_rho(g["grade"], g["measure"]))
                for f, g in d[d["pair_id"] == p].groupby("finding")}
@@ -485,7 +491,8 @@ def _dose_response(dose: pd.DataFrame, images: dict, judges: dict, ids: list[str
         phys_rho.append(_nanmean([b for _, b in per.values()]) if per else np.nan)
         for f in DOSE_FINDINGS:  # NaN where the prior already has the finding (no dose probe)
             by_finding[f].append(per[f][0] if f in per else np.nan)
-    return judge_rho, phys_rho, by_finding
+            phys_by_finding[f].append(per[f][1] if f in per else np.nan)
+    return judge_rho, phys_rho, by_finding, phys_by_finding
 
 
 # --------------------------------------------------------------------------- the table
@@ -572,7 +579,8 @@ def evaluate_validity(run_dir: str | Path, gen_dir: str | Path, judges: dict, mo
 VALIDITY_COLUMNS = ["effectiveness", "effectiveness_rel", "effectiveness_lat", "changed_auroc", "pathology_auroc",
                     "preservation_ssim", "change_error", "anatomy_dice", "null_edit_ssim", "null_edit_ssim_10",
                     "reversibility_ssim", "dose_response_rho", "dose_response_rho_physical"] + [
-                    f"dose_response_rho_{FINDING_KEYS[f]}" for f in DOSE_FINDINGS]
+                    f"dose_response_rho_{FINDING_KEYS[f]}" for f in DOSE_FINDINGS] + [
+                    f"dose_response_rho_physical_{FINDING_KEYS[f]}" for f in DOSE_FINDINGS]
 
 
 def validity_table(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
@@ -698,7 +706,8 @@ VALIDITY_NOTE = """
   through the VAE); reversibility_ssim: add a finding, then resolve it; dose_response_rho: Spearman rho of
   small / moderate / large against the grade the severity judge reads (the finding judge's probability where a
   run has no severity judge; and against a physical measure), over the three findings and
-  (`dose_response_rho_effusion`, `_cardiomegaly`, `_edema`) per finding, over the priors without it.
+  (`dose_response_rho_effusion`, `_cardiomegaly`, `_edema`) per finding, over the priors without it;
+  `dose_response_rho_physical_effusion` etc.: the physical measure's (cardiomegaly: the cardiothoracic ratio).
 - Empty cells: undefined for that source (labels only for previous_label; no truth on real data).
 """
 
