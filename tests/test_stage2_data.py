@@ -10,7 +10,7 @@ from bmjlib.data.registration import match_intensity, outside_field, read_matche
 from bmjlib.io import atomic_write_png, read_image, to_uint8
 from bmjlib.model.latents import build_cache
 from bmjlib.model.pipeline import to_batch
-from bmjlib.model.stages import with_stable_triples
+from bmjlib.model.stages import change_repeats, changed_findings, stage2_triples, with_stable_triples
 from bmjlib.text.progression import compose_report, null_description
 
 from test_pipeline import tiny_pipeline
@@ -84,6 +84,58 @@ def test_stable_triples_are_the_prior_as_its_own_follow_up_with_the_stable_sente
     assert with_stable_triples(pairs, 0.0).equals(pairs)
     # the same seed draws the same priors
     assert with_stable_triples(pairs, 0.25, seed=0).equals(out)
+
+
+def _reports_pairs():
+    """Twelve triples whose reports change known findings: eight a left effusion appears, two the heart enlarges
+    (one of them with a new right effusion too), one nothing changes; a validation triple with a new cardiomegaly."""
+    effusion = ("No pleural effusion.", "No acute process.", "Small left pleural effusion.", "New left effusion.")
+    heart = ("Heart size is normal.", "No acute process.", "Moderate cardiomegaly.", "New moderate cardiomegaly.")
+    both = ("Heart size is normal. No pleural effusion.", "No acute process.",
+            "Moderate cardiomegaly. Small right pleural effusion.", "New cardiomegaly and right effusion.")
+    same = ("Small left pleural effusion.", "Small left effusion.", "Small left pleural effusion.",
+            "Unchanged small left effusion.")
+    rows = [effusion] * 8 + [heart, both, same, heart]
+    pf, pi, ff, fi = zip(*rows)
+    n = len(rows)
+    return pd.DataFrame({"pair_id": [f"p{i}" for i in range(n)], "split": ["train"] * (n - 1) + ["val"],
+                         "prior_path": [f"/a/{i}.png" for i in range(n)],
+                         "registered_path": [f"/b/{i}.png" for i in range(n)], "description": ["x"] * n,
+                         "prior_findings": pf, "prior_impression": pi, "followup_findings": ff,
+                         "followup_impression": fi})
+
+
+def test_changed_findings_are_read_from_the_two_reports():
+    got = changed_findings(_reports_pairs())
+    assert got[0] == {"Pleural Effusion"} and got[8] == {"Cardiomegaly"}
+    assert got[9] == {"Cardiomegaly", "Pleural Effusion"} and got[10] == set()
+
+
+def test_change_repeats_balance_the_rarely_changing_findings(capsys):
+    pairs = _reports_pairs()
+    # training counts: effusion changes in 9 triples, cardiomegaly in 2 (the validation triple is not counted)
+    full = change_repeats(pairs, 1.0)   # (9 / 2) ** 1 = 4.5 -> 4 copies in all: 3 more of each heart triple
+    assert sorted(full["pair_id"]) == ["p8-repeat1", "p8-repeat2", "p8-repeat3", "p9-repeat1", "p9-repeat2",
+                                       "p9-repeat3"]
+    assert set(full["split"]) == {"train"}
+    assert (full["registered_path"] == full["prior_path"].str.replace("/a/", "/b/")).all()  # whole rows copied
+    half = change_repeats(pairs, 0.5)   # sqrt(4.5) = 2.12 -> 2 copies in all
+    assert sorted(half["pair_id"]) == ["p8-repeat1", "p9-repeat1"]
+    assert change_repeats(pairs, 0.0).empty
+    # without the reports there is nothing to read the changes from: skipped, said in one line
+    assert change_repeats(pairs.drop(columns="followup_findings"), 1.0).empty
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["change balancing skipped: the triples have no followup_findings column (the reports it reads)"]
+
+
+def test_stage2_triples_add_stable_triples_and_repeats(tmp_path):
+    pairs = _reports_pairs()
+    (tmp_path / "03_descriptions").mkdir()
+    pairs.to_csv(tmp_path / "03_descriptions" / "pairs.csv", index=False)
+    got = stage2_triples(tmp_path, {"stable_triples": 0.25, "seed": 0, "change_balance": 1.0})
+    assert len(got) == len(pairs) + round(0.25 * 11) + 6
+    assert got["pair_id"].str.endswith("-stable").sum() == 3 and got["pair_id"].str.contains("-repeat").sum() == 6
+    assert len(stage2_triples(tmp_path, {"seed": 0})) == len(pairs)
 
 
 def test_cache_with_matched_targets_encodes_the_matched_image(tmp_path):

@@ -7,6 +7,8 @@
 - `train_config`: the `TrainConfig` a profile's flat values imply (notebooks 04, 05, 08 and `launch`).
 - `stage1_components`, `train_stage1`, `train_stage2`, `train_one_stage`: the one training entry point;
   each finds its inputs in the run folder and calls `train.train_stage` as notebooks 04-05 and `launch` do.
+- `stage2_triples`: what stage 2 and the one-stage arm train on: the described pairs, with the demo profile's
+  identity triples (`with_stable_triples`) and repeats of rarely changing triples (`change_repeats`).
 - `plot_loss`, `sample_figure`: what the notebooks show after each stage.
 - `given_model`, `skip_stage1`, `use_given_model`, `model_run`: the profile's `model:` setting, a trained model
   used instead of training one (e.g. the shipped demo model on a user's cohort): 04 trains nothing, 05 puts the
@@ -34,7 +36,7 @@ from bmjlib.model.encoders import load_images, load_vae, train_demo_clip, train_
 from bmjlib.model.pipeline import GUIDANCE_FILE, PIPELINE_FILE, BiomedJourneyPipeline, read_guidance
 from bmjlib.model.train import TrainConfig, read_loss, train_stage
 from bmjlib.runtime import resolve, side_by_side, step_dir
-from bmjlib.text.progression import compose_report, null_description
+from bmjlib.text.progression import changes, compose_report, null_description
 
 FIG_CAPTION_DATA = ("Phantom cohort (synthetic); no real patient data.")
 
@@ -221,14 +223,63 @@ def with_stable_triples(pairs: pd.DataFrame, share: float, seed: int = 0) -> pd.
     return pd.concat([pairs, stable], ignore_index=True)
 
 
+REPORT_COLUMNS = ("prior_findings", "prior_impression", "followup_findings", "followup_impression")
+
+
+def changed_findings(pairs: pd.DataFrame) -> list[set[str]]:
+    """Per triple, the findings its two reports say changed (new, worse, better or resolved; `progression.changes`,
+    what the offline synthesiser describes), read from the reports, not from the description."""
+    return [{f for f, ch in changes(compose_report(pf, pi), compose_report(ff, fi)).items() if ch != "unchanged"}
+            for pf, pi, ff, fi in zip(*(pairs[c] for c in REPORT_COLUMNS))]
+
+
+def change_repeats(pairs: pd.DataFrame, power: float) -> pd.DataFrame:
+    """Extra copies of the training triples whose findings change rarely: a triple that changes findings is
+    repeated round(max over them of (n_most / n_f) ** power) times in all, n_f the training triples that change
+    finding f and n_most the most changed finding's count; a triple with no change is not repeated. `power` 0 =
+    none, 1 = every finding's changes as many as the most common's. A departure from the paper (demo profile):
+    on the phantom a cardiomegaly changes in about a quarter as many triples as an effusion, and the model learnt
+    to widen the heart but not by the grade asked. Returns only the copies (pair_id suffixed "-repeat<k>")."""
+    train = pairs[pairs["split"] == "train"]
+    if power <= 0 or train.empty:
+        return pairs.iloc[:0]
+    missing = [c for c in REPORT_COLUMNS if c not in train]
+    if missing:
+        print(f"change balancing skipped: the triples have no {', '.join(missing)} column (the reports it reads)")
+        return pairs.iloc[:0]
+    changed = changed_findings(train)
+    count: dict[str, int] = {}
+    for fs in changed:
+        for f in fs:
+            count[f] = count.get(f, 0) + 1
+    if not count:
+        return pairs.iloc[:0]
+    most = max(count.values())
+    times = np.array([int(round(max((most / count[f]) ** power for f in fs))) if fs else 1 for fs in changed])
+    idx = np.repeat(np.arange(len(train)), times - 1)
+    extra = train.iloc[idx].copy()
+    if "pair_id" in extra:
+        k = np.concatenate([np.arange(1, t) for t in times if t > 1]) if len(idx) else np.array([], int)
+        extra["pair_id"] = [f"{p}-repeat{j}" for p, j in zip(extra["pair_id"].astype(str), k)]
+    return extra.reset_index(drop=True)
+
+
+def stage2_triples(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> pd.DataFrame:
+    """What stage 2 and the one-stage arm train on: 03_descriptions/pairs.csv, its identity triples
+    (`stable_triples`) and the repeats of rarely changing triples (`change_balance`)."""
+    pairs = pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv")
+    triples = with_stable_triples(pairs, params.get("stable_triples", 0.0), params["seed"])
+    return pd.concat([triples, change_repeats(pairs, float(params.get("change_balance", 0.0) or 0.0))],
+                     ignore_index=True)
+
+
 def train_stage2(run_dir: str | os.PathLike, params: Mapping[str, Any], cache_only: bool = False) -> Path:
-    """Stage 2 (notebook 05, BiomedJourney): stage 1's model tuned on 03_descriptions/pairs.csv (prior,
-    description, registered follow-up) for `stage2_epochs`, into 05_stage2/model; stage 1's latent cache reused
-    (`cache_only`: only encode what stage 2 reads into it)."""
+    """Stage 2 (notebook 05, BiomedJourney): stage 1's model tuned on `stage2_triples` (prior, description,
+    registered follow-up) for `stage2_epochs`, into 05_stage2/model; stage 1's latent cache reused (`cache_only`:
+    only encode what stage 2 reads into it)."""
     (step_dir(run_dir, "05_stage2") / GIVEN_MODEL_FILE).unlink(missing_ok=True)  # trained here, not given
     s1 = step_dir(run_dir, "04_stage1")
-    pairs = with_stable_triples(pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv"),
-                                params.get("stable_triples", 0.0), params["seed"])
+    pairs = stage2_triples(run_dir, params)
     cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
     return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2"), init_from=s1 / "model", prior="registered",
                        text_column="description", cache_dir=s1 / "latents", cache_only=cache_only)
@@ -238,8 +289,7 @@ def train_one_stage(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Pa
     """Table 2's one-stage arm (notebook 05): stage 2's data and settings from a fresh UNet (paper scale: SD
     v1.5's) with stage 1's frozen VAE and text encoder, into 05_stage2/one_stage/model."""
     s1 = step_dir(run_dir, "04_stage1")
-    pairs = with_stable_triples(pd.read_csv(step_dir(run_dir, "03_descriptions") / "pairs.csv"),
-                                params.get("stable_triples", 0.0), params["seed"])
+    pairs = stage2_triples(run_dir, params)
     cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
     return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2") / "one_stage", prior="registered",
                        text_column="description", vae=s1 / "model" / "vae",
