@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 import json
 import os
@@ -248,19 +249,15 @@ def change_repeats(pairs: pd.DataFrame, power: float) -> pd.DataFrame:
         print(f"change balancing skipped: the triples have no {', '.join(missing)} column (the reports it reads)")
         return pairs.iloc[:0]
     changed = changed_findings(train)
-    count: dict[str, int] = {}
-    for fs in changed:
-        for f in fs:
-            count[f] = count.get(f, 0) + 1
+    count = Counter(f for fs in changed for f in fs)
     if not count:
         return pairs.iloc[:0]
     most = max(count.values())
     times = np.array([int(round(max((most / count[f]) ** power for f in fs))) if fs else 1 for fs in changed])
-    idx = np.repeat(np.arange(len(train)), times - 1)
-    extra = train.iloc[idx].copy()
-    if "pair_id" in extra:
-        k = np.concatenate([np.arange(1, t) for t in times if t > 1]) if len(idx) else np.array([], int)
-        extra["pair_id"] = [f"{p}-repeat{j}" for p, j in zip(extra["pair_id"].astype(str), k)]
+    extra = train.iloc[np.repeat(np.arange(len(train)), times - 1)]
+    if "pair_id" in extra:  # the k-th copy of a triple: <pair_id>-repeat<k>
+        k = extra.groupby(level=0).cumcount() + 1
+        extra = extra.assign(pair_id=extra["pair_id"].astype(str) + "-repeat" + k.astype(str))
     return extra.reset_index(drop=True)
 
 
