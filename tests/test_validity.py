@@ -152,13 +152,17 @@ class _Reads:
         return self.fn(np.asarray(images, float))
 
 
+def _dose_plan() -> pd.DataFrame:
+    """One prior's dose probes: each dose finding at grades 1-3 (effusion on the left)."""
+    return pd.DataFrame([dict(probe_id=f"p__{V.FINDING_KEYS[f]}{g}", pair_id="p", kind="dose", finding=f,
+                              grade=g, side="left" if f == "Pleural Effusion" else "", step=1, source="",
+                              prompt="") for f in V.DOSE_FINDINGS for g in (1, 2, 3)])
+
+
 def test_dose_response_reads_the_grade_with_the_severity_judge():
     # three dose probes per finding whose images get brighter with the requested grade; a finding judge that is
     # sure at every grade (presence, not grade) cannot order them, a judge that reads the grade can
-    dose = pd.DataFrame([dict(probe_id=f"p__{V.FINDING_KEYS[f]}{g}", pair_id="p", kind="dose", finding=f,
-                              grade=g, side="left" if f == "Pleural Effusion" else "", step=1, source="",
-                              prompt="")
-                         for f in V.DOSE_FINDINGS for g in (1, 2, 3)])
+    dose = _dose_plan()
     images = {r.probe_id: np.full((8, 8), 0.2 * r.grade) for r in dose.itertuples()}
     sure = _Reads(lambda x: np.full((len(x), len(FINDINGS)), 0.99))
     grade = _Reads(lambda x: np.repeat(x.mean(axis=(1, 2))[:, None] / 0.2, len(FINDINGS), axis=1))
@@ -173,9 +177,7 @@ def test_dose_response_reads_the_grade_with_the_severity_judge():
 def test_dose_response_per_finding_physical_measure():
     """The measure's rho per finding: a heart that widens with the grade while the lungs stay as they are orders
     cardiomegaly (cardiothoracic ratio) and nothing else (the lungs' opacity and density do not move)."""
-    dose = pd.DataFrame([dict(probe_id=f"p__{V.FINDING_KEYS[f]}{g}", pair_id="p", kind="dose", finding=f,
-                              grade=g, side="left" if f == "Pleural Effusion" else "", step=1, source="",
-                              prompt="") for f in V.DOSE_FINDINGS for g in (1, 2, 3)])
+    dose = _dose_plan()
     images = {}
     for r in dose.itertuples():  # a uniform image; the corner pixel, outside every organ, carries the grade
         images[r.probe_id] = np.full((16, 16), 0.5)
