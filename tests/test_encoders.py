@@ -108,6 +108,28 @@ def test_demo_vae_reconstructs(tmp_path):
     assert m["scaling_factor"] > 0 and (tmp_path / "vae" / "config.json").is_file()
 
 
+def _ribs(n, size=16, seed=0):
+    """Soft blobs crossed by fine tilted stripes (rib-like detail a 4x autoencoder tends to blur)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size] / size
+    out = []
+    for _ in range(n):
+        f, ph, tilt, a = rng.uniform(3, 5), rng.uniform(0, 2 * np.pi), rng.uniform(-0.5, 0.5), rng.uniform(0.1, 0.3)
+        base = 0.3 + 0.4 * np.exp(-((x - rng.uniform(.3, .7)) ** 2 + (y - rng.uniform(.3, .7)) ** 2) / 0.08)
+        out.append((base + a * np.sin(2 * np.pi * f * (y + tilt * x) + ph)).clip(0, 1).astype(np.float32))
+    return np.stack(out)
+
+
+def test_demo_vae_ssim_term_keeps_fine_detail(tmp_path):
+    # the same 4x autoencoder, data, seed and steps, with and without the SSIM term: the term must raise the
+    # held-out SSIM (the demo VAE: 0.923 -> 0.960 on the phantom's held-out images)
+    x, xv = _ribs(64), _ribs(16, seed=10)
+    cfg = dict(DEMO_VAE_CONFIG, block_out_channels=[8, 8, 8], norm_num_groups=4)
+    plain = train_demo_vae(x, xv, tmp_path / "plain", steps=80, batch_size=8, lr=3e-3, config=cfg)
+    with_ssim = train_demo_vae(x, xv, tmp_path / "ssim", steps=80, batch_size=8, lr=3e-3, config=cfg, ssim_weight=1.0)
+    assert with_ssim["ssim"] > plain["ssim"] + 0.02
+
+
 def test_load_images_skips_and_names_bad_files(tmp_path):
     atomic_write_png(tmp_path / "ok.png", np.tile(np.arange(40, dtype=np.uint8) * 5, (40, 1)))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")

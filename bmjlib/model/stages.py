@@ -54,7 +54,7 @@ def _done(out: Path, key: str) -> dict | None:
 def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale: str = "demo",
                        image_size: int = 64, vae_steps: int = 600, vae_batch: int = 32, clip_epochs: int = 20,
                        clip_batch: int = 64, seed: int = 0, sd_vae_dir: str = "",
-                       text_encoder: str = "", max_val: int = 256) -> dict:
+                       text_encoder: str = "", max_val: int = 256, vae_ssim_weight: float = 0.0) -> dict:
     """Write out/vae and out/text_encoder (or, at paper scale, record where they are) and return the
     held-out metrics. A rerun with the same inputs is a no-op."""
     out = Path(out)
@@ -73,7 +73,8 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
         val, train = rows[rows["subject_id"].astype(str).isin(held)], rows[~rows["subject_id"].astype(str).isin(held)]
     val = val.iloc[:max_val]
     key = fingerprint(list(train["image_path"]), list(train["impression"]), list(val["image_path"]), image_size,
-                      vae_steps, vae_batch, clip_epochs, clip_batch, seed, "vae-crop-half")
+                      vae_steps, vae_batch, clip_epochs, clip_batch, seed, "vae-crop-half",
+                      *([vae_ssim_weight] if vae_ssim_weight else []))  # the key of a run without it is unchanged
     done = _done(out, key)
     if done:
         print("components up to date: nothing to do")
@@ -84,7 +85,7 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
     t_val = list(val["impression"].iloc[kept_v])
     skipped = (len(train) - len(kept)) + (len(val) - len(kept_v))
     vae = train_demo_vae(x_train, x_val, out / "vae", steps=vae_steps, batch_size=vae_batch, seed=seed,
-                         crop=max(16, image_size // 2))
+                         crop=max(16, image_size // 2), ssim_weight=vae_ssim_weight)
     clip = train_demo_clip(x_train, t_train, x_val, t_val, out / "text_encoder", epochs=clip_epochs,
                            batch_size=clip_batch, seed=seed)
     res = {"key": key, "vae": str(out / "vae"), "text_encoder": f"local-dir:{out / 'text_encoder'}",
@@ -187,7 +188,8 @@ def stage1_components(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> 
     return prepare_components(table, step_dir(run_dir, "04_stage1"), model_scale=params["model_scale"],
                               image_size=params["image_size"], vae_steps=params["vae_steps"],
                               clip_epochs=params["clip_epochs"], seed=params["seed"],
-                              sd_vae_dir=params["sd_vae_dir"], text_encoder=params["text_encoder"])
+                              sd_vae_dir=params["sd_vae_dir"], text_encoder=params["text_encoder"],
+                              vae_ssim_weight=float(params.get("vae_ssim_weight", 0) or 0))
 
 
 def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], components: dict | None = None) -> Path:
