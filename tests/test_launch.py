@@ -44,15 +44,15 @@ def _fake_run(tmp_path):
 def test_train_config_is_what_the_smoke_profile_implies(tmp_path):
     _, vae = _fake_run(tmp_path)
     p = load_profile("smoke")
-    expected = dict(image_size=32, batch_size=16, lr=1e-4, cond_dropout=0.05, ema=False, checkpoint_every=5, seed=0,
+    expected = dict(image_size=32, batch_size=16, lr=1e-4, cond_dropout=0.1, ema=True, checkpoint_every=5, seed=0,
                     match_targets=True, snr_gamma=5.0, timestep_max=0.7, prediction_type="v_prediction",  # the demo's
                     unet_config=dict(DEMO_UNET_CONFIG, sample_size=8))
     assert stages.train_config(p, vae, epochs=p["stage1_epochs"]) == TrainConfig(epochs=2, **expected)
     assert stages.train_config(p, vae, epochs=p["stage2_epochs"]) == TrainConfig(epochs=2, **expected)
     # Table 2's arms: abl_steps optimiser steps, no EMA even where the profile asks for it
-    arm = ablations.arm_config(tmp_path / "run", dict(p, use_ema=True))
-    assert arm == TrainConfig(max_steps=2, **expected) and arm.epochs == TrainConfig().epochs
-    assert stages.train_config(dict(p, use_ema=True), vae).ema is True
+    arm = ablations.arm_config(tmp_path / "run", p)
+    assert arm == TrainConfig(max_steps=2, **dict(expected, ema=False)) and arm.epochs == TrainConfig().epochs
+    assert stages.train_config(dict(p, use_ema=False), vae).ema is False
 
 
 def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
