@@ -45,7 +45,7 @@ def test_train_config_is_what_the_smoke_profile_implies(tmp_path):
     _, vae = _fake_run(tmp_path)
     p = load_profile("smoke")
     expected = dict(image_size=32, batch_size=16, lr=1e-4, cond_dropout=0.1, ema=True, checkpoint_every=5, seed=0,
-                    match_targets=True, snr_gamma=5.0, timestep_max=0.7, prediction_type="v_prediction",  # the demo's
+                    match_targets=True, snr_gamma=5.0, timestep_max=0.7, prediction_type="v_prediction", hflip=False,  # the demo's
                     unet_config=dict(DEMO_UNET_CONFIG, sample_size=8))
     assert stages.train_config(p, vae, epochs=p["stage1_epochs"]) == TrainConfig(epochs=2, **expected)
     assert stages.train_config(p, vae, epochs=p["stage2_epochs"]) == TrainConfig(epochs=2, **expected)
@@ -53,6 +53,8 @@ def test_train_config_is_what_the_smoke_profile_implies(tmp_path):
     arm = ablations.arm_config(tmp_path / "run", p)
     assert arm == TrainConfig(max_steps=2, **dict(expected, ema=False)) and arm.epochs == TrainConfig().epochs
     assert stages.train_config(dict(p, use_ema=False), vae).ema is False
+    # the paper trains on flipped chests too (§5.1); the demo keeps every heart on the left
+    assert stages.train_config(load_profile("paper"), vae).hflip is True
 
 
 def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):

@@ -165,8 +165,8 @@ def vae_factor(vae_dir: str | os.PathLike) -> int:
 def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
                  max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
     """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
-    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, timestep_max and
-    prediction_type when `params` has them; `train_stage` and `train_stage1` turn the first four off for stage 1),
+    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, timestep_max,
+    prediction_type and hflip when `params` has them; `train_stage` and `train_stage1` turn the first four off for stage 1),
     the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when
     None); `ema=None` takes the profile's `use_ema`."""
     budget = {k: v for k, v in (("epochs", epochs), ("max_steps", max_steps)) if v is not None}
@@ -178,6 +178,7 @@ def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: 
                        snr_gamma=float(params.get("snr_gamma", 0) or 0),
                        timestep_max=float(params.get("timestep_max", 1.0) or 1.0),
                        prediction_type=params.get("prediction_type", "epsilon"),
+                       hflip=bool(params.get("hflip", True)),
                        unet_config=unet_config(params["model_scale"], params["image_size"], vae_factor(vae_dir)),
                        **budget)
 
