@@ -78,7 +78,7 @@ def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
     assert kw == dict(model_scale="demo", image_size=32, vae_steps=20, clip_epochs=2, seed=0, sd_vae_dir="",
                       text_encoder="", vae_ssim_weight=1.0)
     assert kw1 == dict(prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
-                       cache_dir=run / "04_stage1" / "latents", unet_init=None,
+                       cache_dir=run / "cache" / "latents", unet_init=None,
                        split=("train", "val"))  # the paper's stage 1: every p10-p18 image (69,846)
 
     calls.clear()
@@ -87,9 +87,9 @@ def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
     (c2, t2, o2, k2), (c3, t3, o3, k3) = calls
     assert c2 == c3 == cfg and list(t2["description"]) == list(t3["description"]) == ["y"]
     assert (o2, k2) == (run / "05_stage2", dict(init_from=s1 / "model", prior="registered", text_column="description",
-                                                cache_dir=s1 / "latents", cache_only=False))
+                                                cache_dir=run / "cache" / "latents", cache_only=False))
     assert (o3, k3) == (run / "05_stage2" / "one_stage", dict(
         prior="registered", text_column="description", vae=s1 / "model" / "vae",
-        text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=s1 / "latents", unet_init=None))
+        text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=run / "cache" / "latents", unet_init=None))
     calls.clear()
     assert launch.stage2(str(run), dict(p, one_stage=False)) == [run / "05_stage2" / "model"] and len(calls) == 1

@@ -20,6 +20,18 @@ def outputs(run: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+def test_a_finished_run_reruns_nothing(smoke_run):
+    """Asked again with nothing changed, the chain skips every step: no step writes into an earlier step's folder
+    (the training latents that stages 1-2 and the ablation arms encode live in the run's cache/, no step's output)."""
+    lines = []
+    run_chain("smoke", out=smoke_run, log=lines.append)
+    assert not [line for line in lines if ": running" in line], lines
+    assert sum(": up to date" in line for line in lines) == 11
+    assert any((smoke_run / "cache" / "latents").glob("dataset-*.safetensors"))
+    assert not (smoke_run / "04_stage1" / "latents").exists()
+
+
+@pytest.mark.slow
 def test_two_smoke_runs_write_identical_outputs(smoke_run):
     run = smoke_run
     first = outputs(run)

@@ -28,7 +28,7 @@ from bmjlib.evaluation.evaluate import evaluate
 from bmjlib.evaluation.tables import PAPER, PAPER_T2, PAPER_T5, fmt
 from bmjlib.io import atomic_write_csv
 from bmjlib.model.encoders import TextEncoder
-from bmjlib.model.stages import train_config
+from bmjlib.model.stages import latent_cache_dir, train_config
 from bmjlib.model.train import TrainConfig, train_stage
 from bmjlib.runtime import record_timing, resolve, side_by_side
 
@@ -77,7 +77,7 @@ def train_arm(name: str, desc: str, reg: bool, two: bool, pairs: pd.DataFrame, r
     what it reads into its latent cache."""
     stage1 = resolve(run_dir) / "04_stage1"
     kw = dict(prior="registered" if reg else "unregistered", text_column=TEXT_COLUMN[desc],
-              cache_dir=cache_dir or stage1 / "latents", progress=False, cache_only=cache_only)
+              cache_dir=cache_dir or latent_cache_dir(run_dir), progress=False, cache_only=cache_only)
     if two and text_encoder is None:
         return train_stage(config, pairs, Path(out_dir) / name, init_from=stage1 / "model", **kw)
     return train_stage(config, pairs, Path(out_dir) / name, vae=stage1 / "model" / "vae",

@@ -162,6 +162,13 @@ def vae_factor(vae_dir: str | os.PathLike) -> int:
     return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
+def latent_cache_dir(run_dir: str | os.PathLike) -> Path:
+    """The run's latent cache (`train_stage`'s `cache_dir`), shared by stage 1, stage 2, the one-stage arm and the
+    ablation arms: content-addressed and refilled on demand, so no step's output (the chain's up-to-date check,
+    which reads the NN_* folders, does not see what a later step adds to it)."""
+    return resolve(run_dir) / "cache" / "latents"
+
+
 def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
                  max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
     """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
@@ -204,7 +211,7 @@ def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], componen
     cfg = replace(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), snr_gamma=0.0, timestep_max=1.0)
     return train_stage(cfg, table, out,
                        prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
-                       cache_dir=out / "latents", unet_init=params["sd_unet_dir"] or None, split=("train", "val"))
+                       cache_dir=latent_cache_dir(run_dir), unet_init=params["sd_unet_dir"] or None, split=("train", "val"))
 
 
 def with_stable_triples(pairs: pd.DataFrame, share: float, seed: int = 0) -> pd.DataFrame:
@@ -275,14 +282,14 @@ def stage2_triples(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> pd.
 
 def train_stage2(run_dir: str | os.PathLike, params: Mapping[str, Any], cache_only: bool = False) -> Path:
     """Stage 2 (notebook 05, BiomedJourney): stage 1's model tuned on `stage2_triples` (prior, description,
-    registered follow-up) for `stage2_epochs`, into 05_stage2/model; stage 1's latent cache reused (`cache_only`:
+    registered follow-up) for `stage2_epochs`, into 05_stage2/model; the run's latent cache reused (`cache_only`:
     only encode what stage 2 reads into it)."""
     (step_dir(run_dir, "05_stage2") / GIVEN_MODEL_FILE).unlink(missing_ok=True)  # trained here, not given
     s1 = step_dir(run_dir, "04_stage1")
     pairs = stage2_triples(run_dir, params)
     cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
     return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2"), init_from=s1 / "model", prior="registered",
-                       text_column="description", cache_dir=s1 / "latents", cache_only=cache_only)
+                       text_column="description", cache_dir=latent_cache_dir(run_dir), cache_only=cache_only)
 
 
 def train_one_stage(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path:
@@ -293,7 +300,7 @@ def train_one_stage(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> Pa
     cfg = train_config(params, s1 / "model" / "vae", epochs=params["stage2_epochs"])
     return train_stage(cfg, pairs, step_dir(run_dir, "05_stage2") / "one_stage", prior="registered",
                        text_column="description", vae=s1 / "model" / "vae",
-                       text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=s1 / "latents",
+                       text_encoder=f"local-dir:{s1 / 'model' / 'text_encoder'}", cache_dir=latent_cache_dir(run_dir),
                        unet_init=params["sd_unet_dir"] or None)
 
 
