@@ -353,6 +353,28 @@ def test_probes_chain_and_score(run, tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in mt.items())
 
 
+def test_floor_margin_asks_for_confidence_not_a_lucky_draw():
+    rng = np.random.default_rng(0)
+    ids = [f"p{i}" for i in range(150)]
+    ceiling = pd.Series(0.95, index=ids)
+    floor = V.PRESERVATION_FLOOR * 0.95
+    # every pair clears the floor by 0.01: the margin is 0.01 and certain
+    margin, lo = V.floor_margin(pd.Series(floor + 0.01, index=ids), ceiling)
+    assert margin == pytest.approx(0.01) and lo == pytest.approx(0.01)
+    # clearing it by 0.002 on average with a spread of 0.06 per pair is not enough: the lower end is under 0
+    noisy = floor + 0.002 + rng.normal(0, 0.06, len(ids))
+    noisy += floor + 0.002 - noisy.mean()
+    margin, lo = V.floor_margin(pd.Series(noisy, index=ids), ceiling)
+    assert margin == pytest.approx(0.002) and lo < -0.005
+    # by 0.03 with the same spread it is
+    margin, lo = V.floor_margin(pd.Series(noisy + 0.028, index=ids), ceiling)
+    assert lo > 0.01
+    # pairs are matched by id; a pair the ceiling lacks is left out, not misaligned
+    kept = pd.Series([floor + 0.01] * 149 + [0.0], index=ids)
+    assert V.floor_margin(kept, ceiling.iloc[:149])[0] == pytest.approx(0.01)
+    assert all(np.isnan(V.floor_margin(kept, pd.Series(dtype=float))))
+
+
 def test_guidance_rule_does_not_reward_copying(run):
     run, pipe = run
     out = run / "05_stage2" / "guidance"
@@ -362,8 +384,11 @@ def test_guidance_rule_does_not_reward_copying(run):
     assert choice["n_val_pairs"] == len(val) > 0
     assert set(table["model"]) == {"biomedjourney", "one_stage", "copy_prior", "reference", "truth", "vae_truth"}
     bmj = table[table["model"] == "biomedjourney"]
+    kept = bmj[bmj["floor_margin_lo"] >= 0]
+    # the margin is the mean of preservation - floor x the ceiling's, pair by pair
     floor = V.PRESERVATION_FLOOR * table.set_index("model").loc["vae_truth", "preservation"]
-    kept = bmj[bmj["preservation"] >= floor]
+    np.testing.assert_allclose(bmj["floor_margin"], bmj["preservation"] - floor, atol=1e-9)
+    assert (bmj["floor_margin_lo"] <= bmj["floor_margin"] + 1e-12).all()
     best = kept.loc[kept["effectiveness"].idxmax()] if len(kept) else bmj.loc[bmj["preservation"].idxmax()]
     assert (choice["text_scale"], choice["image_scale"]) == (best["text_scale"], best["image_scale"])
     assert table["chosen"].sum() == 1 and choice["met_floor"] == bool(len(kept))

@@ -596,20 +596,21 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
                     grid=GUIDANCE_GRID, models: tuple[str, ...] = ("biomedjourney", "one_stage"), seed: int = 0,
                     max_pairs: int | None = 64, batch_size: int = 16, vae=None) -> tuple[pd.DataFrame, dict]:
     """Choose §5.1's two guidance scales on the VALIDATION pairs (never the test pairs) by a rule that does
-    not reward copying: among BiomedJourney's (text, image) settings whose preservation is at least
-    PRESERVATION_FLOOR of the ceiling's, the most effective one (judge `effectiveness`); if none keeps that
-    much, the most preserving one. Preservation is `preservation_ssim` and the ceiling `vae_truth` where the run
-    has the phantom's truth, else `anatomy_dice` and the real follow-up's. Every model of `models` is scored
-    on the grid (the edit-preservation curve), copy_prior, reference, truth and vae_truth as reference points.
-    Writes out_dir/guidance.json (read by `counterfactuals.resolve_guidance` for "auto") and
-    out_dir/guidance_val.csv. Returns (table, choice)."""
+    not reward copying: among BiomedJourney's (text, image) settings that keep at least PRESERVATION_FLOOR of
+    the ceiling's preservation with 95 % confidence on those pairs (`floor_margin`), the most effective one
+    (judge `effectiveness`); if none does, the most preserving one. Preservation is `preservation_ssim` and the
+    ceiling `vae_truth` where the run has the phantom's truth, else `anatomy_dice` and the real follow-up's.
+    Every model of `models` is scored on the grid (the edit-preservation curve), copy_prior, reference, truth and
+    vae_truth as reference points. Writes out_dir/guidance.json (read by `counterfactuals.resolve_guidance` for
+    "auto") and out_dir/guidance_val.csv. Returns (table, choice)."""
     out = Path(out_dir)
     pairs = test_pairs(run_dir, split="val", max_pairs=max_pairs)
     specs = model_specs(run_dir)
     models = [m for m in models if (specs[m]["path"] / "bmj_pipeline.json").is_file()]
     copy_dir = out / "copy_prior"
     generate_model("copy_prior", specs["copy_prior"], pairs, copy_dir, size, seed, batch_size)
-    base, _ = evaluate_validity(run_dir, copy_dir, judges, ["copy_prior"], size, vae=vae, n_boot=0, pairs=pairs)
+    base, base_pairs = evaluate_validity(run_dir, copy_dir, judges, ["copy_prior"], size, vae=vae, n_boot=0,
+                                         pairs=pairs)
     has_truth = "truth" in set(base["source"])
     pres = "preservation_ssim" if has_truth else "anatomy_dice"
     ceiling_source = "vae_truth" if "vae_truth" in set(base["source"]) else "truth" if has_truth else "reference"
@@ -620,19 +621,24 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
     done = side_by_side({f"{m} at text {ts:g} / image {im:g}": (
         _grid_point, run_dir, m, specs[m], pairs, out / f"text{ts:g}_image{im:g}", size, seed, batch_size,
         dict(settings or {}, text_scale=ts, image_scale=im), judges, pres) for m, ts, im in points})
-    rows += [dict(model=m, text_scale=ts, image_scale=im, **point) for (m, ts, im), point in zip(points, done.values())]
+    ceiling_pairs = _pair_values(base_pairs, ceiling_source, pres)
+    for (m, ts, im), (point, kept_pairs) in zip(points, done.values()):
+        margin, margin_lo = floor_margin(kept_pairs, ceiling_pairs, seed=seed)
+        rows.append(dict(model=m, text_scale=ts, image_scale=im, **point, floor_margin=margin,
+                         floor_margin_lo=margin_lo))
     table = pd.DataFrame(rows)
     ceiling = float(table.loc[table["model"] == ceiling_source, "preservation"].iloc[0])
     cand = table[(table["model"] == "biomedjourney")]
     if cand.empty:
         raise FileNotFoundError(f"{specs['biomedjourney']['path']}: no BiomedJourney model to choose guidance for")
-    kept = cand[(cand["preservation"] >= PRESERVATION_FLOOR * ceiling) & cand["effectiveness"].notna()]
+    kept = cand[(cand["floor_margin_lo"] >= 0) & cand["effectiveness"].notna()]
     if len(kept):
         best = kept.loc[kept["effectiveness"].idxmax()]
     else:  # nothing keeps enough (or no validation pair changed): the most preserving setting
         best = cand.loc[cand["preservation"].fillna(-np.inf).idxmax()]
     rule = (f"highest judge effectiveness on validation pairs among settings whose {pres} is at least "
-            f"{PRESERVATION_FLOOR:g} x {ceiling_source}'s ({PRESERVATION_FLOOR * ceiling:.3f})")
+            f"{PRESERVATION_FLOOR:g} x {ceiling_source}'s ({PRESERVATION_FLOOR * ceiling:.3f}) with 95 % "
+            "confidence (the paired bootstrap interval of the margin lies above 0)")
     choice = {"text_scale": float(best["text_scale"]), "image_scale": float(best["image_scale"]),
               "effectiveness": float(best["effectiveness"]), "preservation": float(best["preservation"]),
               "preservation_metric": pres, "ceiling_source": ceiling_source, "ceiling": ceiling,
@@ -647,11 +653,34 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
 
 
 def _grid_point(run_dir, model: str, spec: dict, pairs: pd.DataFrame, out: Path, size: int, seed: int,
-                batch_size: int, settings: dict, judges: dict, pres: str) -> dict:
-    """One model at one guidance setting on the validation pairs: its point of the edit-preservation curve."""
+                batch_size: int, settings: dict, judges: dict, pres: str) -> tuple[dict, pd.Series]:
+    """One model at one guidance setting on the validation pairs: its point of the edit-preservation curve, and
+    its preservation per pair."""
     generate_model(model, spec, pairs, out, size, seed, batch_size, settings)
-    t, _ = evaluate_validity(run_dir, out, judges, [model], size, n_boot=0, pairs=pairs, reference_rows=False)
-    return _curve_point(t.set_index("source").loc[model], pres)
+    t, per_pair = evaluate_validity(run_dir, out, judges, [model], size, n_boot=0, pairs=pairs,
+                                    reference_rows=False)
+    return _curve_point(t.set_index("source").loc[model], pres), _pair_values(per_pair, model, pres)
+
+
+def _pair_values(per_pair: pd.DataFrame, source: str, column: str) -> pd.Series:
+    """One source's `column` per pair_id from `evaluate_validity`'s per-pair frame (empty where it has none)."""
+    rows = per_pair[per_pair["source"] == source]
+    if column not in rows:
+        return pd.Series(dtype=float)
+    return rows.set_index("pair_id")[column].astype(float)
+
+
+def floor_margin(kept: pd.Series, ceiling: pd.Series, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """How far a setting's preservation clears PRESERVATION_FLOOR x the ceiling's, over the pairs where both
+    are defined (both series are indexed by pair_id): the mean of kept - floor x ceiling per pair, and the lower
+    end of its 95 % bootstrap interval, the pairs resampled together. A setting that clears the floor only on
+    this draw of validation pairs has a lower end under 0. (NaN, NaN) when no pair has both."""
+    both = pd.concat([kept.rename("kept"), ceiling.rename("ceiling")], axis=1).dropna()
+    if both.empty:
+        return float("nan"), float("nan")
+    diff = (both["kept"] - PRESERVATION_FLOOR * both["ceiling"]).to_numpy()
+    lo, _ = M.bootstrap_ci(lambda i: float(diff[i].mean()), len(diff), n_boot, seed)
+    return float(diff.mean()), float(lo)
 
 
 def _curve_point(row, pres: str) -> dict:
@@ -669,6 +698,9 @@ def plot_edit_preservation(table: pd.DataFrame, choice: dict, fig_dir=None, name
         g = g.sort_values("text_scale")
         ax.plot(g["preservation"], g["effectiveness"], "-o", ms=3, lw=1, color=colours.get(m, "grey"),
                 alpha=0.35 + 0.65 * (im / grid["image_scale"].max()), label=f"{m}, image scale {im:g}")
+        if "floor_margin_lo" in g:  # down to the 95 % interval's lower end the rule reads
+            ax.hlines(g["effectiveness"], g["preservation"] - (g["floor_margin"] - g["floor_margin_lo"]),
+                      g["preservation"], color=colours.get(m, "grey"), lw=0.8, alpha=0.5)
         for _, r in g.iterrows():
             ax.annotate(f"{r['text_scale']:g}", (r["preservation"], r["effectiveness"]), fontsize=6,
                         xytext=(2, 2), textcoords="offset points", color=colours.get(m, "grey"))
@@ -684,7 +716,7 @@ def plot_edit_preservation(table: pd.DataFrame, choice: dict, fig_dir=None, name
     ax.axvline(floor, ls="--", color="red", lw=0.8)
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xlabel(f"preservation ({choice['preservation_metric']}; dashed: {PRESERVATION_FLOOR:g} x "
-                  f"{choice['ceiling_source']})")
+                  f"{choice['ceiling_source']}; bars: down to the 95 % lower end of the margin)")
     ax.set_ylabel("effectiveness (judge shift toward the follow-up on changed findings)")
     ax.set_title("Edit vs preservation over the guidance scales (validation pairs; numbers = text scale)",
                  fontsize=9)
