@@ -45,7 +45,8 @@ def test_train_config_is_what_the_smoke_profile_implies(tmp_path):
     _, vae = _fake_run(tmp_path)
     p = load_profile("smoke")
     expected = dict(image_size=32, batch_size=16, lr=1e-4, cond_dropout=0.1, ema=True, checkpoint_every=5, seed=0,
-                    match_targets=True, snr_gamma=5.0, timestep_max=0.7, prediction_type="v_prediction", hflip=False,  # the demo's
+                    match_targets=True, snr_gamma=5.0, change_weight=1.0, timestep_max=0.7, prediction_type="v_prediction",
+                    hflip=False,  # the demo's
                     unet_config=dict(DEMO_UNET_CONFIG, sample_size=8))
     assert stages.train_config(p, vae, epochs=p["stage1_epochs"]) == TrainConfig(epochs=2, **expected)
     assert stages.train_config(p, vae, epochs=p["stage2_epochs"]) == TrainConfig(epochs=2, **expected)
@@ -55,6 +56,7 @@ def test_train_config_is_what_the_smoke_profile_implies(tmp_path):
     assert stages.train_config(dict(p, use_ema=False), vae).ema is False
     # the paper trains on flipped chests too (§5.1); the demo keeps every heart on the left
     assert stages.train_config(load_profile("paper"), vae).hflip is True
+    assert stages.train_config(load_profile("paper"), vae).change_weight == 0.0  # every latent pixel alike
 
 
 def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
@@ -73,7 +75,7 @@ def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
     # stage 1 trains with the plain loss over the whole schedule; stage 2 with the profile's min-SNR weighting on
     # the share of the schedule its sampler visits
     assert cfg.snr_gamma == 5.0 and c.snr_gamma == 0.0 and cfg.timestep_max == 0.7 and c.timestep_max == 1.0
-    assert out == out1 == run / "04_stage1" and c == replace(cfg, snr_gamma=0.0, timestep_max=1.0)
+    assert out == out1 == run / "04_stage1" and c == replace(cfg, snr_gamma=0.0, timestep_max=1.0, change_weight=0.0)
     assert list(table["impression"]) == ["x"]
     assert kw == dict(model_scale="demo", image_size=32, vae_steps=20, clip_epochs=2, seed=0, sd_vae_dir="",
                       text_encoder="", vae_ssim_weight=1.0)

@@ -172,7 +172,7 @@ def latent_cache_dir(run_dir: str | os.PathLike) -> Path:
 def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: float | None = None,
                  max_steps: int | None = None, ema: bool | None = None) -> TrainConfig:
     """The TrainConfig of the profile values `params` (image_size, batch_size, lr, cond_dropout, use_ema,
-    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, timestep_max,
+    checkpoint_every, seed, model_scale; and match_targets, diffusion_target, snr_gamma, change_weight, timestep_max,
     prediction_type and hflip when `params` has them; `train_stage` and `train_stage1` turn the first four off for stage 1),
     the UNet sized for the VAE in `vae_dir`. `epochs` or `max_steps` set the budget (TrainConfig's default when
     None); `ema=None` takes the profile's `use_ema`."""
@@ -183,6 +183,7 @@ def train_config(params: Mapping[str, Any], vae_dir: str | os.PathLike, epochs: 
                        match_targets=bool(params.get("match_targets", False)),
                        target=params.get("diffusion_target", "image"),
                        snr_gamma=float(params.get("snr_gamma", 0) or 0),
+                       change_weight=float(params.get("change_weight", 0) or 0),
                        timestep_max=float(params.get("timestep_max", 1.0) or 1.0),
                        prediction_type=params.get("prediction_type", "epsilon"),
                        hflip=bool(params.get("hflip", True)),
@@ -206,9 +207,11 @@ def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], componen
     out = step_dir(run_dir, "04_stage1")
     table = pd.read_csv(step_dir(run_dir, "01_cohort") / "stage1.csv")
     comp = stage1_components(run_dir, params) if components is None else components
-    # stage 1 trains with the plain loss over the whole schedule whatever snr_gamma and timestep_max say: the
-    # text-only arm samples it from pure noise, and the min-SNR measurements were of stage 2 only
-    cfg = replace(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), snr_gamma=0.0, timestep_max=1.0)
+    # stage 1 trains with the plain loss over the whole schedule whatever snr_gamma, change_weight and timestep_max
+    # say: the text-only arm samples it from pure noise, the min-SNR measurements were of stage 2 only, and its
+    # dummy prior has no change to weight
+    cfg = replace(train_config(params, comp["vae"], epochs=params["stage1_epochs"]), snr_gamma=0.0, timestep_max=1.0,
+                  change_weight=0.0)
     return train_stage(cfg, table, out,
                        prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
                        cache_dir=latent_cache_dir(run_dir), unet_init=params["sd_unet_dir"] or None, split=("train", "val"))
