@@ -45,8 +45,8 @@ if [ "${1:-}" = "test" ]; then
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "[env] chromium not installed; browser test will be skipped" >&2
   fi
   # tests/ plus every notebook under nbval (lax), which runs the chain on the smoke profile; one pytest-xdist
-  # worker per core (tests/conftest.py keeps each notebook's cells, and the tests sharing one smoke chain, on one
-  # worker); the slowest 30 tests are listed at the end (CI has 20 minutes).
-  exec python -m pytest -n auto --dist loadgroup --nbval-lax -p no:cacheprovider --durations=30 tests notebooks "$@"
+  # worker per core (tests/conftest.py keeps the notebooks, the tests sharing one smoke chain, and each test file on
+  # one worker); the slowest 30 tests are listed at the end (CI has 20 minutes).
+  exec python -m pytest -n auto --nbval-lax -p no:cacheprovider --durations=30 tests notebooks "$@"
 fi
 exec "$@"

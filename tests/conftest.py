@@ -21,20 +21,39 @@ def pytest_configure(config):
         use_run_threads()
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
+# The files whose tests share the session's smoke chain (`smoke_run`): they run on one worker, which builds it once.
+SMOKE_CHAIN_FILES = ("tests/test_launch.py", "tests/test_reproducible.py", "tests/test_side_by_side.py")
+
+
+def worker_scope(nodeid: str) -> str:
+    """What runs on one pytest-xdist worker, in collection order: every notebook's cells (each notebook reads the run
+    the one before it wrote), the files sharing the smoke chain, and each other test file (its module fixtures are
+    built once)."""
+    path = nodeid.split("::")[0]
+    if path.startswith("notebooks/"):
+        return "notebooks"
+    return "smoke chain" if path in SMOKE_CHAIN_FILES else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    # pytest-xdist's own `--dist loadgroup` reads its groups off rewritten node ids, which pytest 9.2 no longer
+    # takes (pytest-xdist issue 1386); a scope scheduler with our own scopes does not depend on that.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkerScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_scope(nodeid)
+
+    return ByWorkerScope(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """With `--dist loadgroup`: the cells of every notebook run on one worker, in order (each notebook reads the run
-    the one before it wrote); the tests that share the session's smoke chain run on one worker, which builds it
-    once; every other test runs on the worker of the rest of its file, in the file's order (its module fixtures
-    are built once)."""
-    for item in items:
-        if item.nodeid.startswith("notebooks/"):
-            group = "notebooks"
-        elif "smoke_run" in getattr(item, "fixturenames", ()):
-            group = "smoke_run"
-        else:
-            group = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    """A test that uses the smoke chain outside SMOKE_CHAIN_FILES would build a second chain on another worker."""
+    stray = sorted({i.nodeid.split("::")[0] for i in items if "smoke_run" in getattr(i, "fixturenames", ())}
+                   - set(SMOKE_CHAIN_FILES))
+    if stray:
+        raise pytest.UsageError(f"{', '.join(stray)}: uses the smoke_run fixture; add it to SMOKE_CHAIN_FILES in "
+                                "tests/conftest.py")
 
 
 @pytest.fixture(scope="session")

@@ -185,8 +185,8 @@ def test_torn_shard_is_found_by_sha256_and_encoded_again(tmp_path, rows, store, 
         assert sha256_file(folder / s["file"]) == s["sha256"]
     for s, want in zip((0, 1), batches):
         got = data.batch(torch.arange(10), torch.Generator().manual_seed(s), True, "cpu")
-        for k in want:
-            assert torch.equal(got[k], want[k]), k
+        for k in want:  # the torn shard's images are encoded again in a smaller call: equal to fp16 rounding
+            torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=2e-4, msg=k)
 
 
 def test_fingerprint_keys_rebuild_what_changed(tmp_path, rows, table, encoded):
