@@ -375,6 +375,47 @@ def test_floor_margin_asks_for_confidence_not_a_lucky_draw():
     assert all(np.isnan(V.floor_margin(kept, pd.Series(dtype=float))))
 
 
+def _setting(eff_per_pair, n_changed):
+    return pd.DataFrame({"effectiveness": eff_per_pair, "n_changed": n_changed},
+                        index=[f"p{i}" for i in range(len(eff_per_pair))])
+
+
+def test_effectiveness_gap_is_the_tables_mean_over_changed_findings():
+    """The gap is the difference of the table's effectiveness (the mean over changed findings, so a pair with
+    three changed findings weighs three times), its error the spread of that difference over resampled pairs."""
+    best = _setting([0.6, 0.3, np.nan, 0.9], [1, 3, 0, 2])
+    other = _setting([0.5, 0.3, 0.2, 0.6], [1, 3, 0, 2])
+    gap, se = V.effectiveness_gap(best, other)
+    assert gap == pytest.approx((0.1 * 1 + 0 * 3 + 0.3 * 2) / 6)
+    assert 0 < se < gap
+    assert V.effectiveness_gap(best, best) == (0.0, 0.0)
+    assert all(np.isnan(V.effectiveness_gap(_setting([np.nan], [0]), _setting([0.1], [0]))))
+
+
+def test_one_standard_error_rule_takes_the_weakest_guidance_that_is_not_surely_worse():
+    """Stronger guidance than the effect needs overshoots (every grade drawn as the largest): among the kept
+    settings, a weaker text scale whose effectiveness trails the best by less than its standard error is taken;
+    one that surely trails it is not."""
+    rng = np.random.default_rng(0)
+    n = np.full(150, 2)
+    base = rng.uniform(0.2, 0.9, 150)
+    noise = rng.normal(0, 0.2, 150)
+    noise -= noise.mean()
+    per_pair = {0: _setting(base + 0.01, n),                                    # text 10: the most effective
+                1: _setting(base + noise, n),                                   # text 7.5: 0.01 less, noisy
+                2: _setting(base - 0.1 + rng.normal(0, 0.02, 150), n)}          # text 5: surely less
+    kept = pd.DataFrame({"text_scale": [10.0, 7.5, 5.0], "image_scale": 1.5,
+                         "effectiveness": [float(per_pair[i]["effectiveness"].mean()) for i in range(3)]})
+    out = V.weakest_near_best(kept, per_pair)
+    assert out["gap"][0] == 0 and out["gap"][2] > V.EFFECT_SE * out["se"][2]
+    assert out["gap"][1] <= V.EFFECT_SE * out["se"][1]
+    assert list(out["chosen"]) == [False, True, False]
+    # the weaker setting made as steady as the best: now its 0.01 shortfall is sure, the strongest is taken
+    per_pair[1] = _setting(base, n)
+    kept.loc[1, "effectiveness"] = float(base.mean())
+    assert list(V.weakest_near_best(kept, per_pair)["chosen"]) == [True, False, False]
+
+
 def test_guidance_rule_does_not_reward_copying(run):
     run, pipe = run
     out = run / "05_stage2" / "guidance"
@@ -389,7 +430,12 @@ def test_guidance_rule_does_not_reward_copying(run):
     floor = V.PRESERVATION_FLOOR * table.set_index("model").loc["vae_truth", "preservation"]
     np.testing.assert_allclose(bmj["floor_margin"], bmj["preservation"] - floor, atol=1e-9)
     assert (bmj["floor_margin_lo"] <= bmj["floor_margin"] + 1e-12).all()
-    best = kept.loc[kept["effectiveness"].idxmax()] if len(kept) else bmj.loc[bmj["preservation"].idxmax()]
+    if len(kept):  # the weakest text scale within one standard error of the most effective kept setting
+        near = kept[kept["effectiveness_gap"] <= V.EFFECT_SE * kept["effectiveness_gap_se"] + 1e-12]
+        assert kept.loc[kept["effectiveness"].idxmax(), "effectiveness_gap"] == 0
+        best = near[near["text_scale"] == near["text_scale"].min()].sort_values("effectiveness").iloc[-1]
+    else:
+        best = bmj.loc[bmj["preservation"].idxmax()]
     assert (choice["text_scale"], choice["image_scale"]) == (best["text_scale"], best["image_scale"])
     assert table["chosen"].sum() == 1 and choice["met_floor"] == bool(len(kept))
     # copying scores zero effectiveness: the rule can never prefer it to a setting that edits

@@ -86,6 +86,12 @@ ORGANS_TOUCHED = {"Atelectasis": ("{side}_lung", "diaphragm", "mediastinum"),
                   "Pleural Effusion": ("{side}_lung", "diaphragm"),
                   "Pneumothorax": ("{side}_lung", "mediastinum")}
 PRESERVATION_FLOOR = 0.9   # guidance rule: keep at least this share of the ceiling's preservation
+# Guidance rule, second part: among the settings that keep enough, the weakest text scale whose effectiveness is
+# within this many bootstrap standard errors of the most effective one (the one-standard-error rule). Guidance
+# stronger than the effect needs extrapolates past what the model learnt: on the demo model's 47 validation probe
+# priors, cardiomegaly's dose rho falls 0.89 -> 0.72 -> 0.50 -> 0.38 at text 3 / 5 / 7.5 / 10 (image 1.5; every
+# grade drawn as large), while effectiveness gains 0.005 from 7.5 to 10 (standard error 0.007).
+EFFECT_SE = 1.0
 REFERENCE_ROWS = ("copy_prior", "reference", "truth", "vae_truth")
 TRUTH_COLUMNS = ("preservation_ssim", "change_error", "effectiveness_rel")
 
@@ -562,6 +568,7 @@ def evaluate_validity(run_dir: str | Path, gen_dir: str | Path, judges: dict, mo
         if "shift" in per[s]:
             pp = pd.DataFrame({"pair_id": ids, "source": s,
                                "effectiveness": _nanmean(per[s]["shift"], axis=1),
+                               "n_changed": (~np.isnan(per[s]["shift"])).sum(axis=1),
                                "effectiveness_lat": _nanmean(per[s]["shift_lat"], axis=1),
                                "anatomy_dice": per[s]["anatomy_dice"]})
             for c in ("preservation_ssim", "change_error"):
@@ -597,8 +604,10 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
                     max_pairs: int | None = 64, batch_size: int = 16, vae=None) -> tuple[pd.DataFrame, dict]:
     """Choose §5.1's two guidance scales on the VALIDATION pairs (never the test pairs) by a rule that does
     not reward copying: among BiomedJourney's (text, image) settings that keep at least PRESERVATION_FLOOR of
-    the ceiling's preservation with 95 % confidence on those pairs (`floor_margin`), the most effective one
-    (judge `effectiveness`); if none does, the most preserving one. Preservation is `preservation_ssim` and the
+    the ceiling's preservation with 95 % confidence on those pairs (`floor_margin`), the weakest text scale whose
+    judge `effectiveness` is within EFFECT_SE bootstrap standard errors of the most effective one's
+    (`effectiveness_gap`; at that text scale, the most effective image scale); if none keeps enough, the most
+    preserving one. Preservation is `preservation_ssim` and the
     ceiling `vae_truth` where the run has the phantom's truth, else `anatomy_dice` and the real follow-up's.
     Every model of `models` is scored on the grid (the edit-preservation curve), copy_prior, reference, truth and
     vae_truth as reference points. Writes out_dir/guidance.json (read by `counterfactuals.resolve_guidance` for
@@ -622,21 +631,27 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
         _grid_point, run_dir, m, specs[m], pairs, out / f"text{ts:g}_image{im:g}", size, seed, batch_size,
         dict(settings or {}, text_scale=ts, image_scale=im), judges, pres) for m, ts, im in points})
     ceiling_pairs = _pair_values(base_pairs, ceiling_source, pres)
-    for (m, ts, im), (point, kept_pairs) in zip(points, done.values()):
-        margin, margin_lo = floor_margin(kept_pairs, ceiling_pairs, seed=seed)
+    per_setting = {}
+    for (m, ts, im), (point, setting_pairs) in zip(points, done.values()):
+        margin, margin_lo = floor_margin(_pair_values(setting_pairs, m, pres), ceiling_pairs, seed=seed)
         rows.append(dict(model=m, text_scale=ts, image_scale=im, **point, floor_margin=margin,
                          floor_margin_lo=margin_lo))
+        per_setting[len(rows) - 1] = setting_pairs[setting_pairs["source"] == m].set_index("pair_id")
     table = pd.DataFrame(rows)
     ceiling = float(table.loc[table["model"] == ceiling_source, "preservation"].iloc[0])
     cand = table[(table["model"] == "biomedjourney")]
     if cand.empty:
         raise FileNotFoundError(f"{specs['biomedjourney']['path']}: no BiomedJourney model to choose guidance for")
     kept = cand[(cand["floor_margin_lo"] >= 0) & cand["effectiveness"].notna()]
+    table["effectiveness_gap"] = table["effectiveness_gap_se"] = np.nan
     if len(kept):
-        best = kept.loc[kept["effectiveness"].idxmax()]
+        gaps = weakest_near_best(kept, per_setting, seed=seed)
+        table.loc[gaps.index, ["effectiveness_gap", "effectiveness_gap_se"]] = gaps[["gap", "se"]].to_numpy()
+        best = table.loc[gaps.index[gaps["chosen"]][0]]
     else:  # nothing keeps enough (or no validation pair changed): the most preserving setting
         best = cand.loc[cand["preservation"].fillna(-np.inf).idxmax()]
-    rule = (f"highest judge effectiveness on validation pairs among settings whose {pres} is at least "
+    rule = (f"the weakest text scale whose judge effectiveness on validation pairs is within {EFFECT_SE:g} "
+            f"bootstrap standard error of the highest, among settings whose {pres} is at least "
             f"{PRESERVATION_FLOOR:g} x {ceiling_source}'s ({PRESERVATION_FLOOR * ceiling:.3f}) with 95 % "
             "confidence (the paired bootstrap interval of the margin lies above 0)")
     choice = {"text_scale": float(best["text_scale"]), "image_scale": float(best["image_scale"]),
@@ -655,11 +670,11 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
 def _grid_point(run_dir, model: str, spec: dict, pairs: pd.DataFrame, out: Path, size: int, seed: int,
                 batch_size: int, settings: dict, judges: dict, pres: str) -> tuple[dict, pd.Series]:
     """One model at one guidance setting on the validation pairs: its point of the edit-preservation curve, and
-    its preservation per pair."""
+    its per-pair values (`evaluate_validity`'s per-pair frame)."""
     generate_model(model, spec, pairs, out, size, seed, batch_size, settings)
     t, per_pair = evaluate_validity(run_dir, out, judges, [model], size, n_boot=0, pairs=pairs,
                                     reference_rows=False)
-    return _curve_point(t.set_index("source").loc[model], pres), _pair_values(per_pair, model, pres)
+    return _curve_point(t.set_index("source").loc[model], pres), per_pair
 
 
 def _pair_values(per_pair: pd.DataFrame, source: str, column: str) -> pd.Series:
@@ -681,6 +696,38 @@ def floor_margin(kept: pd.Series, ceiling: pd.Series, n_boot: int = 1000, seed: 
     diff = (both["kept"] - PRESERVATION_FLOOR * both["ceiling"]).to_numpy()
     lo, _ = M.bootstrap_ci(lambda i: float(diff[i].mean()), len(diff), n_boot, seed)
     return float(diff.mean()), float(lo)
+
+
+def effectiveness_gap(best: pd.DataFrame, other: pd.DataFrame, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """How much less effective a setting is than the best one on the same pairs: (gap, its bootstrap standard
+    error), the pairs resampled together. Each frame is indexed by pair_id with `effectiveness` (a pair's mean
+    shift over its changed findings) and `n_changed`, so a resample's effectiveness is the mean over its changed
+    findings, as the table's is. (NaN, NaN) when no pair has a changed finding in both."""
+    both = best[["effectiveness", "n_changed"]].join(other[["effectiveness"]], rsuffix="_other").dropna()
+    both = both[both["n_changed"] > 0]
+    if both.empty:
+        return float("nan"), float("nan")
+    w = both["n_changed"].to_numpy(float)
+    d = (both["effectiveness"] - both["effectiveness_other"]).to_numpy(float) * w
+    rng = np.random.default_rng(seed)
+    boots = [d[i].sum() / w[i].sum() for i in (rng.integers(0, len(d), len(d)) for _ in range(n_boot))]
+    return float(d.sum() / w.sum()), float(np.std(boots)) if n_boot > 0 else float("nan")
+
+
+def weakest_near_best(kept: pd.DataFrame, per_pair: dict, seed: int = 0) -> pd.DataFrame:
+    """The one-standard-error rule over the settings `kept` (rows with text_scale, image_scale, effectiveness):
+    each one's `effectiveness_gap` to the most effective (gap, se; `per_pair[row index]` holds its per-pair
+    frame) and the choice: the weakest text scale within EFFECT_SE standard errors, at that text scale the most
+    effective. Returns a frame indexed like `kept` with gap, se, chosen (True on exactly one row)."""
+    top = kept["effectiveness"].idxmax()
+    out = pd.DataFrame([effectiveness_gap(per_pair[top], per_pair[i], seed=seed) for i in kept.index],
+                       index=kept.index, columns=["gap", "se"])
+    out.loc[top, ["gap", "se"]] = 0.0, 0.0  # the best against itself (also when its pairs changed nothing)
+    near = kept[out["gap"] <= EFFECT_SE * out["se"] + 1e-12]
+    weakest = near[near["text_scale"] == near["text_scale"].min()]
+    out["chosen"] = out.index == weakest["effectiveness"].idxmax()
+    return out
 
 
 def _curve_point(row, pres: str) -> dict:
