@@ -668,7 +668,7 @@ def select_guidance(run_dir: str | Path, out_dir: str | Path, judges: dict, size
 
 
 def _grid_point(run_dir, model: str, spec: dict, pairs: pd.DataFrame, out: Path, size: int, seed: int,
-                batch_size: int, settings: dict, judges: dict, pres: str) -> tuple[dict, pd.Series]:
+                batch_size: int, settings: dict, judges: dict, pres: str) -> tuple[dict, pd.DataFrame]:
     """One model at one guidance setting on the validation pairs: its point of the edit-preservation curve, and
     its per-pair values (`evaluate_validity`'s per-pair frame)."""
     generate_model(model, spec, pairs, out, size, seed, batch_size, settings)
