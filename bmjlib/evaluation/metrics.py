@@ -235,11 +235,23 @@ def bootstrap_ci(stat: Callable[[np.ndarray], float | dict], n: int, n_boot: int
     """
     if n_boot <= 0 or n == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    boots = [stat(rng.integers(0, n, n)) for _ in range(n_boot)]
+    boots = _resampled(stat, n, n_boot, seed)
     if isinstance(boots[0], dict):
         return {k: _percentile_interval([b[k] for b in boots], level) for k in boots[0]}
     return _percentile_interval(boots, level)
+
+
+def bootstrap_se(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0) -> float:
+    """Bootstrap standard error of `stat(indices)` over `n` pairs resampled with replacement (the same
+    resamples as `bootstrap_ci` with that seed); NaN when n_boot or n is 0."""
+    if n_boot <= 0 or n == 0:
+        return float("nan")
+    return float(np.std(_resampled(stat, n, n_boot, seed)))
+
+
+def _resampled(stat: Callable, n: int, n_boot: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [stat(rng.integers(0, n, n)) for _ in range(n_boot)]
 
 
 def _percentile_interval(values, level: float) -> tuple[float, float]:

@@ -710,9 +710,7 @@ def effectiveness_gap(best: pd.DataFrame, other: pd.DataFrame, n_boot: int = 100
         return float("nan"), float("nan")
     w = both["n_changed"].to_numpy(float)
     d = (both["effectiveness"] - both["effectiveness_other"]).to_numpy(float) * w
-    rng = np.random.default_rng(seed)
-    boots = [d[i].sum() / w[i].sum() for i in (rng.integers(0, len(d), len(d)) for _ in range(n_boot))]
-    return float(d.sum() / w.sum()), float(np.std(boots)) if n_boot > 0 else float("nan")
+    return float(d.sum() / w.sum()), M.bootstrap_se(lambda i: d[i].sum() / w[i].sum(), len(d), n_boot, seed)
 
 
 def weakest_near_best(kept: pd.DataFrame, per_pair: dict, seed: int = 0) -> pd.DataFrame:
