@@ -147,6 +147,15 @@ def test_bootstrap_interval_covers_and_is_degenerate_for_constant():
     assert all(math.isnan(v) for v in M.bootstrap_ci(lambda i: 1.0, 10, 0))
 
 
+def test_bootstrap_se_of_a_mean_is_its_standard_error():
+    """The bootstrap standard error of a mean is the sample's spread over the square root of its size."""
+    x = np.random.default_rng(1).normal(0.0, 2.0, 400)
+    assert M.bootstrap_se(lambda i: x[i].mean(), len(x), 2000, seed=0) == pytest.approx(
+        x.std() / math.sqrt(len(x)), rel=0.1)
+    assert M.bootstrap_se(lambda i: 3.0, 50, 20) == 0.0
+    assert math.isnan(M.bootstrap_se(lambda i: 1.0, 10, 0)) and math.isnan(M.bootstrap_se(lambda i: 1.0, 0))
+
+
 def test_published_intervals_are_bootstrap_ci(tmp_path):
     """evaluate.evaluate's summary intervals are bootstrap_ci's, resample for resample."""
     rng = np.random.default_rng(0)
