@@ -10,7 +10,8 @@
   image-report pairs and reports held-out image->report retrieval top-1 / top-5.
 - Demo scale autoencoder: `train_demo_vae` trains a small `AutoencoderKL` (4x downsampling, 4 latent
   channels) on the cohort and reports held-out reconstruction PSNR / SSIM. Departure: the demo profile adds
-  an SSIM term to the reconstruction loss, which keeps the rib detail a pixel loss blurs away. At paper scale
+  an SSIM term to the reconstruction loss, which keeps the rib detail a pixel loss blurs away, and fine-tunes
+  the decoder alone on whole images after training on crops (`finetune_vae_decoder`). At paper scale
   the Stable Diffusion v1.5 VAE is used as is.
 """
 from __future__ import annotations
@@ -269,12 +270,13 @@ def psnr_ssim(ref: np.ndarray, test: np.ndarray) -> tuple[float, float]:
 def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os.PathLike, steps: int = 600,
                    batch_size: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0,
                    config: dict | None = None, max_seconds: float | None = None, crop: int | None = None,
-                   ssim_weight: float = 0.0) -> dict:
+                   ssim_weight: float = 0.0, decoder_steps: int = 0, decoder_lr: float = 1e-4) -> dict:
     """Train a small AutoencoderKL (L1 + MSE reconstruction + a small KL term, plus `ssim_weight` x (1 - SSIM)
     (pytorch_msssim, 7 px window) when given; no GAN/LPIPS at this scale),
     set its `scaling_factor` to 1 / std of the training latents (as SD does), save it, and return held-out
     PSNR / SSIM on whole images. `crop`: train on random crop x crop patches (the VAE is convolutional, so
-    half-size crops cost a quarter and still teach it whole images)."""
+    half-size crops cost a quarter and still teach it whole images). `decoder_steps` > 0: then fine-tune the
+    decoder alone on whole images (`finetune_vae_decoder`)."""
     use_run_threads()
     torch.manual_seed(seed)
     cfg = dict(copy.deepcopy(config or DEMO_VAE_CONFIG), sample_size=int(images.shape[-1]))
@@ -294,9 +296,7 @@ def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os
             xb = xb[..., oy:oy + crop, ox:ox + crop]
         post = vae.encode(xb).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
-        loss = F.l1_loss(rec, xb) + F.mse_loss(rec, xb) + kl_weight * post.kl().mean()
-        if ssim_weight:
-            loss = loss + ssim_weight * (1 - torch_ssim((rec + 1) / 2, (xb + 1) / 2, data_range=1.0, win_size=7))
+        loss = _reconstruction_loss(rec, xb, ssim_weight) + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -306,6 +306,8 @@ def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os
         done = step + 1
         if max_seconds and time.time() - t0 > max_seconds:
             break
+    if decoder_steps:
+        finetune_vae_decoder(vae, x_all, decoder_steps, batch_size, decoder_lr, ssim_weight, seed)
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mode() for i in range(0, min(len(x_all), 512), 64)])
@@ -316,11 +318,47 @@ def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os
     rec01 = ((rec[:, 0].numpy() + 1) / 2).clip(0, 1)
     psnr, ssim = psnr_ssim(val_images, rec01)
     vae.save_pretrained(out_dir)
-    metrics = {"psnr": psnr, "ssim": ssim, "n_val": len(val_images), "steps": done,
+    metrics = {"psnr": psnr, "ssim": ssim, "n_val": len(val_images), "steps": done, "decoder_steps": decoder_steps,
                "scaling_factor": vae.config.scaling_factor, "final_loss": float(np.mean(losses[-10:]))}
     atomic_write_json(Path(out_dir) / "metrics.json", metrics)
     record_timing("demo VAE", time.time() - t0, steps=done)
     return metrics
+
+
+def _reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, ssim_weight: float) -> torch.Tensor:
+    """L1 + MSE (+ `ssim_weight` x (1 - SSIM), 7 px window) between images in [-1, 1]."""
+    loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+    if ssim_weight:
+        loss = loss + ssim_weight * (1 - torch_ssim((rec + 1) / 2, (x + 1) / 2, data_range=1.0, win_size=7))
+    return loss
+
+
+def finetune_vae_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: int = 32,
+                         lr: float = 1e-4, ssim_weight: float = 0.0, seed: int = 0) -> list[float]:
+    """Fine-tune the decoder alone (and its post-quant conv) on whole images N,1,H,W in [-1, 1], decoding
+    latents the frozen encoder samples, as Stable Diffusion's ft-MSE VAE did. The encoder, hence the latent
+    space and its scaling factor, is unchanged. The demo VAE trains on half-size crops; its decoder then sees
+    whole images (mid-block attention over the whole latent) only here. Returns the losses."""
+    vae.requires_grad_(False)
+    parts = [vae.decoder, vae.post_quant_conv] if vae.post_quant_conv is not None else [vae.decoder]
+    params = [p for m in parts for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    vae.train()
+    for _ in tqdm(range(steps), desc="VAE decoder", unit="step"):
+        xb = images[torch.randint(0, len(images), (batch_size,), generator=g)]
+        with torch.no_grad():
+            z = vae.encode(xb).latent_dist.sample(generator=g)
+        loss = _reconstruction_loss(vae.decode(z).sample, xb, ssim_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    vae.requires_grad_(True)
+    return losses
 
 
 def load_vae(folder: str | os.PathLike):

@@ -54,7 +54,8 @@ def _done(out: Path, key: str) -> dict | None:
 def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale: str = "demo",
                        image_size: int = 64, vae_steps: int = 600, vae_batch: int = 32, clip_epochs: int = 20,
                        clip_batch: int = 64, seed: int = 0, sd_vae_dir: str = "",
-                       text_encoder: str = "", max_val: int = 256, vae_ssim_weight: float = 0.0) -> dict:
+                       text_encoder: str = "", max_val: int = 256, vae_ssim_weight: float = 0.0,
+                       vae_decoder_steps: int = 0) -> dict:
     """Write out/vae and out/text_encoder (or, at paper scale, record where they are) and return the
     held-out metrics. A rerun with the same inputs is a no-op."""
     out = Path(out)
@@ -74,7 +75,8 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
     val = val.iloc[:max_val]
     key = fingerprint(list(train["image_path"]), list(train["impression"]), list(val["image_path"]), image_size,
                       vae_steps, vae_batch, clip_epochs, clip_batch, seed, "vae-crop-half",
-                      *([vae_ssim_weight] if vae_ssim_weight else []))  # the key of a run without it is unchanged
+                      *([vae_ssim_weight] if vae_ssim_weight else []),  # the key of a run without these is unchanged
+                      *([f"decoder-{vae_decoder_steps}"] if vae_decoder_steps else []))
     done = _done(out, key)
     if done:
         print("components up to date: nothing to do")
@@ -85,7 +87,7 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
     t_val = list(val["impression"].iloc[kept_v])
     skipped = (len(train) - len(kept)) + (len(val) - len(kept_v))
     vae = train_demo_vae(x_train, x_val, out / "vae", steps=vae_steps, batch_size=vae_batch, seed=seed,
-                         crop=max(16, image_size // 2), ssim_weight=vae_ssim_weight)
+                         crop=max(16, image_size // 2), ssim_weight=vae_ssim_weight, decoder_steps=vae_decoder_steps)
     clip = train_demo_clip(x_train, t_train, x_val, t_val, out / "text_encoder", epochs=clip_epochs,
                            batch_size=clip_batch, seed=seed)
     res = {"key": key, "vae": str(out / "vae"), "text_encoder": f"local-dir:{out / 'text_encoder'}",
@@ -198,7 +200,8 @@ def stage1_components(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> 
                               image_size=params["image_size"], vae_steps=params["vae_steps"],
                               clip_epochs=params["clip_epochs"], seed=params["seed"],
                               sd_vae_dir=params["sd_vae_dir"], text_encoder=params["text_encoder"],
-                              vae_ssim_weight=float(params.get("vae_ssim_weight", 0) or 0))
+                              vae_ssim_weight=float(params.get("vae_ssim_weight", 0) or 0),
+                              vae_decoder_steps=int(params.get("vae_decoder_steps", 0) or 0))
 
 
 def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], components: dict | None = None) -> Path:
