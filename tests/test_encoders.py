@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bmjlib.model.encoders import (DEMO_VAE_CONFIG, TextEncoder, load_images, psnr_ssim, retrieval_topk,
-                             train_demo_clip, train_demo_vae)
+from bmjlib.model.encoders import (DEMO_VAE_CONFIG, TextEncoder, finetune_vae_decoder, load_images, psnr_ssim,
+                                   retrieval_topk, train_demo_clip, train_demo_vae)
 from bmjlib.io import atomic_write_png
 
 from test_pipeline import TINY_CLIP
@@ -128,6 +128,29 @@ def test_demo_vae_ssim_term_keeps_fine_detail(tmp_path):
     plain = train_demo_vae(x, xv, tmp_path / "plain", steps=80, batch_size=8, lr=3e-3, config=cfg)
     with_ssim = train_demo_vae(x, xv, tmp_path / "ssim", steps=80, batch_size=8, lr=3e-3, config=cfg, ssim_weight=1.0)
     assert with_ssim["ssim"] > plain["ssim"] + 0.02
+
+
+def test_decoder_finetune_keeps_the_latent_space_and_fits_whole_images(tmp_path):
+    # a VAE trained on half-size crops, then its decoder alone on whole images: the encoder (the latent space the
+    # UNets learn in, and its scaling factor) is bit-identical, and whole held-out images reconstruct better
+    from diffusers import AutoencoderKL
+    x, xv = _ribs(64, size=32), _ribs(16, size=32, seed=10)
+    cfg = dict(DEMO_VAE_CONFIG, block_out_channels=[8, 8, 8], norm_num_groups=4)
+    crops = train_demo_vae(x, xv, tmp_path / "crops", steps=60, batch_size=8, lr=3e-3, config=cfg, crop=16,
+                           ssim_weight=1.0)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "crops")
+    enc = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    dec = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    whole = torch.as_tensor(x)[:, None] * 2 - 1
+    losses = finetune_vae_decoder(vae, whole, steps=60, batch_size=8, lr=3e-3, ssim_weight=1.0)
+    assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in enc.items())
+    assert any(not torch.equal(v, vae.decoder.state_dict()[k]) for k, v in dec.items())
+    both = train_demo_vae(x, xv, tmp_path / "both", steps=60, batch_size=8, lr=3e-3, config=cfg, crop=16,
+                          ssim_weight=1.0, decoder_steps=60, decoder_lr=3e-3)
+    assert both["decoder_steps"] == 60 and crops["decoder_steps"] == 0
+    assert both["scaling_factor"] == pytest.approx(crops["scaling_factor"])  # same encoder, same latent scale
+    assert both["ssim"] > crops["ssim"] + 0.01 and both["psnr"] > crops["psnr"]
 
 
 def test_load_images_skips_and_names_bad_files(tmp_path):
