@@ -64,6 +64,33 @@ def test_pipeline_generation_is_seeded_per_pair_and_resumable(run, tmp_path):
     assert (d / f"{mid}.png").read_bytes() != first[mid]
 
 
+def test_a_new_decoder_under_the_same_unet_regenerates(tmp_path):
+    # the outputs are keyed on the whole model folder, not the UNet alone: a fine-tuned VAE decoder (same UNet, same
+    # latents) must make every output again; a documentation edit must not
+    import torch
+    from bmjlib.model.pipeline import BiomedJourneyPipeline
+
+    run, _ = fake_model_run(tmp_path / "run", 15, models=("05_stage2/model",))
+    pairs = C.test_pairs(run)
+    spec = C.model_specs(run)["biomedjourney"]
+    model, out = spec["path"], tmp_path / "gen"
+    d = out / "biomedjourney"
+    C.generate_model("biomedjourney", spec, pairs, out, size=32, seed=3, batch_size=2, settings={"steps": 2})
+    mtimes = {p: (d / f"{p}.png").stat().st_mtime_ns for p in pairs["pair_id"]}
+    (model / "MODEL_CARD.md").write_text("# card\n")
+    C.generate_model("biomedjourney", spec, pairs, out, size=32, seed=3, batch_size=2, settings={"steps": 2})
+    assert all((d / f"{p}.png").stat().st_mtime_ns == mtimes[p] for p in pairs["pair_id"])
+    unet = (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    pipe = BiomedJourneyPipeline.from_pretrained(model)
+    with torch.no_grad():
+        for w in pipe.vae.decoder.parameters():
+            w.add_(0.05)
+    pipe.save_pretrained(model)
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet
+    C.generate_model("biomedjourney", spec, pairs, out, size=32, seed=3, batch_size=2, settings={"steps": 2})
+    assert all((d / f"{p}.png").stat().st_mtime_ns != mtimes[p] for p in pairs["pair_id"])
+
+
 def test_text_only_ignores_the_prior(run, tmp_path):
     pairs = C.test_pairs(run)
     spec = C.model_specs(run)["text_only"]

@@ -6,12 +6,13 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from bmjlib.chain import sampler_settings
 from bmjlib.evaluation import counterfactuals as C
 from bmjlib.evaluation import judges as J
 from bmjlib.model import stages
-from bmjlib.model.pipeline import read_guidance
+from bmjlib.model.pipeline import BiomedJourneyPipeline, read_guidance
 from bmjlib.schema import FINDINGS
 
 from test_pipeline import tiny_pipeline
@@ -59,6 +60,24 @@ def test_04_trains_nothing_and_05_puts_the_model_where_06_10_read_it(model, tmp_
     stamp = (got / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     stages.use_given_model(run, str(model), log=lambda *_: None)  # a rerun copies nothing
     assert (got / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_given_model_with_a_new_decoder_is_copied_again(tmp_path):
+    # the same UNet under a fine-tuned VAE decoder is another model: 05_stage2/model must take the new VAE
+    src = tmp_path / "model"
+    tiny_pipeline().save_pretrained(src)
+    run = tmp_path / "run"
+    got = stages.use_given_model(run, str(src), log=lambda *_: None)
+    vae = (src / "vae" / "diffusion_pytorch_model.safetensors")
+    shutil.copy(vae, tmp_path / "old_vae")
+    pipe = BiomedJourneyPipeline.from_pretrained(src)
+    with torch.no_grad():
+        for w in pipe.vae.decoder.parameters():
+            w.add_(0.05)
+    pipe.save_pretrained(src)
+    assert vae.read_bytes() != (tmp_path / "old_vae").read_bytes()
+    stages.use_given_model(run, str(src), log=lambda *_: None)
+    assert (got / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae.read_bytes()
 
 
 def test_a_model_without_guidance_file_gets_instructpix2pixs_written_down(model, tmp_path):

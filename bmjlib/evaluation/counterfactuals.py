@@ -29,7 +29,7 @@ from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPip
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_png, fingerprint, read_image,
+from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_png, fingerprint, folder_fingerprint, read_image,
                        resize_image, sha256_file, to_uint8)
 from bmjlib.model.pipeline import GUIDANCE_FILE, BiomedJourneyPipeline
 from bmjlib.model.stages import model_run
@@ -78,10 +78,14 @@ def model_specs(run_dir: str | Path, scale: str = "demo", sd_dir: str = "", ip2p
 
 
 def _weights_key(spec: dict) -> str:
-    """Identity of a model's weights: the UNet file's sha256 (pipeline) or the folder's index file."""
+    """Identity of a model's weights. A BiomedJourney pipeline: every file of its folder but the documentation
+    (its VAE, UNet, projection, text tower and settings all shape the output; a new VAE decoder under the same
+    UNet must regenerate). Stable Diffusion / InstructPix2Pix folders (gigabytes): their index file."""
     p = spec["path"]
     if spec["kind"] == "copy":
         return "copy"
+    if spec["kind"] == "pipeline" and p is not None and Path(p).is_dir():
+        return folder_fingerprint(p)
     for f in ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin", "model_index.json"):
         if p is not None and (Path(p) / f).is_file():
             return sha256_file(Path(p) / f)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bmjlib.io import atomic_dir, atomic_write_json, fingerprint, save_figure, sha256_file
+from bmjlib.io import atomic_dir, atomic_write_json, fingerprint, folder_fingerprint, save_figure
 from bmjlib.model.configs import BIOMEDCLIP, DEMO_UNET_CONFIG, SD15_UNET_CONFIG
 from bmjlib.model.demo_model import resolve_model
 from bmjlib.model.encoders import load_images, load_vae, train_demo_clip, train_demo_vae
@@ -344,7 +344,7 @@ def given_model(model: str) -> Path | None:
 
 def _model_note(model: str, path: Path) -> dict:
     return {"model": str(model), "folder": str(path), "guidance": list(read_guidance(path)),
-            "unet_sha256": sha256_file(path / "unet" / "diffusion_pytorch_model.safetensors")}
+            "model_fingerprint": folder_fingerprint(path)}
 
 
 def skip_stage1(run_dir: str | os.PathLike, model: str, log=print) -> dict:
@@ -371,7 +371,7 @@ def use_given_model(run_dir: str | os.PathLike, model: str, log=print) -> Path:
                 what="stage 2 not trained: the given model is this run's BiomedJourney model (05_stage2/model)")
     target = out / "model"
     old = out / GIVEN_MODEL_FILE
-    current = (old.is_file() and json.loads(old.read_text()).get("unet_sha256") == note["unet_sha256"]
+    current = (old.is_file() and json.loads(old.read_text()).get("model_fingerprint") == note["model_fingerprint"]
                and (target / PIPELINE_FILE).is_file() and read_guidance(target) == read_guidance(path))
     if not current:
         with atomic_dir(target) as tmp:
