@@ -93,6 +93,14 @@ def test_text_only_ignores_the_prior(run, tmp_path):
     a = gen(np.zeros((1, 32, 32)), ["effusion"], 0, steps=2)
     b = gen(np.ones((1, 32, 32)), ["effusion"], 0, steps=2)
     assert np.array_equal(a, b)
+    # no prior to add a change to: a profile's prior_plus_change leaves the text-only arm decoded
+    c = gen(np.ones((1, 32, 32)), ["effusion"], 0, steps=2, output="prior_plus_change")
+    assert np.array_equal(a, c)
+    spec = C.model_specs(run)["biomedjourney"]  # a model with a prior does take it
+    gen = C.load_generator("biomedjourney", spec)
+    prior = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(1, 32, 32)
+    assert not np.array_equal(gen(prior, ["effusion"], 0, steps=2, strength=0.5),
+                              gen(prior, ["effusion"], 0, steps=2, strength=0.5, output="prior_plus_change"))
 
 
 def test_missing_models_are_named(run, tmp_path):

@@ -174,6 +174,7 @@ def test_bad_inputs(pipe):
     ({"strength": 0.0}, r"strength 0.0 is not allowed: give a number in \(0, 1\]"),
     ({"strength": 1.5}, r"strength 1.5 is not allowed: give a number in \(0, 1\]"),
     ({"strength": float("nan")}, r"strength nan is not allowed: give a number in \(0, 1\]"),
+    ({"output": "pixels"}, "output 'pixels' is not allowed: give one of decoded, prior_plus_change"),
 ])
 def test_sampling_settings_are_checked_before_any_work(pipe, kw, msg):
     """The pipeline itself refuses settings that would give a black image or an endless loop, before sampling."""
@@ -288,3 +289,38 @@ def test_a_default_strength_above_what_the_model_was_trained_for_is_refused_on_l
     (folder / "guidance.json").write_text(json.dumps({"text_scale": 7.5, "image_scale": 1.5,
                                                       "settings": {"strength": 0.7}}))
     assert BiomedJourneyPipeline.from_pretrained(folder).strength == 0.7
+
+
+def test_prior_plus_change_keeps_the_detail_the_vae_loses():
+    """output="prior_plus_change" is the prior plus the decoded change, decode(sampled) - decode(prior), from the same
+    sample: a 1 px checkerboard on the prior, which the VAE cannot carry, comes through it and not through "decoded"."""
+    pipe = tiny_pipeline()
+    yy, xx = np.mgrid[:32, :32]
+    checker = np.where((yy + xx) % 2 == 0, 0.1, -0.1).astype(np.float32)
+    prior = (0.3 + 0.4 * xx / 31 + checker).astype(np.float32)
+    kw = dict(steps=4, seed=3, strength=0.5)
+    decoded = pipe(prior, "new left effusion", **kw)[0]
+    kept = pipe(prior, "new left effusion", output="prior_plus_change", **kw)[0]
+    change = decoded - pipe.reconstruct(prior)[0]
+    np.testing.assert_allclose(kept, np.clip(prior + change, 0, 1), atol=1e-5)
+    def checker_gain(x):  # the share of the prior's checkerboard found in x (1 = all of it)
+        return float((x * checker).sum() / (checker * checker).sum())
+    assert checker_gain(kept) > 0.8 and abs(checker_gain(decoded)) < 0.2
+    pipe.output = "prior_plus_change"  # a model's default (read from its guidance.json) applies when none is given
+    assert np.array_equal(pipe(prior, "new left effusion", **kw)[0], kept)
+
+
+def test_a_model_folder_carries_its_output(tmp_path):
+    import json
+
+    from bmjlib.model.pipeline import ModelFolderError
+    folder = tiny_pipeline().save_pretrained(tmp_path / "m")
+    assert BiomedJourneyPipeline.from_pretrained(folder).output == "decoded"  # no guidance.json: the paper's
+    g = {"text_scale": 7.5, "image_scale": 1.5, "settings": {"strength": 0.7, "output": "prior_plus_change"}}
+    (folder / "guidance.json").write_text(json.dumps(g))
+    assert BiomedJourneyPipeline.from_pretrained(folder).output == "prior_plus_change"
+    g["settings"]["output"] = "residual"
+    (folder / "guidance.json").write_text(json.dumps(g))
+    with pytest.raises(ModelFolderError, match="guidance.json settings.output 'residual' is not one of decoded, "
+                                               "prior_plus_change"):
+        BiomedJourneyPipeline.from_pretrained(folder)

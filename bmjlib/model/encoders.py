@@ -357,7 +357,6 @@ def finetune_vae_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, b
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    vae.requires_grad_(True)
     return losses
 
 

@@ -19,6 +19,10 @@ channel (clamped) before an RGB VAE's channels are averaged to one grey image. M
 before this convention record none (`prior_latents` in bmj_pipeline.json) and keep sampling with the
 scaled prior latent they were trained with.
 
+What a sample returns (`output`, one of OUTPUTS): the sampled latent through the VAE's decoder, as the paper and
+InstructPix2Pix return it, or (a demo-profile departure) the prior plus the change the model decodes,
+decode(sampled) - decode(prior's latent), which keeps the detail a small VAE loses where nothing changes.
+
 One class serves both scales: `SD15_UNET_CONFIG` / `SD15_VAE_CONFIG` are Stable Diffusion v1.5's
 configs written as literals (paper scale, 256 px -> 32x32 latents); `DEMO_UNET_CONFIG` is a small UNet
 trained from scratch on the phantom cohort. A trained model is one folder (`save_pretrained`).
@@ -110,6 +114,28 @@ def read_strength(path: str | os.PathLike, default: float = 1.0) -> float:
     if not 0 < s <= 1:
         raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.strength {s} is not in (0, 1]")
     return s
+
+
+# What a sample returns: "decoded", the sampled latent through the VAE's decoder (InstructPix2Pix, the paper), or
+# "prior_plus_change", the prior plus the change the model decodes, decode(z) - decode(z_prior) (a demo-profile
+# departure: the small demo VAE blurs detail the change does not touch, such as the ribs the age judge reads).
+OUTPUTS = ("decoded", "prior_plus_change")
+
+
+def read_output(path: str | os.PathLike) -> str:
+    """The default output of a model folder: its guidance.json's settings.output (what the scales were chosen
+    with) when present, else "decoded". A value not in OUTPUTS raises ModelFolderError."""
+    f = Path(path) / GUIDANCE_FILE
+    if not f.is_file():
+        return "decoded"
+    try:
+        out = json.loads(f.read_text()).get("settings", {}).get("output", "decoded")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.output is unusable ({e})") from None
+    if out not in OUTPUTS:
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.output {out!r} is not one of "
+                               f"{', '.join(OUTPUTS)}")
+    return out
 
 
 def read_max_strength(path: str | os.PathLike, meta: dict) -> tuple[float, float]:
@@ -259,6 +285,7 @@ class BiomedJourneyPipeline:
     """
     guidance: tuple[float, float] = IP2P_GUIDANCE
     strength: float = 1.0  # default of `__call__`'s strength (1 = from pure noise, InstructPix2Pix)
+    output: str = "decoded"  # default of `__call__`'s output (OUTPUTS)
     # the share of the noise schedule the UNet was trained on (TrainConfig.timestep_max): no start from noisier latents
     max_strength: float = 1.0
     # "unscaled": the prior's latent is the posterior mode as is (InstructPix2Pix); "scaled": x scaling_factor
@@ -374,7 +401,8 @@ class BiomedJourneyPipeline:
     def __call__(self, prior, prompt: str | Sequence[str], text_scale: float | None = None,
                  image_scale: float | None = None, steps: int = 20, scheduler: str = "dpm", seed: int = 0, batch_size: int = 16,
                  out_size: int | None = None, progress: bool = False,
-                 callback: Callable[[int, int], None] | None = None, strength: float | None = None) -> np.ndarray:
+                 callback: Callable[[int, int], None] | None = None, strength: float | None = None,
+                 output: str | None = None) -> np.ndarray:
         """Generate counterfactual follow-ups. Returns float32 N,H,W in [0,1] at `out_size` (default the
         model's image_size).
 
@@ -387,6 +415,8 @@ class BiomedJourneyPipeline:
         `strength` < 1 starts from the prior's latent noised to that fraction of the schedule and runs that
         fraction of the steps (diffusers' img2img); None = the model's default (`self.strength`), 1 = from pure
         noise (InstructPix2Pix, the paper).
+        `output`: "decoded" (the sampled latent decoded, the paper) or "prior_plus_change" (the prior at the model's
+        size plus decode(sampled) - decode(prior's latent)); None = the model's default (`self.output`).
         """
         if self.device.type == "cpu":
             use_run_threads()
@@ -407,8 +437,11 @@ class BiomedJourneyPipeline:
         text_scale = self.guidance[0] if text_scale is None else text_scale
         image_scale = self.guidance[1] if image_scale is None else image_scale
         strength = self.strength if strength is None else strength
+        output = self.output if output is None else output
         check_sampling(text_scale, image_scale, steps, seed, strength)
         self.check_strength(strength)
+        if output not in OUTPUTS:
+            raise ValueError(f"output {output!r} is not allowed: give one of {', '.join(OUTPUTS)}")
         it = range(0, n, batch_size)
         if progress:
             it = tqdm(it, desc="generate", unit="batch")
@@ -418,7 +451,7 @@ class BiomedJourneyPipeline:
             step_done = (lambda k, total, b=b: callback(b * total + k, n_batches * total)) if callback else None
             outs.append(self._sample(priors[i:i + batch_size], prompts[i:i + batch_size], text_scale, image_scale,
                                      steps, scheduler, [seed + j for j in range(i, min(i + batch_size, n))],
-                                     step_done, strength))
+                                     step_done, strength, output))
         x = torch.cat(outs)
         if out_size and out_size != x.shape[-1]:
             x = torch.from_numpy(resize_image(x[:, 0].numpy(), out_size))[:, None].clamp(0, 1)
@@ -436,7 +469,7 @@ class BiomedJourneyPipeline:
         return e_u + text_scale * (e_ti - e_i) + image_scale * (e_i - e_u)
 
     def _sample(self, priors, prompts, text_scale, image_scale, steps, scheduler, seeds, step_done=None,
-                strength: float = 1.0):
+                strength: float = 1.0, output: str = "decoded"):
         dev = self.device
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=dev)
@@ -465,7 +498,10 @@ class BiomedJourneyPipeline:
                 step_done(k + 1, len(timesteps))
         if self.target == "residual":
             latents = self.prior_factor * prior_lat + latents / self.residual_scale
-        return self.decode_latents(latents)
+        x = self.decode_latents(latents)
+        if output == "prior_plus_change":
+            x = (priors.to(x) + x - self.decode_latents(self.prior_factor * prior_lat)).clamp(0, 1)
+        return x
 
     def check_strength(self, strength: float) -> None:
         """Refuse a strength above `max_strength`: sampling would start from noise levels the model never saw."""
@@ -521,6 +557,7 @@ class BiomedJourneyPipeline:
         pipe.prior_latents = meta.get("prior_latents", "scaled")  # absent: saved before the IP2P convention
         pipe.target, pipe.residual_scale = meta.get("target", "image"), float(meta.get("residual_scale", 1.0))
         pipe.max_strength, pipe.strength = read_max_strength(path, meta)
+        pipe.output = read_output(path)
         for m in (vae, unet, proj):
             m.eval().requires_grad_(False)
         return pipe.to(device)
