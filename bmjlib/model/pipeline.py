@@ -20,7 +20,7 @@ before this convention record none (`prior_latents` in bmj_pipeline.json) and ke
 scaled prior latent they were trained with.
 
 What a sample returns (`output`, one of OUTPUTS): the sampled latent through the VAE's decoder, as the paper and
-InstructPix2Pix return it, or (a demo-profile departure) the prior plus the change the model decodes,
+InstructPix2Pix return it, or (beyond the paper) the prior plus the change the model decodes,
 decode(sampled) - decode(prior's latent), which keeps the detail a small VAE loses where nothing changes.
 
 One class serves both scales: `SD15_UNET_CONFIG` / `SD15_VAE_CONFIG` are Stable Diffusion v1.5's
@@ -117,8 +117,9 @@ def read_strength(path: str | os.PathLike, default: float = 1.0) -> float:
 
 
 # What a sample returns: "decoded", the sampled latent through the VAE's decoder (InstructPix2Pix, the paper), or
-# "prior_plus_change", the prior plus the change the model decodes, decode(z) - decode(z_prior) (a demo-profile
-# departure: the small demo VAE blurs detail the change does not touch, such as the ribs the age judge reads).
+# "prior_plus_change", the prior plus the change the model decodes, decode(z) - decode(z_prior) (beyond the paper: it
+# keeps detail a small VAE blurs where nothing changes, such as the ribs the age judge reads, but where the model moves
+# an edge the prior's edge stays beside the new one; the demo profile's comment has its measured effect).
 OUTPUTS = ("decoded", "prior_plus_change")
 
 
