@@ -99,17 +99,25 @@ def read_guidance(path: str | os.PathLike) -> tuple[float, float]:
     return ts, isc
 
 
-def read_strength(path: str | os.PathLike, default: float = 1.0) -> float:
-    """The default sampling strength of a model folder: its guidance.json's settings.strength (the sampler the
-    scales were chosen with) when present, else `default` (1: from pure noise). A damaged value raises
-    ModelFolderError."""
+def _guidance_setting(path: str | os.PathLike, key: str, default):
+    """`settings.<key>` of a model folder's guidance.json (the sampler its scales were chosen with), else `default`
+    (no file, or no such setting). A file that cannot be read as JSON raises ModelFolderError naming the setting."""
     f = Path(path) / GUIDANCE_FILE
     if not f.is_file():
         return default
     try:
-        s = json.loads(f.read_text()).get("settings", {}).get("strength", default)
+        return json.loads(f.read_text()).get("settings", {}).get(key, default)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.{key} is unusable ({e})") from None
+
+
+def read_strength(path: str | os.PathLike, default: float = 1.0) -> float:
+    """The default sampling strength of a model folder: its guidance.json's settings.strength when present, else
+    `default` (1: from pure noise). A damaged value raises ModelFolderError."""
+    s = _guidance_setting(path, "strength", default)
+    try:
         s = float(s)
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.strength is unusable ({e})") from None
     if not 0 < s <= 1:
         raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.strength {s} is not in (0, 1]")
@@ -124,15 +132,9 @@ OUTPUTS = ("decoded", "prior_plus_change")
 
 
 def read_output(path: str | os.PathLike) -> str:
-    """The default output of a model folder: its guidance.json's settings.output (what the scales were chosen
-    with) when present, else "decoded". A value not in OUTPUTS raises ModelFolderError."""
-    f = Path(path) / GUIDANCE_FILE
-    if not f.is_file():
-        return "decoded"
-    try:
-        out = json.loads(f.read_text()).get("settings", {}).get("output", "decoded")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.output is unusable ({e})") from None
+    """The default output of a model folder: its guidance.json's settings.output when present, else "decoded". A
+    value not in OUTPUTS raises ModelFolderError."""
+    out = _guidance_setting(path, "output", "decoded")
     if out not in OUTPUTS:
         raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.output {out!r} is not one of "
                                f"{', '.join(OUTPUTS)}")
