@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from bmjlib.model.encoders import (DEMO_VAE_CONFIG, TextEncoder, finetune_vae_decoder, load_images, psnr_ssim,
-                                   retrieval_topk, train_demo_clip, train_demo_vae)
+from bmjlib.model.encoders import (DEMO_VAE_CONFIG, TextEncoder, finetune_demo_decoder, finetune_vae_decoder,
+                                   load_images, psnr_ssim, retrieval_topk, train_demo_clip, train_demo_vae)
 from bmjlib.io import atomic_write_png
 
 from test_pipeline import TINY_CLIP
 
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 PLAIN_CLIP = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
               "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
@@ -151,6 +153,61 @@ def test_decoder_finetune_keeps_the_latent_space_and_fits_whole_images(tmp_path)
     assert both["decoder_steps"] == 60 and crops["decoder_steps"] == 0
     assert both["scaling_factor"] == pytest.approx(crops["scaling_factor"])  # same encoder, same latent scale
     assert both["ssim"] > crops["ssim"] + 0.01 and both["psnr"] > crops["psnr"]
+    # the decoder fine-tuned afterwards, from the saved VAE, is the same VAE bit for bit: a new step count
+    # redoes only this part
+    later = finetune_demo_decoder(tmp_path / "crops", x, xv, tmp_path / "later", 60, batch_size=8, lr=3e-3,
+                                  ssim_weight=1.0)
+    a, b = load_file(tmp_path / "both" / WEIGHTS), load_file(tmp_path / "later" / WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert later["ssim"] == both["ssim"] and later["scaling_factor"] == both["scaling_factor"]
+
+
+def test_components_redo_only_the_part_whose_inputs_changed(tmp_path, monkeypatch):
+    # the demo's frozen components are three parts (vae_base, vae = its decoder fine-tuned, text_encoder), each
+    # redone only when what it is made from changed, and kept when a later part fails
+    from bmjlib.io import sha256_file
+    from bmjlib.model import stages
+    from test_train import make_table
+    table = make_table(tmp_path / "img")
+    calls = []
+    for name in ("train_demo_vae", "finetune_demo_decoder", "train_demo_clip"):
+        monkeypatch.setattr(stages, name, lambda *a, _f=getattr(stages, name), _n=name, **k: calls.append(_n)
+                            or _f(*a, **k))
+    kw = dict(image_size=16, vae_steps=3, vae_batch=4, clip_batch=4, vae_ssim_weight=1.0)
+    out = tmp_path / "components"
+
+    def files(part):
+        return {p.relative_to(out): sha256_file(p) for p in (out / part).rglob("*") if p.is_file()}
+
+    first = stages.prepare_components(table, out, clip_epochs=1, vae_decoder_steps=2, **kw)
+    assert calls == ["train_demo_vae", "finetune_demo_decoder", "train_demo_clip"]
+    assert first["vae_metrics"]["decoder_steps"] == 2 and first["vae_base_metrics"]["decoder_steps"] == 0
+    assert first["vae_metrics"]["scaling_factor"] == first["vae_base_metrics"]["scaling_factor"]
+    before = {part: files(part) for part in stages.COMPONENT_PARTS}
+    calls.clear()
+    assert stages.prepare_components(table, out, clip_epochs=1, vae_decoder_steps=2, **kw) == first and not calls
+
+    again = stages.prepare_components(table, out, clip_epochs=1, vae_decoder_steps=4, **kw)
+    assert calls == ["finetune_demo_decoder"] and again["vae_metrics"]["decoder_steps"] == 4
+    assert files("vae_base") == before["vae_base"] and files("text_encoder") == before["text_encoder"]
+    assert files("vae") != before["vae"]
+    assert again["clip_metrics"] == first["clip_metrics"] and again["vae_base_metrics"] == first["vae_base_metrics"]
+    base, vae = (load_file(out / part / WEIGHTS) for part in ("vae_base", "vae"))
+    assert all(torch.equal(base[k], vae[k]) for k in base if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(base[k], vae[k]) for k in base if k.startswith("decoder."))
+
+    calls.clear()
+    vae_files = files("vae")
+    monkeypatch.setattr(stages, "train_demo_clip", lambda *a, **k: calls.append("killed") or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        stages.prepare_components(table, out, clip_epochs=2, vae_decoder_steps=4, **kw)
+    assert calls == ["killed"] and files("text_encoder") == before["text_encoder"]  # the old one, whole
+    assert set(json.loads((out / "components.json").read_text())["keys"]) == {"vae_base", "vae"}
+    monkeypatch.undo()
+    done = stages.prepare_components(table, out, clip_epochs=2, vae_decoder_steps=4, **kw)
+    assert files("vae") == vae_files and files("vae_base") == before["vae_base"]  # the CLIP alone was redone
+    assert done["vae_metrics"] == again["vae_metrics"]
+    assert set(done["keys"]) == set(stages.COMPONENT_PARTS) and files("text_encoder") != before["text_encoder"]
 
 
 def test_load_images_skips_and_names_bad_files(tmp_path):

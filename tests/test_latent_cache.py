@@ -209,6 +209,12 @@ def test_fingerprint_keys_rebuild_what_changed(tmp_path, rows, table, encoded):
     assert encoded() == 60 and len(list(tmp_path.glob("latents-*"))) == 3  # another VAE
     other = tiny_pipeline()
     with torch.no_grad():
+        other.vae.decoder.conv_out.bias.add_(0.01)
+        other.vae.post_quant_conv.bias.add_(0.01)
+    build_cache(other, rows, tmp_path, SIZE, MARGIN, dummy_prior=False, progress=False)
+    assert encoded() == 60 and len(list(tmp_path.glob("latents-*"))) == 3  # another decoder: latents as they were
+    other = tiny_pipeline()
+    with torch.no_grad():
         other.text_encoder.model.text.ln_final.bias.add_(0.01)
     a = build_cache(other, rows, tmp_path, SIZE, MARGIN, dummy_prior=False, progress=False)
     assert encoded() == 60 and len(list(tmp_path.glob("text-*"))) == 2  # another text encoder: text only
@@ -225,6 +231,10 @@ def test_fingerprint_keys_rebuild_what_changed(tmp_path, rows, table, encoded):
     atomic_write_png(p, (255 - img * 255).astype(np.uint8))
     build_cache(pipe, rows, tmp_path, SIZE, MARGIN, dummy_prior=False, progress=False)
     assert encoded() == 61
+    other = tiny_pipeline()
+    other.vae.register_to_config(scaling_factor=2 * other.vae.config.scaling_factor)
+    build_cache(other, rows, tmp_path, SIZE, MARGIN, dummy_prior=False, progress=False)
+    assert encoded() == 81  # another latent scale: another store
 
 
 def test_one_writer_then_every_process_opens_read_only(tmp_path, rows, encoded):

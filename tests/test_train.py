@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 import bmjlib.model.train as T
-from bmjlib.io import atomic_write_png
+from bmjlib.io import atomic_write_png, sha256_file
 from bmjlib.model.latents import build_cache, swap_laterality
 from bmjlib.model.pipeline import BiomedJourneyPipeline
 
 from test_pipeline import TINY_UNET, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CFG = dict(image_size=32, batch_size=4, unet_config=TINY_UNET, checkpoint_every=2, keep_checkpoints=2)
 
 
@@ -128,6 +129,47 @@ def test_stage1_then_stage2_and_rerun_is_noop(tmp_path, parts, capsys):
         T.train_stage(CFG, tab.drop(columns="registered_path"), tmp_path / "s3", init_from=m1, prior="registered")
     with pytest.raises(ValueError, match="unknown training option"):
         T.train_stage(dict(CFG, learning_rate=1), tab, tmp_path / "s3", init_from=m1)
+
+
+def test_a_new_decoder_keeps_the_trained_unets(tmp_path, parts, capsys):
+    # the UNets learn in the encoder's latent space: a VAE whose decoder alone changed leaves both stages trained,
+    # and each model takes the new decoder; a changed encoder trains them again
+    tab = parts["table"]
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+
+    def both(vae):
+        m1 = T.train_stage(dict(CFG, max_steps=2), tab, s1, vae=vae, text_encoder=parts["text_encoder"],
+                           progress=False)
+        T.train_stage(dict(CFG, max_steps=2), tab, s2, init_from=m1, prior="registered", text_column="description",
+                      cache_dir=s1 / "latents", progress=False)
+
+    both(parts["vae"])
+    runs = [(s / "train.json").read_text() for s in (s1, s2)]
+    unets = [sha256_file(s / "model" / "unet" / UNET_WEIGHTS) for s in (s1, s2)]
+    latents = sorted(p.name for p in (s1 / "latents").iterdir())
+    vae = BiomedJourneyPipeline.from_pretrained(s1 / "model").vae
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)
+    vae.save_pretrained(tmp_path / "vae_new_decoder")
+    capsys.readouterr()
+    both(tmp_path / "vae_new_decoder")
+    out = capsys.readouterr().out
+    assert out.count("vae/ replaced, the UNet kept") == 2 and out.count("up to date") == 2
+    assert [(s / "train.json").read_text() for s in (s1, s2)] == runs
+    assert [sha256_file(s / "model" / "unet" / UNET_WEIGHTS) for s in (s1, s2)] == unets
+    assert sorted(p.name for p in (s1 / "latents").iterdir()) == latents  # nothing encoded again
+    for s in (s1, s2):
+        saved = BiomedJourneyPipeline.from_pretrained(s / "model").vae
+        assert torch.equal(saved.decoder.conv_out.bias, vae.decoder.conv_out.bias)
+        assert torch.equal(saved.encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    both(tmp_path / "vae_new_decoder")  # and then a plain no-op
+    assert "replaced" not in capsys.readouterr().out
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.add_(0.5)
+    vae.save_pretrained(tmp_path / "vae_new_encoder")
+    both(tmp_path / "vae_new_encoder")
+    assert "up to date" not in capsys.readouterr().out
+    assert [sha256_file(s / "model" / "unet" / UNET_WEIGHTS) for s in (s1, s2)] != unets
 
 
 def _nan_at(monkeypatch, steps, weights_at=None):

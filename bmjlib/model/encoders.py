@@ -28,6 +28,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from pytorch_msssim import ssim as torch_ssim
@@ -306,22 +307,47 @@ def train_demo_vae(images: np.ndarray, val_images: np.ndarray, out_dir: str | os
         done = step + 1
         if max_seconds and time.time() - t0 > max_seconds:
             break
+    vae.eval()
+    with torch.no_grad():  # from the encoder alone: a decoder fine-tune leaves it as it is
+        z = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mode() for i in range(0, min(len(x_all), 512), 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     if decoder_steps:
         finetune_vae_decoder(vae, x_all, decoder_steps, batch_size, decoder_lr, ssim_weight, seed)
-    vae.eval()
+    metrics = _save_vae(vae, val_images, out_dir, {"steps": done, "decoder_steps": decoder_steps,
+                                                   "final_loss": float(np.mean(losses[-10:]))})
+    record_timing("demo VAE", time.time() - t0, steps=done)
+    return metrics
+
+
+def finetune_demo_decoder(vae_dir: str | os.PathLike, images: np.ndarray, val_images: np.ndarray,
+                          out_dir: str | os.PathLike, steps: int, batch_size: int = 32, lr: float = 1e-4,
+                          ssim_weight: float = 0.0, seed: int = 0) -> dict:
+    """The VAE saved in `vae_dir` (by `train_demo_vae`) with its decoder fine-tuned `steps` steps
+    (`finetune_vae_decoder`), saved to `out_dir` with its held-out PSNR / SSIM. The same VAE as
+    `train_demo_vae(..., decoder_steps=steps)` with the same seed, so a changed step count reruns this alone."""
+    use_run_threads()
+    t0 = time.time()
+    vae = load_vae(vae_dir)
+    if steps:
+        x = torch.as_tensor(images, dtype=torch.float32)[:, None] * 2 - 1
+        finetune_vae_decoder(vae, x, steps, batch_size, lr, ssim_weight, seed)
+        record_timing("demo VAE decoder", time.time() - t0, steps=steps)
+    return _save_vae(vae, val_images, out_dir, {"decoder_steps": steps, **({"decoder_lr": lr} if steps else {})})
+
+
+def _save_vae(vae: AutoencoderKL, val_images: np.ndarray, out_dir: str | os.PathLike, extra: dict) -> dict:
+    """Save the VAE with metrics.json: held-out whole-image PSNR / SSIM through it and its scaling factor."""
+    vae.eval().requires_grad_(False)
     with torch.no_grad():
-        z = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mode() for i in range(0, min(len(x_all), 512), 64)])
-        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
         xv = torch.as_tensor(val_images, dtype=torch.float32)[:, None] * 2 - 1
         rec = torch.cat([vae.decode(vae.encode(xv[i:i + 64]).latent_dist.mode()).sample
                          for i in range(0, len(xv), 64)])
     rec01 = ((rec[:, 0].numpy() + 1) / 2).clip(0, 1)
     psnr, ssim = psnr_ssim(val_images, rec01)
     vae.save_pretrained(out_dir)
-    metrics = {"psnr": psnr, "ssim": ssim, "n_val": len(val_images), "steps": done, "decoder_steps": decoder_steps,
-               "scaling_factor": vae.config.scaling_factor, "final_loss": float(np.mean(losses[-10:]))}
+    metrics = {"psnr": psnr, "ssim": ssim, "n_val": len(val_images), **extra,
+               "scaling_factor": vae.config.scaling_factor}
     atomic_write_json(Path(out_dir) / "metrics.json", metrics)
-    record_timing("demo VAE", time.time() - t0, steps=done)
     return metrics
 
 
@@ -340,6 +366,9 @@ def finetune_vae_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, b
     space and its scaling factor, is unchanged. The demo VAE trains on half-size crops; its decoder then sees
     whole images (mid-block attention over the whole latent) only here. Returns the losses."""
     vae.requires_grad_(False)
+    vae.eval()
+    with torch.no_grad():  # the frozen encoder's posterior of every image, once, instead of at every step
+        moments = torch.cat([vae.encode(images[i:i + 64]).latent_dist.parameters for i in range(0, len(images), 64)])
     parts = [vae.decoder, vae.post_quant_conv] if vae.post_quant_conv is not None else [vae.decoder]
     params = [p for m in parts for p in m.parameters()]
     for p in params:
@@ -349,9 +378,9 @@ def finetune_vae_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, b
     losses = []
     vae.train()
     for _ in tqdm(range(steps), desc="VAE decoder", unit="step"):
-        xb = images[torch.randint(0, len(images), (batch_size,), generator=g)]
-        with torch.no_grad():
-            z = vae.encode(xb).latent_dist.sample(generator=g)
+        idx = torch.randint(0, len(images), (batch_size,), generator=g)
+        xb = images[idx]
+        z = DiagonalGaussianDistribution(moments[idx]).sample(generator=g)
         loss = _reconstruction_loss(vae.decode(z).sample, xb, ssim_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -8,7 +8,7 @@ image's the posterior mode as is (scaled too for a model saved before that conve
 `BiomedJourneyPipeline.prior_latents`).
 
 On disk, in the cache folder:
-- `latents-<VAE fingerprint>-<px>/`: a `ShardStore` of fp16 latents 2,C,h,w (as is, mirrored), keyed by
+- `latents-<VAE encoder fingerprint>-<px>/`: a `ShardStore` of fp16 latents 2,C,h,w (as is, mirrored), keyed by
   kind ("scaled" / "mode"), path and the file's mtime, so a changed image is encoded again;
 - `text-<text encoder fingerprint>/`: a `ShardStore` of fp16 token states L,D keyed by sentence;
 - `dataset-<key>.safetensors`: one training set (key: rows, both fingerprints, size, margin, prior kind):
@@ -82,6 +82,17 @@ def module_fingerprint(module) -> str:
         h.update(str(tuple(v.shape)).encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def encoder_fingerprint(vae) -> str:
+    """The identity of what a VAE's latents depend on: its encoder, quant conv and scaling factor. The decoder is
+    left out: a decoder fine-tuned alone keeps the latent cache and every UNet trained on it."""
+    parts = [module_fingerprint(vae.encoder)]
+    if getattr(vae, "quant_conv", None) is not None:
+        parts.append(module_fingerprint(vae.quant_conv))
+    parts.append(json.dumps({k: vae.config.get(k) for k in ("scaling_factor", "shift_factor", "latent_channels")},
+                            sort_keys=True))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 STORE_FORMAT = "bmj-shard-store/1"
@@ -355,7 +366,7 @@ def _layout(pipe, rows: pd.DataFrame, cache_dir: Path, image_size: int, margin: 
             match_targets: bool = False) -> dict:
     """Where a training set lives: its stores (named by encoder fingerprints and px) and its dataset file."""
     size = image_size + 2 * margin * pipe.latent_factor
-    lat = Path(cache_dir) / f"latents-{module_fingerprint(pipe.vae)[:16]}-{size}"
+    lat = Path(cache_dir) / f"latents-{encoder_fingerprint(pipe.vae)[:16]}-{size}"
     txt = Path(cache_dir) / f"text-{module_fingerprint(pipe.text_encoder.model)[:16]}"
     prior_kind = "scaled" if pipe.prior_latents == "scaled" else "mode"
     key = fingerprint(DATASET_FORMAT, lat.name, txt.name, int(margin), bool(dummy_prior), prior_kind,

@@ -1,9 +1,10 @@
 """Notebooks 04-05 in functions: frozen components, the two training stages, loss curves and samples
 (paper §4.2 two-stage curriculum, §5.1 implementation details).
 
-- `prepare_components`: demo scale trains the small VAE and the small CLIP (the BiomedCLIP stand-in)
-  on stage 1's image-report pairs and reports held-out PSNR/SSIM and image->report retrieval; paper
-  scale points to Stable Diffusion v1.5's VAE folder and BiomedCLIP and trains nothing.
+- `prepare_components`: demo scale trains the small VAE (then fine-tunes its decoder) and the small CLIP (the
+  BiomedCLIP stand-in) on stage 1's image-report pairs, each part redone only when its inputs changed, and reports
+  held-out PSNR/SSIM and image->report retrieval; paper scale points to Stable Diffusion v1.5's VAE folder and
+  BiomedCLIP and trains nothing.
 - `train_config`: the `TrainConfig` a profile's flat values imply (notebooks 04, 05, 08 and `launch`).
 - `stage1_components`, `train_stage1`, `train_stage2`, `train_one_stage`: the one training entry point;
   each finds its inputs in the run folder and calls `train.train_stage` as notebooks 04-05 and `launch` do.
@@ -33,7 +34,7 @@ import torch
 from bmjlib.io import atomic_dir, atomic_write_json, fingerprint, folder_fingerprint, save_figure
 from bmjlib.model.configs import BIOMEDCLIP, DEMO_UNET_CONFIG, SD15_UNET_CONFIG
 from bmjlib.model.demo_model import resolve_model
-from bmjlib.model.encoders import load_images, load_vae, train_demo_clip, train_demo_vae
+from bmjlib.model.encoders import finetune_demo_decoder, load_images, load_vae, train_demo_clip, train_demo_vae
 from bmjlib.model.pipeline import GUIDANCE_FILE, PIPELINE_FILE, BiomedJourneyPipeline, read_guidance
 from bmjlib.model.train import TrainConfig, read_loss, train_stage
 from bmjlib.runtime import resolve, side_by_side, step_dir
@@ -42,22 +43,24 @@ from bmjlib.text.progression import changes, compose_report, null_description
 FIG_CAPTION_DATA = ("Phantom cohort (synthetic); no real patient data.")
 
 
-def _done(out: Path, key: str) -> dict | None:
-    f = out / "components.json"
-    if f.is_file():
-        d = json.loads(f.read_text())
-        if d.get("key") == key and all((out / p).exists() for p in ("vae", "text_encoder")):
-            return d
-    return None
+COMPONENTS_FILE = "components.json"
+COMPONENT_PARTS = ("vae_base", "vae", "text_encoder")
+
+
+def _components_state(out: Path) -> dict:
+    f = out / COMPONENTS_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale: str = "demo",
                        image_size: int = 64, vae_steps: int = 600, vae_batch: int = 32, clip_epochs: int = 20,
                        clip_batch: int = 64, seed: int = 0, sd_vae_dir: str = "",
                        text_encoder: str = "", max_val: int = 256, vae_ssim_weight: float = 0.0,
-                       vae_decoder_steps: int = 0) -> dict:
+                       vae_decoder_steps: int = 0, vae_decoder_lr: float = 1e-4) -> dict:
     """Write out/vae and out/text_encoder (or, at paper scale, record where they are) and return the
-    held-out metrics. A rerun with the same inputs is a no-op."""
+    held-out metrics. Demo scale makes three parts, each keyed on what it is made from and redone only when
+    that changed: vae_base/ (the VAE trained on crops), vae/ (vae_base with its decoder fine-tuned
+    `vae_decoder_steps` at `vae_decoder_lr` on whole images; a copy at 0) and text_encoder/. A rerun with the same inputs is a no-op."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if model_scale == "paper":
@@ -73,28 +76,50 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
         held = set(subjects[-max(1, len(subjects) // 10):])
         val, train = rows[rows["subject_id"].astype(str).isin(held)], rows[~rows["subject_id"].astype(str).isin(held)]
     val = val.iloc[:max_val]
-    key = fingerprint(list(train["image_path"]), list(train["impression"]), list(val["image_path"]), image_size,
-                      vae_steps, vae_batch, clip_epochs, clip_batch, seed, "vae-crop-half",
-                      *([vae_ssim_weight] if vae_ssim_weight else []),  # the key of a run without these is unchanged
-                      *([f"decoder-{vae_decoder_steps}"] if vae_decoder_steps else []))
-    done = _done(out, key)
-    if done:
+    data = (list(train["image_path"]), list(train["impression"]), list(val["image_path"]), image_size, seed)
+    keys = {"vae_base": fingerprint(*data, vae_steps, vae_batch, "vae-crop-half",
+                                    *([vae_ssim_weight] if vae_ssim_weight else [])),
+            "text_encoder": fingerprint(*data, clip_epochs, clip_batch, "clip")}
+    keys["vae"] = fingerprint(keys["vae_base"], "decoder", vae_decoder_steps, vae_ssim_weight,
+                              *([vae_decoder_lr] if vae_decoder_steps else []))
+    state = _components_state(out)
+    fresh = {k: state.get("keys", {}).get(k) == keys[k] and (out / k).is_dir() for k in COMPONENT_PARTS}
+    if all(fresh.values()):
         print("components up to date: nothing to do")
-        return done
+        return state
     x_train, kept = load_images(list(train["image_path"]), image_size, skip_bad=True, progress=True)
     t_train = list(train["impression"].iloc[kept])
     x_val, kept_v = load_images(list(val["image_path"]), image_size, skip_bad=True)
     t_val = list(val["impression"].iloc[kept_v])
-    skipped = (len(train) - len(kept)) + (len(val) - len(kept_v))
-    vae = train_demo_vae(x_train, x_val, out / "vae", steps=vae_steps, batch_size=vae_batch, seed=seed,
-                         crop=max(16, image_size // 2), ssim_weight=vae_ssim_weight, decoder_steps=vae_decoder_steps)
-    clip = train_demo_clip(x_train, t_train, x_val, t_val, out / "text_encoder", epochs=clip_epochs,
-                           batch_size=clip_batch, seed=seed)
-    res = {"key": key, "vae": str(out / "vae"), "text_encoder": f"local-dir:{out / 'text_encoder'}",
-           "n_train": len(x_train), "n_val": len(x_val), "unreadable_skipped": skipped,
-           "vae_metrics": vae, "clip_metrics": clip}
-    atomic_write_json(out / "components.json", res)
-    return res
+    state = {"keys": {k: v for k, v in state.get("keys", {}).items() if fresh.get(k)},
+             "vae": str(out / "vae"), "text_encoder": f"local-dir:{out / 'text_encoder'}",
+             "n_train": len(x_train), "n_val": len(x_val),
+             "unreadable_skipped": (len(train) - len(kept)) + (len(val) - len(kept_v)),
+             **{m: state[m] for m, k in (("vae_base_metrics", "vae_base"), ("vae_metrics", "vae"),
+                                         ("clip_metrics", "text_encoder")) if fresh[k] and m in state}}
+
+    def made(part: str, metrics_name: str, metrics: dict) -> None:  # recorded as soon as a part is whole
+        state["keys"][part], state[metrics_name] = keys[part], metrics
+        atomic_write_json(out / COMPONENTS_FILE, state)
+
+    atomic_write_json(out / COMPONENTS_FILE, state)  # parts about to be redone are no longer recorded
+    if not fresh["vae_base"]:
+        with atomic_dir(out / "vae_base") as tmp:
+            m = train_demo_vae(x_train, x_val, tmp, steps=vae_steps, batch_size=vae_batch, seed=seed,
+                               crop=max(16, image_size // 2), ssim_weight=vae_ssim_weight)
+        made("vae_base", "vae_base_metrics", m)
+    if not fresh["vae"] or not fresh["vae_base"]:
+        with atomic_dir(out / "vae") as tmp:
+            m = finetune_demo_decoder(out / "vae_base", x_train, x_val, tmp, vae_decoder_steps,
+                                      batch_size=vae_batch, lr=vae_decoder_lr, ssim_weight=vae_ssim_weight,
+                                      seed=seed)
+        made("vae", "vae_metrics", {**state["vae_base_metrics"], **m})
+    if not fresh["text_encoder"]:
+        with atomic_dir(out / "text_encoder") as tmp:
+            m = train_demo_clip(x_train, t_train, x_val, t_val, tmp, epochs=clip_epochs, batch_size=clip_batch,
+                                seed=seed)
+        made("text_encoder", "clip_metrics", m)
+    return state
 
 
 def components_table(res: dict) -> pd.DataFrame:
@@ -201,7 +226,8 @@ def stage1_components(run_dir: str | os.PathLike, params: Mapping[str, Any]) -> 
                               clip_epochs=params["clip_epochs"], seed=params["seed"],
                               sd_vae_dir=params["sd_vae_dir"], text_encoder=params["text_encoder"],
                               vae_ssim_weight=float(params.get("vae_ssim_weight", 0) or 0),
-                              vae_decoder_steps=int(params.get("vae_decoder_steps", 0) or 0))
+                              vae_decoder_steps=int(params.get("vae_decoder_steps", 0) or 0),
+                              vae_decoder_lr=float(params.get("vae_decoder_lr", 1e-4) or 1e-4))
 
 
 def train_stage1(run_dir: str | os.PathLike, params: Mapping[str, Any], components: dict | None = None) -> Path:

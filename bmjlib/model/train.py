@@ -57,10 +57,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from bmjlib.io import atomic_torch_save, atomic_write_csv, atomic_write_json, fingerprint, sha256_file
+from bmjlib.io import atomic_dir, atomic_torch_save, atomic_write_csv, atomic_write_json, fingerprint, sha256_file
 from bmjlib.model.configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from bmjlib.model.encoders import TextEncoder, load_vae
-from bmjlib.model.latents import build_cache, module_fingerprint
+from bmjlib.model.latents import build_cache, encoder_fingerprint, module_fingerprint
 from bmjlib.model.pipeline import BiomedJourneyPipeline, build_unet, build_vae, expand_unet_in_channels, train_scheduler
 from bmjlib.runtime import record_timing, use_run_threads
 
@@ -568,6 +568,21 @@ def init_pipeline(init_from=None, vae=None, text_encoder=None, unet_config=None,
     return BiomedJourneyPipeline.build(vae.eval().requires_grad_(False), te, unet_config, image_size, unet=unet)
 
 
+def _refresh_decoder(model_dir: Path, vae) -> None:
+    """An up-to-date model whose saved VAE differs from the stage's (its decoder was fine-tuned again: the encoder
+    is part of the key) gets the stage's VAE, so the model decodes as the run's VAE does. Every process checks
+    before any writes; the main one writes."""
+    if module_fingerprint(load_vae(model_dir / "vae")) == module_fingerprint(vae):
+        return
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        with atomic_dir(model_dir / "vae") as tmp:
+            vae.save_pretrained(tmp)
+        print(f"{model_dir}: the run's VAE has a new decoder (same encoder): vae/ replaced, the UNet kept")
+    state.wait_for_everyone()
+
+
 def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | os.PathLike, init_from=None,
                 text_column: str = "impression", prior: str = "dummy", vae=None, text_encoder=None,
                 cache_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
@@ -580,7 +595,8 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     `split`: the table's split(s) trained on (stage 1: ("train", "val"), the paper's p10-p18 images).
     `unet_init`: a 4-channel UNet folder to start a new model from (SD v1.5's unet/ at paper scale).
     Writes out_dir/{model/, loss.csv, train.json, checkpoints/}. A rerun with the same inputs returns at
-    once; an interrupted one resumes from its newest complete checkpoint. Under `accelerate launch` every
+    once (a VAE whose decoder alone changed is the same input to the UNet: the model's vae/ is replaced, nothing
+    is trained); an interrupted one resumes from its newest complete checkpoint. Under `accelerate launch` every
     process runs this: the main one writes the latent cache and the outputs, the others wait and read.
     `cache_only`: encode what the stage reads into the latent cache (nothing when the model is up to date: it
     reads nothing), train nothing, return the cache folder; stages trained side by side then only read it.
@@ -607,12 +623,14 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     data_fp = fingerprint(rows.to_dict("list"), prior)
     what = {k: v for k, v in asdict(cfg).items()
             if k not in EXECUTION_OPTIONS and KEY_OMITTED_AT_DEFAULT.get(k, object()) != v}
-    key = fingerprint(what, data_fp, init_fp, module_fingerprint(pipe.vae), module_fingerprint(pipe.text_encoder.model))
+    # the UNet reads the encoder's latents only: a decoder fine-tuned alone leaves the key, and the model, as they are
+    key = fingerprint(what, data_fp, init_fp, encoder_fingerprint(pipe.vae), module_fingerprint(pipe.text_encoder.model))
     cache = Path(cache_dir or out / "latents")
     done_file = out / "train.json"
     if (out / "model" / "bmj_pipeline.json").is_file() and done_file.is_file():
         if json.loads(done_file.read_text()).get("key") == key:
             if not cache_only:
+                _refresh_decoder(out / "model", pipe.vae)
                 print(f"{out / 'model'} is up to date (same data, config and initialisation): nothing to do")
             return cache if cache_only else out / "model"
     if cache_only:
