@@ -79,7 +79,7 @@ def test_launch_trains_through_the_entry_points(tmp_path, monkeypatch):
     assert list(table["impression"]) == ["x"]
     assert kw == dict(model_scale="demo", image_size=32, vae_steps=20, clip_epochs=2, seed=0, sd_vae_dir="",
                       text_encoder="", vae_ssim_weight=1.0, vae_decoder_steps=5,
-                      vae_decoder_lr=3e-4)  # the demo profile's, which smoke inherits
+                      vae_decoder_lr=1e-4)
     assert kw1 == dict(prior="dummy", text_column="impression", vae=comp["vae"], text_encoder=comp["text_encoder"],
                        cache_dir=run / "cache" / "latents", unet_init=None,
                        split=("train", "val"))  # the paper's stage 1: every p10-p18 image (69,846)

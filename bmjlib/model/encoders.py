@@ -28,7 +28,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 from pytorch_msssim import ssim as torch_ssim
@@ -366,9 +365,6 @@ def finetune_vae_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, b
     space and its scaling factor, is unchanged. The demo VAE trains on half-size crops; its decoder then sees
     whole images (mid-block attention over the whole latent) only here. Returns the losses."""
     vae.requires_grad_(False)
-    vae.eval()
-    with torch.no_grad():  # the frozen encoder's posterior of every image, once, instead of at every step
-        moments = torch.cat([vae.encode(images[i:i + 64]).latent_dist.parameters for i in range(0, len(images), 64)])
     parts = [vae.decoder, vae.post_quant_conv] if vae.post_quant_conv is not None else [vae.decoder]
     params = [p for m in parts for p in m.parameters()]
     for p in params:
@@ -378,9 +374,9 @@ def finetune_vae_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, b
     losses = []
     vae.train()
     for _ in tqdm(range(steps), desc="VAE decoder", unit="step"):
-        idx = torch.randint(0, len(images), (batch_size,), generator=g)
-        xb = images[idx]
-        z = DiagonalGaussianDistribution(moments[idx]).sample(generator=g)
+        xb = images[torch.randint(0, len(images), (batch_size,), generator=g)]
+        with torch.no_grad():
+            z = vae.encode(xb).latent_dist.sample(generator=g)
         loss = _reconstruction_loss(vae.decode(z).sample, xb, ssim_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
