@@ -44,7 +44,8 @@ FIG_CAPTION_DATA = ("Phantom cohort (synthetic); no real patient data.")
 
 
 COMPONENTS_FILE = "components.json"
-COMPONENT_PARTS = ("vae_base", "vae", "text_encoder")
+COMPONENT_METRICS = {"vae_base": "vae_base_metrics", "vae": "vae_metrics", "text_encoder": "clip_metrics"}
+COMPONENT_PARTS = tuple(COMPONENT_METRICS)
 
 
 def _components_state(out: Path) -> dict:
@@ -60,7 +61,8 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
     """Write out/vae and out/text_encoder (or, at paper scale, record where they are) and return the
     held-out metrics. Demo scale makes three parts, each keyed on what it is made from and redone only when
     that changed: vae_base/ (the VAE trained on crops), vae/ (vae_base with its decoder fine-tuned
-    `vae_decoder_steps` at `vae_decoder_lr` on whole images; a copy at 0) and text_encoder/. A rerun with the same inputs is a no-op."""
+    `vae_decoder_steps` at `vae_decoder_lr` on whole images; a copy at 0) and text_encoder/. A rerun with the
+    same inputs is a no-op."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if model_scale == "paper":
@@ -95,11 +97,10 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
              "vae": str(out / "vae"), "text_encoder": f"local-dir:{out / 'text_encoder'}",
              "n_train": len(x_train), "n_val": len(x_val),
              "unreadable_skipped": (len(train) - len(kept)) + (len(val) - len(kept_v)),
-             **{m: state[m] for m, k in (("vae_base_metrics", "vae_base"), ("vae_metrics", "vae"),
-                                         ("clip_metrics", "text_encoder")) if fresh[k] and m in state}}
+             **{m: state[m] for k, m in COMPONENT_METRICS.items() if fresh[k] and m in state}}
 
-    def made(part: str, metrics_name: str, metrics: dict) -> None:  # recorded as soon as a part is whole
-        state["keys"][part], state[metrics_name] = keys[part], metrics
+    def made(part: str, metrics: dict) -> None:  # recorded as soon as a part is whole
+        state["keys"][part], state[COMPONENT_METRICS[part]] = keys[part], metrics
         atomic_write_json(out / COMPONENTS_FILE, state)
 
     atomic_write_json(out / COMPONENTS_FILE, state)  # parts about to be redone are no longer recorded
@@ -107,18 +108,18 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
         with atomic_dir(out / "vae_base") as tmp:
             m = train_demo_vae(x_train, x_val, tmp, steps=vae_steps, batch_size=vae_batch, seed=seed,
                                crop=max(16, image_size // 2), ssim_weight=vae_ssim_weight)
-        made("vae_base", "vae_base_metrics", m)
+        made("vae_base", m)
     if not fresh["vae"] or not fresh["vae_base"]:
         with atomic_dir(out / "vae") as tmp:
             m = finetune_demo_decoder(out / "vae_base", x_train, x_val, tmp, vae_decoder_steps,
                                       batch_size=vae_batch, lr=vae_decoder_lr, ssim_weight=vae_ssim_weight,
                                       seed=seed)
-        made("vae", "vae_metrics", {**state["vae_base_metrics"], **m})
+        made("vae", {**state["vae_base_metrics"], **m})
     if not fresh["text_encoder"]:
         with atomic_dir(out / "text_encoder") as tmp:
             m = train_demo_clip(x_train, t_train, x_val, t_val, tmp, epochs=clip_epochs, batch_size=clip_batch,
                                 seed=seed)
-        made("text_encoder", "clip_metrics", m)
+        made("text_encoder", m)
     return state
 
 
