@@ -44,7 +44,7 @@ import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
 from bmjlib.evaluation.counterfactuals import DEMO_MODELS, PAPER_MODELS, resolve_guidance
-from bmjlib.io import CREDIT_ENV, atomic_write_json, fingerprint, sha256_file
+from bmjlib.io import CREDIT_ENV, atomic_write_json, files_fingerprint, fingerprint, sha256_file
 from bmjlib.runtime import (PROFILE_DIR, STAMP_FORMAT, THREADS_ENV, TIMINGS_ENV, figures_dir_for, load_profile,
                             repo_root, resolve, run_threads)
 from bmjlib.text.llm import secret_problem
@@ -346,8 +346,7 @@ def code_files(modules: set[str], root: Path = PACKAGE_DIR) -> list[Path]:
 def code_fingerprint(notebook: Path, root: Path = PACKAGE_DIR) -> str:
     """sha256 over the package code a notebook runs (`code_files` of its imports): a fix in a metric reruns
     the evaluation, not the phantom."""
-    files = code_files(notebook_imports(notebook, root.name), root)
-    return fingerprint([(str(f.relative_to(root)), sha256_file(f)) for f in files])
+    return files_fingerprint(code_files(notebook_imports(notebook, root.name), root), root)
 
 
 # --------------------------------------------------------------------------- checks before a run

@@ -202,12 +202,18 @@ def fingerprint(*parts: Any) -> str:
     return sha256_bytes(json.dumps(parts, sort_keys=True, default=str).encode("utf-8"))
 
 
+def files_fingerprint(files, root: str | os.PathLike) -> str:
+    """sha256 over (path relative to `root`, sha256) of each of `files`, in the order given."""
+    root = Path(root)
+    return fingerprint([(Path(f).relative_to(root).as_posix(), sha256_file(f)) for f in files])
+
+
 def folder_fingerprint(folder: str | os.PathLike, skip_suffixes: tuple[str, ...] = (".md",)) -> str:
     """sha256 over (relative path, sha256) of every file under `folder` but those ending in `skip_suffixes`
     (documentation): the identity of a saved model, every part of which shapes its output."""
     root = Path(folder)
-    files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.endswith(skip_suffixes))
-    return fingerprint([(f.relative_to(root).as_posix(), sha256_file(f)) for f in files])
+    return files_fingerprint(sorted(f for f in root.rglob("*") if f.is_file() and not f.name.endswith(skip_suffixes)),
+                             root)
 
 
 class Manifest:
