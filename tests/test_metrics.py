@@ -7,7 +7,7 @@ import pytest
 
 from bmjlib.evaluation import evaluate as E
 from bmjlib.evaluation import metrics as M
-from bmjlib.io import atomic_write_png
+from bmjlib.io import atomic_write_png, read_image
 from bmjlib.schema import FINDINGS, ORGANS
 
 NAMES = ["a", "b"]
@@ -156,16 +156,38 @@ def test_bootstrap_se_of_a_mean_is_its_standard_error():
     assert math.isnan(M.bootstrap_se(lambda i: 1.0, 10, 0)) and math.isnan(M.bootstrap_se(lambda i: 1.0, 0))
 
 
-def test_published_intervals_are_bootstrap_ci(tmp_path):
-    """evaluate.evaluate's summary intervals are bootstrap_ci's, resample for resample."""
+def test_a_paired_difference_cancels_the_difficulty_two_generators_share():
+    """Two scores that differ by a constant on every pair: side by side their intervals overlap (the pairs' spread
+    dominates), on the same resamples the difference is that constant exactly."""
+    x = np.random.default_rng(3).normal(0.0, 1.0, 60)
+    better = M.bootstrap_draws(lambda i: x[i].mean() + 0.1, len(x), 500, seed=4)
+    worse = M.bootstrap_draws(lambda i: x[i].mean(), len(x), 500, seed=4)
+    lo_b, _ = M.draws_interval(better)
+    _, hi_w = M.draws_interval(worse)
+    assert lo_b < hi_w  # the two intervals overlap
+    lo, hi = M.paired_difference_ci(better, worse)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    # dict draws: one number by name; a NaN draw (e.g. one class only in a resample) is dropped
+    a = [{"cmig": 0.9}, {"cmig": float("nan")}, {"cmig": 0.7}]
+    b = [{"cmig": 0.5}, {"cmig": 0.5}, {"cmig": 0.5}]
+    assert M.paired_difference_ci(a, b, "cmig", level=0.0) == pytest.approx((0.3, 0.3))
+    with pytest.raises(ValueError, match="3 draws against 2"):
+        M.paired_difference_ci(a, b[:2], "cmig")
+    # the published interval is the percentile interval of the same draws
+    assert M.bootstrap_ci(lambda i: x[i].mean(), len(x), 500, seed=4) == M.draws_interval(worse)
+
+
+def _scored_pairs(tmp_path, n=12, models=("m",)):
+    """n pairs with random images, a generated image per pair for each of `models`, and judges that read the
+    image's brightness in five horizontal bands (findings), the first (sex), the second (age)."""
     rng = np.random.default_rng(0)
-    n = 12
     rows = []
     for k in range(n):
         pid = f"p{k:02d}"
         for kind in ("prior", "followup"):
             atomic_write_png(tmp_path / f"{pid}_{kind}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
-        atomic_write_png(tmp_path / "gen" / "m" / f"{pid}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+        for m in models:
+            atomic_write_png(tmp_path / "gen" / m / f"{pid}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
         rows.append({"pair_id": pid, "prior_path": str(tmp_path / f"{pid}_prior.png"),
                      "followup_path": str(tmp_path / f"{pid}_followup.png"), "sex": "MF"[k % 2], "age": 40.0 + 3 * k,
                      **{f"followup_{f}": float((k + j) % 3 == 0) for j, f in enumerate(FINDINGS)},
@@ -184,7 +206,13 @@ def test_published_intervals_are_bootstrap_ci(tmp_path):
                 return np.stack([x > 0.3 + 0.05 * i for i in range(len(ORGANS))], 1)
             return bands[:, 0] if self.kind == "sex" else 100 * bands[:, 1]
 
-    judges = {k: Judge(k) for k in ("finding", "sex", "age", "anatomy")}
+    return pairs, {k: Judge(k) for k in ("finding", "sex", "age", "anatomy")}
+
+
+def test_published_intervals_are_bootstrap_ci(tmp_path):
+    """evaluate.evaluate's summary intervals are bootstrap_ci's, resample for resample."""
+    n = 12
+    pairs, judges = _scored_pairs(tmp_path, n)
     summary, _ = E.evaluate(tmp_path, tmp_path / "gen", judges, ["m"], size=8, n_boot=40, seed=5, pairs=pairs)
     row = summary.set_index("source").loc["m"]
 
@@ -195,3 +223,37 @@ def test_published_intervals_are_bootstrap_ci(tmp_path):
     lo, hi = M.bootstrap_ci(lambda i: M.pearson_r(100 * scores[i, 1], pairs["age"].to_numpy(float)[i]), n, 40,
                             seed=5)
     assert (row["age_r_lo"], row["age_r_hi"]) == (lo, hi)
+
+
+def test_cmig_differences_are_paired_on_the_same_resamples(tmp_path):
+    """Each model's CMIG minus copying's (and minus one-stage's) is the difference of the two CMIGs, with the
+    interval of that difference over the resamples both were scored on; a generator that returns the prior
+    scores 0 [0, 0] against copying."""
+    pairs, judges = _scored_pairs(tmp_path, 12, models=("m", "one_stage"))
+    for _, r in pairs.iterrows():  # the copy_prior source: the prior itself
+        atomic_write_png(tmp_path / "gen" / "copy_prior" / f"{r['pair_id']}.png",
+                         (np.asarray(read_image(r["prior_path"])) * 255).round().astype(np.uint8))
+        atomic_write_png(tmp_path / "gen" / "prior_again" / f"{r['pair_id']}.png",
+                         (np.asarray(read_image(r["prior_path"])) * 255).round().astype(np.uint8))
+    models = ["m", "one_stage", "copy_prior", "prior_again"]
+    summary, _ = E.evaluate(tmp_path, tmp_path / "gen", judges, models, size=8, n_boot=60, seed=2, pairs=pairs)
+    s = summary.set_index("source")
+    assert (s.at["prior_again", "cmig_minus_copy_prior"], s.at["prior_again", "cmig_minus_copy_prior_lo"],
+            s.at["prior_again", "cmig_minus_copy_prior_hi"]) == (0.0, 0.0, 0.0)
+    assert s.at["m", "cmig_minus_copy_prior"] == pytest.approx(s.at["m", "cmig"] - s.at["copy_prior", "cmig"])
+    assert s.at["m", "cmig_minus_one_stage"] == pytest.approx(s.at["m", "cmig"] - s.at["one_stage", "cmig"])
+    assert np.isnan(s.at["copy_prior", "cmig_minus_copy_prior"])  # not against itself
+
+    imgs = E.load_sources(tmp_path, tmp_path / "gen", pairs, models, 8)
+    t = E.truth_of(pairs)
+
+    def cmig_of(src):
+        o = E.judge_outputs(judges, imgs[src])
+        return lambda i: E._cmig(M.pathology_auroc(o["finding"][i], t["followup"][i], FINDINGS)["mean"],
+                                 M.retention_auroc(o["retention"][i], t["retention"][i]),
+                                 M.pearson_r(o["age"][i], t["age"][i]))
+    by_hand = M.paired_difference_ci(M.bootstrap_draws(cmig_of("m"), 12, 60, seed=2),
+                                     M.bootstrap_draws(cmig_of("copy_prior"), 12, 60, seed=2))
+    assert (s.at["m", "cmig_minus_copy_prior_lo"], s.at["m", "cmig_minus_copy_prior_hi"]) == pytest.approx(by_hand)
+    assert not np.isnan(by_hand[0])
+

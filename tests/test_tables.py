@@ -35,6 +35,15 @@ def test_table1_puts_paper_numbers_beside_ours_by_model():
     assert t1.loc["Copy prior", "CMIG paper (MIMIC-CXR)"] == ""  # no paper row for copy-the-prior
 
 
+def test_table1_gives_the_paired_cmig_differences():
+    sm = summary()
+    sm.loc[0, ["cmig_minus_copy_prior", "cmig_minus_copy_prior_lo", "cmig_minus_copy_prior_hi"]] = 0.039, 0.012, 0.066
+    t1 = T.table1(sm).set_index("Model")
+    assert t1.loc["BiomedJourney (two-stage)", "CMIG minus copy prior (paired)"] == "3.9 [1.2, 6.6]"
+    assert t1.loc["Copy prior", "CMIG minus copy prior (paired)"] == "-"  # not against itself
+    assert (t1["CMIG minus one-stage (paired)"] == "-").all()  # no one-stage arm in this run
+
+
 def test_table3_and_4_and_fidelity():
     t3 = T.table3(summary()).set_index("Source")
     assert t3.loc["BiomedJourney (two-stage)", "KL paper (MIMIC-CXR)"] == "10.90"

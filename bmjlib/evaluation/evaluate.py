@@ -11,7 +11,8 @@ scores, a retention score (sex at demo scale, race at paper scale), an age and o
   changed-finding AUROC in its place;
 - KL(judge(reference) || judge(counterfactual)) (App. A.2); anatomy Dice vs the reference's and the
   prior's segmentation; on the phantom SSIM / MS-SSIM / PSNR against the true counterfactual;
-- 95 % percentile-bootstrap intervals over pairs for each summary number.
+- 95 % percentile-bootstrap intervals over pairs for each summary number, and each source's CMIG minus copying
+  the prior's and minus the one-stage arm's on the same resamples (a paired bootstrap).
 
 The reference is the registered follow-up (02_registration), i.e. the real follow-up in the prior's
 frame, which is what the counterfactual should look like.
@@ -31,6 +32,10 @@ from bmjlib.runtime import resolve
 from bmjlib.schema import FINDINGS
 
 REFERENCE = "reference"
+# Every source's CMIG is also given as its difference to these, on the same bootstrap resamples (a paired
+# comparison: the pairs' shared difficulty cancels, which two intervals side by side do not show).
+PAIRED_BASELINES = ("copy_prior", "one_stage")
+PAIRED_METRICS = ("cmig", "cmig_changed")
 RACE_GROUPS = {"ASIAN": 0, "BLACK": 1, "WHITE": 2}
 
 
@@ -111,7 +116,7 @@ def evaluate(run_dir: str | Path, gen_dir: str | Path, judges: dict, models: lis
     sources = have + [REFERENCE] + ceiling
     outs = {s: judge_outputs(judges, imgs[s], scale) for s in sources + ["prior"]}
     ref, prior = outs[REFERENCE], outs["prior"]
-    rows, per_pair = [], []
+    rows, per_pair, full, draws = [], [], {}, {}
     for s in sources:
         o = outs[s]
         kl = M.kl_divergence(ref["finding"], o["finding"])
@@ -139,12 +144,22 @@ def evaluate(run_dir: str | Path, gen_dir: str | Path, judges: dict, models: lis
                     r[c] = float(np.nanmean(pp[c].to_numpy()[i]))
             return r
 
-        full = stats(np.arange(len(ids)))
-        row = {"source": s, "n_pairs": len(ids), **full}
+        full[s] = stats(np.arange(len(ids)))
+        row = {"source": s, "n_pairs": len(ids), **full[s]}
         if n_boot > 0 and ids:
-            for k, (lo, hi) in M.bootstrap_ci(stats, len(ids), n_boot, seed).items():
-                row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
+            draws[s] = M.bootstrap_draws(stats, len(ids), n_boot, seed)
+            for k in full[s]:
+                row[f"{k}_lo"], row[f"{k}_hi"] = M.draws_interval(draws[s], k)
         rows.append(row)
+    for s, row in zip(sources, rows):
+        for base in PAIRED_BASELINES:
+            if base not in full or base == s:
+                continue
+            for k in PAIRED_METRICS:
+                col = f"{k}_minus_{base}"
+                row[col] = full[s][k] - full[base][k]
+                if base in draws:
+                    row[f"{col}_lo"], row[f"{col}_hi"] = M.paired_difference_ci(draws[s], draws[base], k)
     return pd.DataFrame(rows), pd.concat(per_pair, ignore_index=True)
 
 

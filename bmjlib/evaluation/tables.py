@@ -80,7 +80,8 @@ def _paper(values: dict, name: str | None, i: int) -> str:
 
 
 def table1(summary: pd.DataFrame, retention_name: str = "Sex AUROC") -> pd.DataFrame:
-    """Table 1: accuracy, retention and CMIG per model (+ the changed-finding variant), paper beside."""
+    """Table 1: accuracy, retention and CMIG per model (+ the changed-finding variant), each model's CMIG minus
+    copying the prior's and minus the one-stage arm's on the same bootstrap resamples (paired), paper beside."""
     rows = []
     for _, r in summary.iterrows():
         p = PAPER_ROW.get(r["source"])
@@ -89,6 +90,8 @@ def table1(summary: pd.DataFrame, retention_name: str = "Sex AUROC") -> pd.DataF
                      "Changed-finding AUROC": fmt(r, "changed_auroc"),
                      retention_name: fmt(r, "retention_auroc"), "Age Pearson r": fmt(r, "age_r"),
                      "CMIG": fmt(r, "cmig"), "CMIG (changed findings)": fmt(r, "cmig_changed"),
+                     "CMIG minus copy prior (paired)": fmt(r, "cmig_minus_copy_prior"),
+                     "CMIG minus one-stage (paired)": fmt(r, "cmig_minus_one_stage"),
                      f"Pathology AUC {PAPER}": _paper(PAPER_T1, p, 0), f"Race AUC {PAPER}": _paper(PAPER_T1, p, 1),
                      f"Age r {PAPER}": _paper(PAPER_T1, p, 2), f"CMIG {PAPER}": _paper(PAPER_T1, p, 3)})
     return pd.DataFrame(rows)
