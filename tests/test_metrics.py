@@ -230,11 +230,10 @@ def test_cmig_differences_are_paired_on_the_same_resamples(tmp_path):
     interval of that difference over the resamples both were scored on; a generator that returns the prior
     scores 0 [0, 0] against copying."""
     pairs, judges = _scored_pairs(tmp_path, 12, models=("m", "one_stage"))
-    for _, r in pairs.iterrows():  # the copy_prior source: the prior itself
-        atomic_write_png(tmp_path / "gen" / "copy_prior" / f"{r['pair_id']}.png",
-                         (np.asarray(read_image(r["prior_path"])) * 255).round().astype(np.uint8))
-        atomic_write_png(tmp_path / "gen" / "prior_again" / f"{r['pair_id']}.png",
-                         (np.asarray(read_image(r["prior_path"])) * 255).round().astype(np.uint8))
+    for _, r in pairs.iterrows():  # copy_prior, and a second generator that returns the prior too
+        prior = (np.asarray(read_image(r["prior_path"])) * 255).round().astype(np.uint8)
+        for m in ("copy_prior", "prior_again"):
+            atomic_write_png(tmp_path / "gen" / m / f"{r['pair_id']}.png", prior)
     models = ["m", "one_stage", "copy_prior", "prior_again"]
     summary, _ = E.evaluate(tmp_path, tmp_path / "gen", judges, models, size=8, n_boot=60, seed=2, pairs=pairs)
     s = summary.set_index("source")

@@ -246,7 +246,8 @@ def bootstrap_draws(stat: Callable[[np.ndarray], float | dict], n: int, n_boot: 
     """`stat` on each of the `n_boot` resamples `bootstrap_ci` draws with that seed. Two statistics drawn with the
     same seed and `n` saw the same resampled pairs, so their draw-by-draw difference is a paired bootstrap
     (`paired_difference_ci`)."""
-    return _resampled(stat, n, n_boot, seed)
+    rng = np.random.default_rng(seed)
+    return [stat(rng.integers(0, n, n)) for _ in range(n_boot)]
 
 
 def paired_difference_ci(draws_a: list, draws_b: list, key: str | None = None,
@@ -271,12 +272,7 @@ def bootstrap_se(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000
     resamples as `bootstrap_ci` with that seed); NaN when n_boot or n is 0."""
     if n_boot <= 0 or n == 0:
         return float("nan")
-    return float(np.std(_resampled(stat, n, n_boot, seed)))
-
-
-def _resampled(stat: Callable, n: int, n_boot: int, seed: int) -> list:
-    rng = np.random.default_rng(seed)
-    return [stat(rng.integers(0, n, n)) for _ in range(n_boot)]
+    return float(np.std(bootstrap_draws(stat, n, n_boot, seed)))
 
 
 def _percentile_interval(values, level: float) -> tuple[float, float]:
