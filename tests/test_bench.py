@@ -127,3 +127,18 @@ def test_gpu_section_counts_about_537_gflop_and_says_when_there_is_no_gpu():
     if not torch.cuda.is_available():
         assert len(rows) == 2 and rows[1].value is None
         assert "no GPU was available" in rows[1].note and "bmj bench --gpu" in rows[1].note
+
+
+def test_cpu_speed_options_row_measures_each_option_of_the_same_training_step():
+    """One row per speed option (torch.compile only when asked), each against fp32 measured first and last; every
+    arm trains the same model on the same batch, so its last loss agrees with fp32's to bf16 precision."""
+    from bmjlib.bench.steps import CPU_SPEED_ARMS, Context, training_speed_options
+    rows = training_speed_options(Context(BenchConfig(image_size=32, speed_batch=4, speed_steps=1)))
+    names = [a.name for a in CPU_SPEED_ARMS if "compile" not in a.options]
+    assert [r.name for r in rows] == [f"training samples/s on this CPU: {n}" for n in names]
+    assert rows[0].extra["speedup"] == 1.0 and rows[0].compare == ""
+    for r in rows:
+        assert r.available and r.value > 0 and math.isfinite(r.extra["loss"]), (r.name, r.note)
+        assert r.extra["loss"] == pytest.approx(rows[0].extra["loss"], rel=0.05), r.name
+    for r in rows[1:]:
+        assert r.compare == f"{r.value / rows[0].value:.2f}x fp32"

@@ -82,6 +82,9 @@ class BenchConfig:
     chain_json: str = "runs/demo/chain.json"
     model: str = "demo"                # trained model for the sampler comparison ("demo" = shipped)
     seed: int = 0
+    speed_batch: int = 32              # the CPU speed options row: the demo profile's batch
+    speed_steps: int = 4
+    speed_compile: bool = False        # torch.compile arm (compiling takes a minute or two): full bench only
     gpu_steps: int = 20
     gpu_batch: int = 32
     gpu_size: int = 256
@@ -94,7 +97,7 @@ class BenchConfig:
     @classmethod
     def full(cls) -> "BenchConfig":
         return cls(phantom_images=2000, reg_pairs=12, descriptions=2000, train_steps=12, gen_pairs=8,
-                   scale_reg_pairs=4, scale_gen_steps=8, gpu_steps=50)
+                   scale_reg_pairs=4, scale_gen_steps=8, speed_steps=12, speed_compile=True, gpu_steps=50)
 
 
 # --------------------------------------------------------------------------- peak memory

@@ -22,6 +22,7 @@ def plan(cfg: BenchConfig, gpu: bool) -> list[tuple[str, str, Callable[[], Any]]
         ("Throughput", "training samples/s (cached latents + text states)", lambda: S.training_cached(ctx)),
         ("Throughput", "two trainings side by side", lambda: S.training_side_by_side(ctx)),
         ("Throughput", "training with fused AdamW", lambda: S.training_fused_adamw(ctx)),
+        ("Throughput", "training speed options on this CPU", lambda: S.training_speed_options(ctx)),
         ("Throughput", f"counterfactuals/s (DPM-Solver++ {cfg.fast_steps} steps)", lambda: S.sampler_rates(ctx)),
         ("Scaling", "registration time vs image size", lambda: S.registration_scaling(ctx)),
         ("Scaling", "generation time vs image size", lambda: S.generation_scaling(ctx)),

@@ -22,13 +22,13 @@ from diffusers import AutoencoderKL
 from skimage.metrics import structural_similarity
 
 from bmjlib.bench.core import BenchConfig, NotAvailable, Result
-from bmjlib.bench.gpu import flops_row, gpu_rows
+from bmjlib.bench.gpu import Arm, Parts, flops_row, gpu_rows, train_rate
 from bmjlib.data.registration import RegConfig, register_pair, set_itk_threads
 from bmjlib.bench.registration import compare as compare_registration
 from bmjlib.data.registration_eval import phantom_pairs
 from bmjlib.data.sources import mimic_report_path
 from bmjlib.io import read_image, resize_image
-from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_VAE_CONFIG
+from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_UNET_CONFIG, DEMO_VAE_CONFIG
 from bmjlib.model.demo_model import DemoModelError, resolve_model
 from bmjlib.model.encoders import TextEncoder
 from bmjlib.model.latents import build_cache
@@ -285,6 +285,50 @@ def training_side_by_side(ctx: Context) -> list[Result]:
                         "each, cached latents",
                    extra={"one_after_the_other_s": after, "side_by_side_s": beside, "threads": n,
                           "each_alone_s": alone, "each_side_by_side_s": list(both.values())})]
+
+
+# The trainer's speed options (`TrainConfig` fields) tried on the CPU; the first is the CPU default (fp32).
+CPU_SPEED_ARMS = [Arm("fp32 (the trainer's CPU default)", dict(mixed_precision="no")),
+                  Arm("bf16 autocast", dict(mixed_precision="bf16")),
+                  Arm("channels_last", dict(mixed_precision="no", channels_last=True)),
+                  Arm("torch.compile", dict(mixed_precision="no", compile="inductor"))]
+
+
+def demo_parts(image_size: int, seed: int = 0) -> Parts:
+    """The demo UNet and text projection at `image_size` (random weights) with encoders that only make its
+    inputs: the demo VAE's layout on 3 channels (Parts feeds RGB) and a text transformer of the demo tower's size."""
+    text = DEMO_CLIP_CONFIG["text_cfg"]
+    vae = dict(DEMO_VAE_CONFIG, in_channels=3, out_channels=3)
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return Parts("cpu", dict(DEMO_UNET_CONFIG, sample_size=image_size // factor), vae,
+                 dict(context_length=text["context_length"], vocab_size=1000, width=text["width"],
+                      heads=text["heads"], layers=1, output_dim=DEMO_UNET_CONFIG["cross_attention_dim"]),
+                 image_size, seed=seed)
+
+
+def training_speed_options(ctx: Context) -> list[Result]:
+    """The trainer's own step (`Trainer.step`) on the demo UNet at the demo profile's batch with each speed option
+    of CPU_SPEED_ARMS, in one run, against fp32 measured first and last (the faster of the two). Whether
+    any of them would shorten the demo chain's training on this CPU; torch.compile (a minute or two of compiling)
+    only in the full bench."""
+    cfg = ctx.cfg
+    arms = [a for a in CPU_SPEED_ARMS if cfg.speed_compile or "compile" not in a.options]
+    base_arm = arms[0]
+    rates: dict[str, float] = {}
+    losses: dict[str, float] = {}
+    for arm in arms + [base_arm]:
+        rate, loss = train_rate(demo_parts(cfg.image_size, cfg.seed), arm, cfg.speed_batch, cfg.speed_steps,
+                                seed=cfg.seed)
+        rates[arm.name] = max(rate, rates.get(arm.name, 0.0))
+        losses[arm.name] = loss
+    base = rates[base_arm.name]
+    what = (f"demo UNet (random weights), {cfg.image_size} px, batch {cfg.speed_batch}, {cfg.speed_steps} steps "
+            f"after 2 warm-up, {run_threads()} thread(s); the trainer's step on latents encoded once")
+    return [Result("Throughput", f"training samples/s on this CPU: {a.name}", rates[a.name], "samples/s",
+                   compare="" if a is base_arm else f"{rates[a.name] / base:.2f}x fp32",
+                   note=what if a is base_arm else f"same model and batch; last loss {losses[a.name]:.3f}",
+                   extra={"speedup": rates[a.name] / base, "loss": losses[a.name]})
+            for a in arms]
 
 
 def training_batch_scaling(ctx: Context) -> list[Result]:
