@@ -312,6 +312,7 @@ def training_speed_options(ctx: Context) -> list[Result]:
     any of them would shorten the demo chain's training on this CPU; torch.compile (a minute or two of compiling)
     only in the full bench."""
     cfg = ctx.cfg
+    threads = use_run_threads()
     arms = [a for a in CPU_SPEED_ARMS if cfg.speed_compile or "compile" not in a.options]
     base_arm = arms[0]
     rates: dict[str, float] = {}
@@ -323,7 +324,7 @@ def training_speed_options(ctx: Context) -> list[Result]:
         losses[arm.name] = loss
     base = rates[base_arm.name]
     what = (f"demo UNet (random weights), {cfg.image_size} px, batch {cfg.speed_batch}, {cfg.speed_steps} steps "
-            f"after 2 warm-up, {run_threads()} thread(s); the trainer's step on latents encoded once")
+            f"after 2 warm-up, {threads} thread(s); the trainer's step on latents encoded once")
     return [Result("Throughput", f"training samples/s on this CPU: {a.name}", rates[a.name], "samples/s",
                    compare="" if a is base_arm else f"{rates[a.name] / base:.2f}x fp32",
                    note=what if a is base_arm else f"same model and batch; last loss {losses[a.name]:.3f}",
