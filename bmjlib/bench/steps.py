@@ -33,6 +33,7 @@ from bmjlib.model.demo_model import DemoModelError, resolve_model
 from bmjlib.model.encoders import TextEncoder
 from bmjlib.model.latents import build_cache
 from bmjlib.model.pipeline import BiomedJourneyPipeline, to_batch, train_scheduler
+from bmjlib.model.stages import unet_config
 from bmjlib.model.train import diffusion_loss
 from bmjlib.phantom.cohort import write_cohort
 from bmjlib.runtime import run_threads, side_by_side, use_run_threads
@@ -300,7 +301,7 @@ def demo_parts(image_size: int, seed: int = 0) -> Parts:
     text = DEMO_CLIP_CONFIG["text_cfg"]
     vae = dict(DEMO_VAE_CONFIG, in_channels=3, out_channels=3)
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return Parts("cpu", dict(DEMO_UNET_CONFIG, sample_size=image_size // factor), vae,
+    return Parts("cpu", unet_config("demo", image_size, factor), vae,
                  dict(context_length=text["context_length"], vocab_size=1000, width=text["width"],
                       heads=text["heads"], layers=1, output_dim=DEMO_UNET_CONFIG["cross_attention_dim"]),
                  image_size, seed=seed)
