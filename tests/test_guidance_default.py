@@ -10,7 +10,8 @@ from PIL import Image
 from bmjlib.app import explorer as E
 from bmjlib.cli import main
 from bmjlib.io import read_pixels, to_uint8
-from bmjlib.model.pipeline import IP2P_GUIDANCE, BiomedJourneyPipeline, ModelFolderError, read_guidance, read_strength
+from bmjlib.model.pipeline import (IP2P_GUIDANCE, BiomedJourneyPipeline, ModelFolderError, read_guidance, read_strength,
+                                   read_text_guidance_min_t)
 
 from test_pipeline import tiny_pipeline
 
@@ -90,7 +91,9 @@ def test_explicit_scales_still_win(folders, prior):
                                             ('{"text_scale": 1, "image_scale": 1, "settings": {"strength": 2}}',
                                              r"settings.strength 2.0 is not in \(0, 1\]"),
                                             ('{"text_scale": 1, "image_scale": 1, "settings": {"strength": "x"}}',
-                                             "settings.strength is unusable")])
+                                             "settings.strength is unusable"),
+                                            ('{"text_scale": 1, "image_scale": 1, "settings": {"text_guidance_min_t": 1.5}}',
+                                             r"guidance.json settings.text_guidance_min_t 1.5 is not allowed")])
 def test_a_damaged_guidance_file_is_named_by_the_loader(folders, tmp_path, content, needle):
     bad = tmp_path / "bad"
     shutil.copytree(folders[0], bad)
@@ -112,3 +115,18 @@ def test_the_sampling_strength_chosen_with_the_scales_is_the_default(folders, pr
     out = pipe(image, PROMPT, steps=STEPS + 2, seed=SEED)[0]
     assert np.array_equal(out, pipe(image, PROMPT, steps=STEPS + 2, seed=SEED, strength=0.6)[0])
     assert np.abs(out - pipe(image, PROMPT, steps=STEPS + 2, seed=SEED, strength=1.0)[0]).max() > 1e-2
+
+
+def test_the_text_guidance_interval_chosen_with_the_scales_is_the_default(folders, prior, tmp_path):
+    plain, chosen = folders
+    assert read_text_guidance_min_t(plain) == read_text_guidance_min_t(chosen) == 0.0  # none recorded: every step
+    late = tmp_path / "late"
+    shutil.copytree(plain, late)
+    (late / "guidance.json").write_text(json.dumps({"text_scale": 4.0, "image_scale": 1.5,
+                                                    "settings": {"strength": 1.0, "text_guidance_min_t": 0.5}}))
+    pipe = BiomedJourneyPipeline.from_pretrained(late)
+    assert pipe.text_guidance_min_t == 0.5
+    image = prior[1]
+    out = pipe(image, PROMPT, steps=STEPS + 3, seed=SEED)[0]
+    assert np.array_equal(out, pipe(image, PROMPT, steps=STEPS + 3, seed=SEED, text_guidance_min_t=0.5)[0])
+    assert np.abs(out - pipe(image, PROMPT, steps=STEPS + 3, seed=SEED, text_guidance_min_t=0.0)[0]).max() > 1e-3

@@ -245,6 +245,32 @@ def test_strength_starts_from_the_noised_prior():
     torch.testing.assert_close(lat1, noise * sched.init_noise_sigma, atol=1e-6, rtol=1e-6)
 
 
+def test_text_guidance_only_at_the_noisier_steps():
+    """text_guidance_min_t m: the steps at t >= m T take the text scale given, the later ones text scale 1 (the image
+    scale everywhere); 0 (the default) guides every step and a share above every timestep is sampling at text 1."""
+    pipe = tiny_pipeline()
+    yy, xx = np.mgrid[:32, :32]
+    prior = (0.5 + 0.4 * np.sin(xx / 3.0) * np.cos(yy / 5.0)).astype(np.float32)
+    kw = dict(steps=10, seed=2, text_scale=4.0, image_scale=1.5)
+    seen = []
+    orig = pipe.guided_eps
+    pipe.guided_eps = lambda latents, t, p, te, ne, ts, im: seen.append((float(t), ts, im)) or orig(latents, t, p, te, ne,
+                                                                                                    ts, im)
+    half = pipe(prior, "new left effusion", text_guidance_min_t=0.5, **kw)[0]
+    assert len(seen) == 10 and {ts for t, ts, _ in seen if t >= 500} == {4.0} and {ts for t, ts, _ in seen if t < 500} == {1.0}
+    assert {im for *_, im in seen} == {1.5} and sum(t >= 500 for t, *_ in seen) == 5
+    full = pipe(prior, "new left effusion", **kw)[0]
+    assert np.array_equal(full, pipe(prior, "new left effusion", text_guidance_min_t=0.0, **kw)[0])
+    none = pipe(prior, "new left effusion", text_guidance_min_t=0.999, **kw)[0]
+    assert np.array_equal(none, pipe(prior, "new left effusion", **dict(kw, text_scale=1.0))[0])
+    assert np.abs(half - full).max() > 1e-5 and np.abs(half - none).max() > 1e-5  # random weights: a small effect
+    pipe.text_guidance_min_t = 0.5  # a model's default (read from its guidance.json) applies when none is given
+    assert np.array_equal(half, pipe(prior, "new left effusion", **kw)[0])
+    for bad in (-0.1, 1.0, float("nan"), "0.3", True):
+        with pytest.raises(ValueError, match=r"text_guidance_min_t .* is not allowed: give a number in \[0, 1\)"):
+            pipe(prior, "new left effusion", text_guidance_min_t=bad, **kw)
+
+
 def test_a_model_trained_on_part_of_the_schedule_refuses_stronger_starts(tmp_path):
     """A UNet trained only on t < 0.6 T (TrainConfig.timestep_max) keeps that bound through save and load, samples
     at strengths up to it and refuses a start from noisier latents with one line, before any step."""

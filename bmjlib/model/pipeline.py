@@ -141,6 +141,24 @@ def read_output(path: str | os.PathLike) -> str:
     return out
 
 
+def read_text_guidance_min_t(path: str | os.PathLike) -> float:
+    """The default `text_guidance_min_t` of a model folder: its guidance.json's settings.text_guidance_min_t when
+    present, else 0 (text guidance at every step, as the paper). A damaged value raises ModelFolderError."""
+    v = _guidance_setting(path, "text_guidance_min_t", 0.0)
+    try:
+        check_text_guidance_min_t(v)
+    except ValueError as e:
+        raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.{e}") from None
+    return float(v)
+
+
+def check_text_guidance_min_t(v) -> None:
+    """Refuse a `text_guidance_min_t` that is not a number in [0, 1) with a ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not 0 <= v < 1:
+        raise ValueError(f"text_guidance_min_t {v!r} is not allowed: give a number in [0, 1) (0 = text guidance at "
+                         "every step)")
+
+
 def read_max_strength(path: str | os.PathLike, meta: dict) -> tuple[float, float]:
     """(max_strength, default strength) of a model folder: the share of the noise schedule its UNet was trained on
     (bmj_pipeline.json max_strength, else 1) and guidance.json's settings.strength, else max_strength (the
@@ -289,6 +307,8 @@ class BiomedJourneyPipeline:
     guidance: tuple[float, float] = IP2P_GUIDANCE
     strength: float = 1.0  # default of `__call__`'s strength (1 = from pure noise, InstructPix2Pix)
     output: str = "decoded"  # default of `__call__`'s output (OUTPUTS)
+    # default of `__call__`'s text_guidance_min_t: below this share of the noise schedule the text scale is 1
+    text_guidance_min_t: float = 0.0
     # the share of the noise schedule the UNet was trained on (TrainConfig.timestep_max): no start from noisier latents
     max_strength: float = 1.0
     # "unscaled": the prior's latent is the posterior mode as is (InstructPix2Pix); "scaled": x scaling_factor
@@ -405,7 +425,7 @@ class BiomedJourneyPipeline:
                  image_scale: float | None = None, steps: int = 20, scheduler: str = "dpm", seed: int = 0, batch_size: int = 16,
                  out_size: int | None = None, progress: bool = False,
                  callback: Callable[[int, int], None] | None = None, strength: float | None = None,
-                 output: str | None = None) -> np.ndarray:
+                 output: str | None = None, text_guidance_min_t: float | None = None) -> np.ndarray:
         """Generate counterfactual follow-ups. Returns float32 N,H,W in [0,1] at `out_size` (default the
         model's image_size).
 
@@ -420,6 +440,11 @@ class BiomedJourneyPipeline:
         noise (InstructPix2Pix, the paper).
         `output`: "decoded" (the sampled latent decoded, the paper) or "prior_plus_change" (the prior at the model's
         size plus decode(sampled) - decode(prior's latent)); None = the model's default (`self.output`).
+        `text_guidance_min_t`: guidance in a limited interval (Kynkaanniemi et al. 2024), for the text only: at the
+        denoising steps whose timestep lies below this share of the training schedule the text scale is 1 (the
+        text-conditioned prediction, unamplified), so the fine detail drawn last is not pushed by text guidance;
+        0 = text guidance at every step (InstructPix2Pix, the paper); None = the model's default
+        (`self.text_guidance_min_t`, its guidance.json's settings.text_guidance_min_t).
         """
         if self.device.type == "cpu":
             use_run_threads()
@@ -441,7 +466,9 @@ class BiomedJourneyPipeline:
         image_scale = self.guidance[1] if image_scale is None else image_scale
         strength = self.strength if strength is None else strength
         output = self.output if output is None else output
+        min_t = self.text_guidance_min_t if text_guidance_min_t is None else text_guidance_min_t
         check_sampling(text_scale, image_scale, steps, seed, strength)
+        check_text_guidance_min_t(min_t)
         self.check_strength(strength)
         if output not in OUTPUTS:
             raise ValueError(f"output {output!r} is not allowed: give one of {', '.join(OUTPUTS)}")
@@ -454,7 +481,7 @@ class BiomedJourneyPipeline:
             step_done = (lambda k, total, b=b: callback(b * total + k, n_batches * total)) if callback else None
             outs.append(self._sample(priors[i:i + batch_size], prompts[i:i + batch_size], text_scale, image_scale,
                                      steps, scheduler, [seed + j for j in range(i, min(i + batch_size, n))],
-                                     step_done, strength, output))
+                                     step_done, strength, output, min_t))
         x = torch.cat(outs)
         if out_size and out_size != x.shape[-1]:
             x = torch.from_numpy(resize_image(x[:, 0].numpy(), out_size))[:, None].clamp(0, 1)
@@ -472,7 +499,7 @@ class BiomedJourneyPipeline:
         return e_u + text_scale * (e_ti - e_i) + image_scale * (e_i - e_u)
 
     def _sample(self, priors, prompts, text_scale, image_scale, steps, scheduler, seeds, step_done=None,
-                strength: float = 1.0, output: str = "decoded"):
+                strength: float = 1.0, output: str = "decoded", text_guidance_min_t: float = 0.0):
         dev = self.device
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=dev)
@@ -493,9 +520,11 @@ class BiomedJourneyPipeline:
             latents = sched.add_noise(start, noise.to(dev), timesteps[:1])
         else:
             latents = noise.to(dev) * sched.init_noise_sigma
+        t_min = text_guidance_min_t * self.scheduler_config["num_train_timesteps"]
         for k, t in enumerate(timesteps):
             inp = sched.scale_model_input(latents, t)  # only the noisy latent is scaled, not the prior's
-            eps = self.guided_eps(inp, t, prior_lat, text_emb, null_emb, text_scale, image_scale)
+            eps = self.guided_eps(inp, t, prior_lat, text_emb, null_emb,
+                                  text_scale if float(t) >= t_min else 1.0, image_scale)
             latents = sched.step(eps, t, latents).prev_sample
             if step_done:
                 step_done(k + 1, len(timesteps))
@@ -561,6 +590,7 @@ class BiomedJourneyPipeline:
         pipe.target, pipe.residual_scale = meta.get("target", "image"), float(meta.get("residual_scale", 1.0))
         pipe.max_strength, pipe.strength = read_max_strength(path, meta)
         pipe.output = read_output(path)
+        pipe.text_guidance_min_t = read_text_guidance_min_t(path)
         for m in (vae, unet, proj):
             m.eval().requires_grad_(False)
         return pipe.to(device)
