@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how far from the prior sampling starts, in (0, 1] and at most what the model was trained "
                         "for (the demo model: 0.7); 1 = pure noise (default: the model's guidance.json, else its "
                         "max_strength)")
+    g.add_argument("--text-guidance-min-t", type=float, default=None,
+                   help="apply the text guidance only at timesteps >= this share of the schedule, in [0, 1); the "
+                        "later steps use text scale 1 (default: the model's guidance.json, else 0 = every step)")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 

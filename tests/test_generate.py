@@ -151,6 +151,44 @@ def test_strength_option_overrides_the_models_own(tmp_path, model):
     assert not np.array_equal(implicit, run("c.png", "--strength", "1"))
 
 
+def test_text_guidance_interval_option(tmp_path, model, capsys):
+    """`--text-guidance-min-t` gives the pipeline call's text_guidance_min_t (the same image as the Python call),
+    left out the folder's setting applies; a value outside [0, 1) is refused with one line, nothing written."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from bmjlib.cli import main
+    from bmjlib.io import resize_image
+    from bmjlib.model.pipeline import BiomedJourneyPipeline
+
+    own = tmp_path / "model"
+    shutil.copytree(model, own)
+    (own / "guidance.json").write_text(json.dumps({"text_scale": 6.0, "image_scale": 1.5,
+                                                   "settings": {"text_guidance_min_t": 0.5}}))
+    atomic_write_png(tmp_path / "prior.png", _prior())
+
+    def run(name, *extra):
+        code = main(["generate", "--model", str(own), "--prior", str(tmp_path / "prior.png"), "--prompt",
+                     "new left effusion", "--steps", "6", "--out", str(tmp_path / name), *extra])
+        return code, (read_image(tmp_path / name) if (tmp_path / name).exists() else None)
+
+    _, implicit = run("a.png")
+    _, half = run("b.png", "--text-guidance-min-t", "0.5")
+    _, every = run("c.png", "--text-guidance-min-t", "0")
+    assert np.array_equal(implicit, half) and not np.array_equal(half, every)
+    pipe = BiomedJourneyPipeline.from_pretrained(own)
+    api = pipe(read_image(tmp_path / "prior.png"), "new left effusion", steps=6, text_guidance_min_t=0.0)[0]
+    png = np.asarray(Image.open(tmp_path / "c.png"), np.float32) / 255  # the file's pixels as written
+    assert np.abs(resize_image(api, png.shape) - png).max() <= 1 / 255 + 1e-6  # 8-bit PNG of the same image
+    capsys.readouterr()
+    code, out = run("d.png", "--text-guidance-min-t", "1.5")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and out is None
+    assert len(err) == 1 and "text_guidance_min_t 1.5 is not allowed" in err[0]
+
+
 def test_strength_above_what_the_model_was_trained_on_is_refused(tmp_path, model, capsys):
     """bmj generate refuses a strength above the model folder's max_strength with one line, writing nothing."""
     import json

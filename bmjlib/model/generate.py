@@ -26,7 +26,7 @@ from bmjlib.io import ImageError, atomic_write_png, read_image, resize_image, to
 from bmjlib.model.demo_model import DemoModelError
 from bmjlib.model.demo_model import resolve_model as shipped
 from bmjlib.model.pipeline import (IP2P_GUIDANCE, SCHEDULERS, BiomedJourneyPipeline, ModelFolderError, check_sampling,
-                                   read_guidance)
+                                   check_text_guidance_min_t, read_guidance)
 from bmjlib.runtime import resolve
 
 # Without a model folder's own guidance.json, InstructPix2Pix's scales (`pipeline.read_guidance`).
@@ -96,12 +96,14 @@ def check_output(out: str | os.PathLike, prior: str | os.PathLike) -> Path:
 
 def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | None = None,
              image_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
-             seed: int = 0, warn: Callable[[str], None] | None = None, strength: float | None = None) -> Path:
+             seed: int = 0, warn: Callable[[str], None] | None = None, strength: float | None = None,
+             text_guidance_min_t: float | None = None) -> Path:
     """Validate inputs, run the pipeline, write the counterfactual as an 8-bit PNG at the prior's size.
 
     Raises GenerateError (one line) for any bad input, before the model runs; nothing is written then.
     `warn(message)` receives notices, e.g. a prompt cut to the text encoder's length (default:
-    warnings.warn). `strength` None = the model's own (its guidance.json's settings.strength, else 1)."""
+    warnings.warn). `strength` None = the model's own (its guidance.json's settings.strength, else 1);
+    `text_guidance_min_t` None = the model's own (settings.text_guidance_min_t, else 0: text guidance at every step)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise GenerateError("prompt is empty: give a progression description, e.g. 'new small left effusion'")
     steps = DEFAULTS["steps"] if steps is None else steps
@@ -112,6 +114,8 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
         check_sampling(DEFAULTS["text_scale"] if text_scale is None else text_scale,
                        DEFAULTS["image_scale"] if image_scale is None else image_scale, steps, seed,
                        1.0 if strength is None else strength)
+        if text_guidance_min_t is not None:
+            check_text_guidance_min_t(text_guidance_min_t)
     except ValueError as e:
         raise GenerateError(str(e)) from None
     check_output(out, prior)
@@ -132,7 +136,8 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
         (warn or (lambda m: warnings.warn(m, stacklevel=3)))(notice)
     # None = the model's own default scales (the pipeline reads them from its folder)
     result = pipe(image, prompt, text_scale=text_scale, image_scale=image_scale,
-                  steps=int(steps), scheduler=scheduler, seed=int(seed), strength=strength)[0]
+                  steps=int(steps), scheduler=scheduler, seed=int(seed), strength=strength,
+                  text_guidance_min_t=text_guidance_min_t)[0]
     if not np.isfinite(result).all():
         raise GenerateError("the model produced non-finite pixel values (NaN or inf), nothing written: "
                             "try smaller guidance scales")
@@ -151,7 +156,7 @@ def generate_cli(args) -> int:
     try:
         path = generate(args.model, args.prior, args.prompt, args.out, args.text_scale, args.image_scale,
                         args.steps, args.scheduler, args.seed, warn=lambda m: say(f"warning: {m}"),
-                        strength=args.strength)
+                        strength=args.strength, text_guidance_min_t=args.text_guidance_min_t)
     except (GenerateError, FileNotFoundError, DemoModelError) as e:
         say(e)
         return 2
