@@ -127,24 +127,34 @@ def test_scales_chosen_for_a_model_are_its_defaults(tmp_path, model):
                                                for k in ("text_scale", "image_scale"))
 
 
-def test_strength_option_overrides_the_models_own(tmp_path, model):
-    """`--strength` wins over the folder's settings.strength; left out, the folder's value is used; 1 samples
-    from pure noise, so with the same seed it differs from a start at the prior."""
+def _model_with_settings(model, tmp_path, guidance: dict):
+    """A copy of the tiny model whose guidance.json is `guidance`, and a prior beside it (tmp_path/prior.png)."""
     import json
     import shutil
 
-    from bmjlib.cli import main
-
     own = tmp_path / "model"
     shutil.copytree(model, own)
-    (own / "guidance.json").write_text(json.dumps({"text_scale": 7.5, "image_scale": 1.5,
-                                                   "settings": {"strength": 0.5}}))
+    (own / "guidance.json").write_text(json.dumps(guidance))
     atomic_write_png(tmp_path / "prior.png", _prior())
+    return own
+
+
+def _generate_cli(own, tmp_path, name, steps, *extra):
+    """`bmj generate` with that model and prior: (exit status, the written image or None)."""
+    code = main(["generate", "--model", str(own), "--prior", str(tmp_path / "prior.png"), "--prompt",
+                 "new left effusion", "--steps", str(steps), "--out", str(tmp_path / name), *extra])
+    return code, (read_image(tmp_path / name) if (tmp_path / name).exists() else None)
+
+
+def test_strength_option_overrides_the_models_own(tmp_path, model):
+    """`--strength` wins over the folder's settings.strength; left out, the folder's value is used; 1 samples
+    from pure noise, so with the same seed it differs from a start at the prior."""
+    own = _model_with_settings(model, tmp_path, {"text_scale": 7.5, "image_scale": 1.5, "settings": {"strength": 0.5}})
 
     def run(name, *extra):
-        assert main(["generate", "--model", str(own), "--prior", str(tmp_path / "prior.png"), "--prompt",
-                     "new left effusion", "--steps", "4", "--out", str(tmp_path / name), *extra]) == 0
-        return read_image(tmp_path / name)
+        code, image = _generate_cli(own, tmp_path, name, 4, *extra)
+        assert code == 0
+        return image
 
     implicit = run("a.png")
     assert np.array_equal(implicit, run("b.png", "--strength", "0.5"))
@@ -154,25 +164,16 @@ def test_strength_option_overrides_the_models_own(tmp_path, model):
 def test_text_guidance_interval_option(tmp_path, model, capsys):
     """`--text-guidance-min-t` gives the pipeline call's text_guidance_min_t (the same image as the Python call),
     left out the folder's setting applies; a value outside [0, 1) is refused with one line, nothing written."""
-    import json
-    import shutil
-
     from PIL import Image
 
-    from bmjlib.cli import main
     from bmjlib.io import resize_image
     from bmjlib.model.pipeline import BiomedJourneyPipeline
 
-    own = tmp_path / "model"
-    shutil.copytree(model, own)
-    (own / "guidance.json").write_text(json.dumps({"text_scale": 6.0, "image_scale": 1.5,
-                                                   "settings": {"text_guidance_min_t": 0.5}}))
-    atomic_write_png(tmp_path / "prior.png", _prior())
+    own = _model_with_settings(model, tmp_path, {"text_scale": 6.0, "image_scale": 1.5,
+                                                 "settings": {"text_guidance_min_t": 0.5}})
 
     def run(name, *extra):
-        code = main(["generate", "--model", str(own), "--prior", str(tmp_path / "prior.png"), "--prompt",
-                     "new left effusion", "--steps", "6", "--out", str(tmp_path / name), *extra])
-        return code, (read_image(tmp_path / name) if (tmp_path / name).exists() else None)
+        return _generate_cli(own, tmp_path, name, 6, *extra)
 
     _, implicit = run("a.png")
     _, half = run("b.png", "--text-guidance-min-t", "0.5")

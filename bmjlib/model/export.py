@@ -78,10 +78,10 @@ def export(model_dir: str | os.PathLike, texts: Iterable[str], out: str | os.Pat
             f"- text token embedding: {summary['embedding_rows_kept']} of the tokenizer's rows kept "
             "(tokens of the training texts); others are zero"]
     if guidance:
+        sampling = guidance.get("settings", {})
         card.append(f"- guidance.json: text scale {guidance['text_scale']:g}, image scale {guidance['image_scale']:g}, "
-                    f"strength {float(guidance.get('settings', {}).get('strength', 1.0)):g}, "
-                    f"output {guidance.get('settings', {}).get('output', 'decoded')}, "
-                    f"text guidance at t >= {float(guidance.get('settings', {}).get('text_guidance_min_t', 0.0)):g} T, "
+                    f"strength {float(sampling.get('strength', 1.0)):g}, output {sampling.get('output', 'decoded')}, "
+                    f"text guidance at t >= {float(sampling.get('text_guidance_min_t', 0.0)):g} T, "
                     "chosen on validation pairs; the defaults of `bmj generate` and the explorer for this model")
     if "max_abs_diff" in summary:
         card.append(f"- compact vs original, {summary['n_checked']} counterfactuals ({check_steps} DPM-Solver++ steps, same seeds): max |pixel "
