@@ -110,6 +110,19 @@ def test_demo_vae_reconstructs(tmp_path):
     assert m["scaling_factor"] > 0 and (tmp_path / "vae" / "config.json").is_file()
 
 
+
+def test_vae_downsampling_is_the_latent_grid_the_vae_makes():
+    from diffusers import AutoencoderKL
+    from bmjlib.model.configs import SD15_VAE_CONFIG, vae_downsampling
+    assert vae_downsampling(SD15_VAE_CONFIG) == 8  # Stable Diffusion: 512 px images, 64 x 64 latents
+    for blocks in (2, 3):
+        cfg = dict(DEMO_VAE_CONFIG, block_out_channels=[8] * blocks, down_block_types=["DownEncoderBlock2D"] * blocks,
+                   up_block_types=["UpDecoderBlock2D"] * blocks, norm_num_groups=4, in_channels=1, out_channels=1)
+        vae = AutoencoderKL(**cfg)
+        with torch.no_grad():
+            side = vae.encode(torch.zeros(1, 1, 16, 16)).latent_dist.mode().shape[-1]
+        assert vae_downsampling(cfg) == vae_downsampling(vae.config) == 16 // side == 2 ** (blocks - 1)
+
 def _ribs(n, size=16, seed=0):
     """Soft blobs crossed by fine tilted stripes (rib-like detail a 4x autoencoder tends to blur)."""
     rng = np.random.default_rng(seed)

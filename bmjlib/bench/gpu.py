@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bmjlib.bench.core import BenchConfig, NotAvailable, PeakMemory, Result
-from bmjlib.model.configs import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+from bmjlib.model.configs import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, vae_downsampling
 from bmjlib.model.train import TensorData, Trainer, TrainConfig, make_accelerator
 
 GFLOP_PER_IMAGE = 537.0        # reference estimate for one SD v1.5 UNet training step at 256 px (flops_row counts it)
@@ -83,7 +83,7 @@ class Parts:
         self.vae = AutoencoderKL(**vae_cfg).to(device).requires_grad_(False).eval()
         self.text = TextTransformer(**text_cfg, output_tokens=True).to(device).requires_grad_(False).eval()
         self.noise = DDPMScheduler(num_train_timesteps=1000)
-        self.vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        self.vae_factor = vae_downsampling(vae_cfg)
 
     def batch(self, n: int, seed: int):
         """Images (follow-up, prior) in [-1, 1] and token ids, as a data loader would yield them."""

@@ -28,7 +28,7 @@ from bmjlib.bench.registration import compare as compare_registration
 from bmjlib.data.registration_eval import phantom_pairs
 from bmjlib.data.sources import mimic_report_path
 from bmjlib.io import read_image, resize_image
-from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_UNET_CONFIG, DEMO_VAE_CONFIG
+from bmjlib.model.configs import DEMO_CLIP_CONFIG, DEMO_UNET_CONFIG, DEMO_VAE_CONFIG, vae_downsampling
 from bmjlib.model.demo_model import DemoModelError, resolve_model
 from bmjlib.model.encoders import TextEncoder
 from bmjlib.model.latents import build_cache
@@ -300,8 +300,7 @@ def demo_parts(image_size: int, seed: int = 0) -> Parts:
     inputs: the demo VAE's layout on 3 channels (Parts feeds RGB) and a text transformer of the demo tower's size."""
     text = DEMO_CLIP_CONFIG["text_cfg"]
     vae = dict(DEMO_VAE_CONFIG, in_channels=3, out_channels=3)
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return Parts("cpu", unet_config("demo", image_size, factor), vae,
+    return Parts("cpu", unet_config("demo", image_size, vae_downsampling(vae)), vae,
                  dict(context_length=text["context_length"], vocab_size=1000, width=text["width"],
                       heads=text["heads"], layers=1, output_dim=DEMO_UNET_CONFIG["cross_attention_dim"]),
                  image_size, seed=seed)

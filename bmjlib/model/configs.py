@@ -109,3 +109,9 @@ DEMO_VAE_CONFIG = {
     "norm_num_groups": 32,
     "sample_size": 64,
 }
+
+
+def vae_downsampling(vae_config) -> int:
+    """How many image pixels one latent pixel spans per side: AutoencoderKL halves the image after every block but
+    the last (diffusers' pipelines call it vae_scale_factor). `vae_config`: a config.json dict or a model's config."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)

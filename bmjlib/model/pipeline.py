@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bmjlib.io import atomic_dir, atomic_write_json, resize_image
-from bmjlib.model.configs import DEMO_UNET_CONFIG, SD15_SCHEDULER_CONFIG, SD15_VAE_CONFIG
+from bmjlib.model.configs import DEMO_UNET_CONFIG, SD15_SCHEDULER_CONFIG, SD15_VAE_CONFIG, vae_downsampling
 from bmjlib.model.demo_model import resolve_model
 from bmjlib.model.encoders import TextEncoder
 from bmjlib.runtime import use_run_threads
@@ -360,7 +360,7 @@ class BiomedJourneyPipeline:
 
     @property
     def latent_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling(self.vae.config)
 
     # ---- encoders ---------------------------------------------------------------------------
     def _vae_in(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from bmjlib.io import atomic_dir, atomic_write_json, fingerprint, folder_fingerprint, save_figure
-from bmjlib.model.configs import BIOMEDCLIP, DEMO_UNET_CONFIG, SD15_UNET_CONFIG
+from bmjlib.model.configs import BIOMEDCLIP, DEMO_UNET_CONFIG, SD15_UNET_CONFIG, vae_downsampling
 from bmjlib.model.demo_model import resolve_model
 from bmjlib.model.encoders import finetune_demo_decoder, load_images, load_vae, train_demo_clip, train_demo_vae
 from bmjlib.model.pipeline import GUIDANCE_FILE, PIPELINE_FILE, BiomedJourneyPipeline, read_guidance
@@ -187,7 +187,7 @@ def unet_config(model_scale: str, image_size: int, vae_factor: int) -> dict:
 
 def vae_factor(vae_dir: str | os.PathLike) -> int:
     cfg = json.loads((Path(vae_dir) / "config.json").read_text())
-    return 2 ** (len(cfg["block_out_channels"]) - 1)
+    return vae_downsampling(cfg)
 
 
 def latent_cache_dir(run_dir: str | os.PathLike) -> Path:
