@@ -59,6 +59,21 @@ def test_a_known_edit_is_found_in_the_right_base_only(tmp_path):
     assert table["patient_id"].iloc[-1] == "mean" and HANNOVER_ATTRIBUTION in (tmp_path / "table_real_priors.md").read_text()
 
 
+
+@needs_images
+@pytest.mark.parametrize("n", [1, 8])
+def test_the_figure_title_and_attribution_clear_every_panel(tmp_path, n):
+    rows, images = real_prior_edits(Whitener(), HANNOVER, n_priors=n)
+    figure, _ = real_prior_figure(rows, images, tmp_path)
+    renderer = figure.canvas.get_renderer()
+    title, credit = figure.get_suptitle(), figure.get_supxlabel()
+    top = figure.texts[[t.get_text() for t in figure.texts].index(title)].get_window_extent(renderer)
+    bottom = figure.texts[[t.get_text() for t in figure.texts].index(credit)].get_window_extent(renderer)
+    for ax in figure.axes:
+        panel = ax.get_tightbbox(renderer)                                # the image and its title
+        assert top.y0 >= panel.y1 and bottom.y1 <= panel.y0, (n, ax.get_title())
+    assert HANNOVER_ATTRIBUTION in credit and 0 <= bottom.y0 and top.y1 <= figure.bbox.height
+
 def test_a_folder_without_the_columns_is_named(tmp_path):
     (tmp_path / "data.csv").write_text("patient,image\na,b\n")
     with pytest.raises(ValueError, match=r"data.csv: no column image_id, patient_id, projection"):

@@ -83,7 +83,7 @@ def real_prior_figure(rows: pd.DataFrame, images: dict, fig_dir, name: str = "fi
     right, _ = base_boxes(images["prior"].shape[-1])
     ys, xs = np.nonzero(right)
     n = len(rows)
-    fig, axes = plt.subplots(n, 5, figsize=(11, 2.4 * n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n, 5, figsize=(11, 2.4 * n + 0.6), squeeze=False, layout="constrained")
     lim = 0.25
     for i, r in enumerate(rows.itertuples()):
         panels = [(images["prior"][i], "gray", f"real prior ({r.projection.upper()})"),
@@ -102,8 +102,7 @@ def real_prior_figure(rows: pd.DataFrame, images: dict, fig_dir, name: str = "fi
                                            fill=False, ec="k", lw=0.8, ls="--"))
     fig.suptitle("The shipped model on real priors (patient's right = image left; box: the right base)",
                  fontsize=9)
-    fig.text(0.5, 0.005, "Real images: " + HANNOVER_ATTRIBUTION, ha="center", va="bottom", fontsize=6)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.supxlabel("Real images: " + HANNOVER_ATTRIBUTION, fontsize=6)
     paths = save_figure(fig, fig_dir, name, dpi=130, bbox_inches=None)
     summary = rows.drop(columns=["patient_id", "image_id", "projection"]).mean().to_frame("mean").T
     write_table(pd.concat([rows, summary.assign(patient_id="mean")], ignore_index=True), fig_dir,
