@@ -63,16 +63,19 @@ def test_a_known_edit_is_found_in_the_right_base_only(tmp_path):
 @needs_images
 @pytest.mark.parametrize("n", [1, 8])
 def test_the_figure_title_and_attribution_clear_every_panel(tmp_path, n):
+    """Rendered, the figure's title lies above every panel (image and its title) and the attribution below, for one
+    film and for eight."""
     rows, images = real_prior_edits(Whitener(), HANNOVER, n_priors=n)
     figure, _ = real_prior_figure(rows, images, tmp_path)
     renderer = figure.canvas.get_renderer()
+    texts = {t.get_text(): t for t in figure.texts}
     title, credit = figure.get_suptitle(), figure.get_supxlabel()
-    top = figure.texts[[t.get_text() for t in figure.texts].index(title)].get_window_extent(renderer)
-    bottom = figure.texts[[t.get_text() for t in figure.texts].index(credit)].get_window_extent(renderer)
+    top, bottom = (texts[t].get_window_extent(renderer) for t in (title, credit))
     for ax in figure.axes:
-        panel = ax.get_tightbbox(renderer)                                # the image and its title
+        panel = ax.get_tightbbox(renderer)
         assert top.y0 >= panel.y1 and bottom.y1 <= panel.y0, (n, ax.get_title())
     assert HANNOVER_ATTRIBUTION in credit and 0 <= bottom.y0 and top.y1 <= figure.bbox.height
+
 
 def test_a_folder_without_the_columns_is_named(tmp_path):
     (tmp_path / "data.csv").write_text("patient,image\na,b\n")
