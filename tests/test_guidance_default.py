@@ -10,8 +10,8 @@ from PIL import Image
 from bmjlib.app import explorer as E
 from bmjlib.cli import main
 from bmjlib.io import read_pixels, to_uint8
-from bmjlib.model.pipeline import (IP2P_GUIDANCE, BiomedJourneyPipeline, ModelFolderError, read_guidance, read_strength,
-                                   read_text_guidance_min_t)
+from bmjlib.model.pipeline import (IP2P_GUIDANCE, BiomedJourneyPipeline, ModelFolderError, read_edit_mask, read_guidance,
+                                   read_strength, read_text_guidance_min_t)
 
 from test_pipeline import tiny_pipeline
 
@@ -93,7 +93,9 @@ def test_explicit_scales_still_win(folders, prior):
                                             ('{"text_scale": 1, "image_scale": 1, "settings": {"strength": "x"}}',
                                              "settings.strength is unusable"),
                                             ('{"text_scale": 1, "image_scale": 1, "settings": {"text_guidance_min_t": 1.5}}',
-                                             r"guidance.json settings.text_guidance_min_t 1.5 is not allowed")])
+                                             r"guidance.json settings.text_guidance_min_t 1.5 is not allowed"),
+                                            ('{"text_scale": 1, "image_scale": 1, "settings": {"edit_mask": -2}}',
+                                             r"guidance.json settings.edit_mask -2 is not allowed")])
 def test_a_damaged_guidance_file_is_named_by_the_loader(folders, tmp_path, content, needle):
     bad = tmp_path / "bad"
     shutil.copytree(folders[0], bad)
@@ -117,16 +119,20 @@ def test_the_sampling_strength_chosen_with_the_scales_is_the_default(folders, pr
     assert np.abs(out - pipe(image, PROMPT, steps=STEPS + 2, seed=SEED, strength=1.0)[0]).max() > 1e-2
 
 
-def test_the_text_guidance_interval_chosen_with_the_scales_is_the_default(folders, prior, tmp_path):
+@pytest.mark.parametrize("key,value,read", [("text_guidance_min_t", 0.5, read_text_guidance_min_t),
+                                             ("edit_mask", 2.0, read_edit_mask)])
+def test_the_sampler_settings_chosen_with_the_scales_are_the_defaults(folders, prior, tmp_path, key, value, read):
+    """A model folder's guidance.json settings.text_guidance_min_t / settings.edit_mask are the pipeline's defaults; a
+    folder that records none samples as the paper (0)."""
     plain, chosen = folders
-    assert read_text_guidance_min_t(plain) == read_text_guidance_min_t(chosen) == 0.0  # none recorded: every step
-    late = tmp_path / "late"
-    shutil.copytree(plain, late)
-    (late / "guidance.json").write_text(json.dumps({"text_scale": 4.0, "image_scale": 1.5,
-                                                    "settings": {"strength": 1.0, "text_guidance_min_t": 0.5}}))
-    pipe = BiomedJourneyPipeline.from_pretrained(late)
-    assert pipe.text_guidance_min_t == 0.5
+    assert read(plain) == read(chosen) == 0.0  # none recorded
+    own = tmp_path / "own"
+    shutil.copytree(plain, own)
+    (own / "guidance.json").write_text(json.dumps({"text_scale": 4.0, "image_scale": 1.5,
+                                                   "settings": {"strength": 1.0, key: value}}))
+    pipe = BiomedJourneyPipeline.from_pretrained(own)
+    assert getattr(pipe, key) == read(own) == value
     image = prior[1]
     out = pipe(image, PROMPT, steps=STEPS + 3, seed=SEED)[0]
-    assert np.array_equal(out, pipe(image, PROMPT, steps=STEPS + 3, seed=SEED, text_guidance_min_t=0.5)[0])
-    assert np.abs(out - pipe(image, PROMPT, steps=STEPS + 3, seed=SEED, text_guidance_min_t=0.0)[0]).max() > 1e-3
+    assert np.array_equal(out, pipe(image, PROMPT, steps=STEPS + 3, seed=SEED, **{key: value})[0])
+    assert np.abs(out - pipe(image, PROMPT, steps=STEPS + 3, seed=SEED, **{key: 0.0})[0]).max() > 1e-3

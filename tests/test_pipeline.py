@@ -271,6 +271,70 @@ def test_text_guidance_only_at_the_noisier_steps():
             pipe(prior, "new left effusion", text_guidance_min_t=bad, **kw)
 
 
+def test_the_edit_mask_keeps_the_prior_outside_it():
+    """edit_mask r: the final latent is the prior's latent wherever `edit_region` is 0 and the sampled one elsewhere; the
+    region is the same whatever the batch; 0 (the default) samples as before; a ratio no pixel reaches returns the prior
+    through the VAE; a value that is not a finite number >= 0 is refused, naming it."""
+    pipe = tiny_pipeline()
+    yy, xx = np.mgrid[:32, :32]
+    priors = np.stack([(0.5 + 0.4 * np.sin(xx / (3.0 + k)) * np.cos(yy / 5.0)) for k in range(3)]).astype(np.float32)
+    kw = dict(steps=8, seed=4, text_scale=4.0, image_scale=1.5, strength=0.8)
+    latents = []
+    orig = pipe.decode_latents
+    pipe.decode_latents = lambda lat, **k: latents.append(lat.clone()) or orig(lat, **k)
+    out = pipe(priors, "new left effusion", edit_mask=2.0, **kw)
+    region = pipe.edit_region(priors, "new left effusion", edit_mask=2.0, seed=4)
+    assert region.shape == (3, 32, 32) and set(np.unique(region)) <= {0.0, 1.0} and 0.05 < region.mean() < 0.95
+    f = pipe.latent_factor
+    cell = torch.from_numpy(region[:, ::f, ::f])[:, None].expand_as(latents[0])
+    prior_latent = pipe.prior_factor * pipe.encode_prior(priors)
+    assert torch.equal(latents[0][cell == 0], prior_latent[cell == 0])
+    assert (latents[0][cell == 1] - prior_latent[cell == 1]).abs().max() > 1e-2
+    alone = pipe(priors[2], "new left effusion", edit_mask=2.0, **dict(kw, seed=6))[0]
+    np.testing.assert_allclose(alone, out[2], atol=1e-4)  # sample i's mask and noise come from seed + i
+    assert np.array_equal(region[2], pipe.edit_region(priors[2], "new left effusion", edit_mask=2.0, seed=6)[0])
+    pipe.decode_latents = orig
+    plain = pipe(priors, "new left effusion", **kw)
+    assert np.array_equal(plain, pipe(priors, "new left effusion", edit_mask=0.0, **kw))
+    assert np.all(pipe.edit_region(priors, "new left effusion", edit_mask=0.0) == 1)
+    np.testing.assert_allclose(pipe(priors, "new left effusion", edit_mask=1e9, **kw), pipe.reconstruct(priors), atol=1e-6)
+    pipe.edit_mask = 2.0  # a model's default (read from its guidance.json) applies when none is given
+    assert np.array_equal(out, pipe(priors, "new left effusion", **kw))
+    pipe.edit_mask = 0.0
+    for bad in (-1.0, float("nan"), float("inf"), "3", True):
+        with pytest.raises(ValueError, match=r"edit_mask .* is not allowed: give a finite number >= 0"):
+            pipe(priors, "new left effusion", edit_mask=bad, **kw)
+
+
+def test_the_shipped_models_edit_mask_is_where_the_phantom_changes():
+    """Known answer: on phantom priors the shipped demo model's edit region for "New large <side> pleural effusion."
+    (diffusers' ratio 3) lies on the patient's <side> (image left = patient's right) and covers most of the pixels
+    that the phantom drawn again with that effusion changes, while holding a small part of the image."""
+    from bmjlib.io import resize_image
+    from bmjlib.phantom import cohort as phantom
+    from bmjlib.phantom.anatomy import render
+    from bmjlib.phantom.body import Exposure, Pose, State
+
+    rng = np.random.default_rng(3)
+    priors, truth = [], {"right": [], "left": []}
+    for i in range(4):
+        patient = phantom.sample_patient(rng, phantom.subject_id_for(i))
+        raw = render(patient, State(), Pose(), Exposure(), size=128, noise_seed=i).astype(np.float32)
+        lo, hi = raw.min(), raw.max()
+        priors.append(resize_image((raw - lo) / (hi - lo), 64))
+        for side in truth:
+            drawn = render(patient, State(sev={"effusion": 3}, side={"effusion": side}), Pose(), Exposure(), size=128,
+                           noise_seed=i).astype(np.float32)
+            truth[side].append(resize_image((drawn - lo) / (hi - lo), 64))
+    priors = np.stack(priors)
+    pipe = BiomedJourneyPipeline.from_pretrained("demo")
+    for side, half in (("right", slice(0, 32)), ("left", slice(32, 64))):
+        region = pipe.edit_region(priors, f"New large {side} pleural effusion.", edit_mask=3.0, seed=0)
+        changed = np.abs(np.stack(truth[side]) - priors) > 0.1
+        assert (region[:, :, half].sum((1, 2)) / region.sum((1, 2)) > 0.7).all(), side
+        assert region.mean() < 0.25 and (region * changed).sum() / changed.sum() > 0.65, side
+
+
 def test_a_model_trained_on_part_of_the_schedule_refuses_stronger_starts(tmp_path):
     """A UNet trained only on t < 0.6 T (TrainConfig.timestep_max) keeps that bound through save and load, samples
     at strengths up to it and refuses a start from noisier latents with one line, before any step."""

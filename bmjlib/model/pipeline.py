@@ -23,6 +23,14 @@ What a sample returns (`output`, one of OUTPUTS): the sampled latent through the
 InstructPix2Pix return it, or (beyond the paper) the prior plus the change the model decodes,
 decode(sampled) - decode(prior's latent), which keeps the detail a small VAE loses where nothing changes.
 
+Where a sample may change (`edit_mask`, beyond the paper; 0 = everywhere, the paper): DiffEdit's mask (Couairon et al.
+2023). Before sampling, the text-conditioned and the text-dropped predictions (both given the prior) are compared on
+the prior's latent noised to half the schedule, over EDIT_MASK_MAPS noise draws; a latent pixel is edited where their
+mean absolute difference, averaged over channels, exceeds edit_mask / 2 times its image's mean (diffusers'
+`mask_thresholding_ratio` rule, per image so that a sample does not depend on its batch). After every denoising step the
+latent outside the mask is replaced by the prior's latent noised to the next timestep with the sample's own noise, and
+by the prior's latent itself after the last one, so outside the mask the sample decodes the prior.
+
 One class serves both scales: `SD15_UNET_CONFIG` / `SD15_VAE_CONFIG` are Stable Diffusion v1.5's
 configs written as literals (paper scale, 256 px -> 32x32 latents); `DEMO_UNET_CONFIG` is a small UNet
 trained from scratch on the phantom cohort. A trained model is one folder (`save_pretrained`).
@@ -78,6 +86,8 @@ class ModelFolderError(ValueError):
 # (GUIDANCE_FILE, written by `validity.select_guidance` and shipped with the demo model), else InstructPix2Pix's
 # 7.5 / 1.5. The pipeline call, `bmj generate` and the explorer all take their defaults from `read_guidance`.
 GUIDANCE_FILE = "guidance.json"
+EDIT_MASK_MAPS = 4     # noise draws the edit mask averages (DiffEdit: 10); 8 UNet passes beside a 14-step sample's 42
+EDIT_MASK_T = 0.5      # the noise level, as a share of the training schedule, the mask is read at (DiffEdit's 0.5)
 IP2P_GUIDANCE = (7.5, 1.5)
 
 
@@ -141,15 +151,34 @@ def read_output(path: str | os.PathLike) -> str:
     return out
 
 
-def read_text_guidance_min_t(path: str | os.PathLike) -> float:
-    """The default `text_guidance_min_t` of a model folder: its guidance.json's settings.text_guidance_min_t when
-    present, else 0 (text guidance at every step, as the paper). A damaged value raises ModelFolderError."""
-    v = _guidance_setting(path, "text_guidance_min_t", 0.0)
+def _checked_setting(path: str | os.PathLike, key: str, check: Callable[[object], None]) -> float:
+    """`settings.<key>` of a model folder's guidance.json as a number, else 0; a value `check` refuses raises
+    ModelFolderError naming the folder, the setting and the problem."""
+    v = _guidance_setting(path, key, 0.0)
     try:
-        check_text_guidance_min_t(v)
+        check(v)
     except ValueError as e:
         raise ModelFolderError(f"model folder {path}: {GUIDANCE_FILE} settings.{e}") from None
     return float(v)
+
+
+def read_text_guidance_min_t(path: str | os.PathLike) -> float:
+    """The default `text_guidance_min_t` of a model folder: its guidance.json's settings.text_guidance_min_t when
+    present, else 0 (text guidance at every step, as the paper). A damaged value raises ModelFolderError."""
+    return _checked_setting(path, "text_guidance_min_t", check_text_guidance_min_t)
+
+
+def read_edit_mask(path: str | os.PathLike) -> float:
+    """The default `edit_mask` of a model folder: its guidance.json's settings.edit_mask when present, else 0 (no mask,
+    as the paper). A damaged value raises ModelFolderError."""
+    return _checked_setting(path, "edit_mask", check_edit_mask)
+
+
+def check_edit_mask(v) -> None:
+    """Refuse an `edit_mask` that is not a finite number >= 0 with a ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"edit_mask {v!r} is not allowed: give a finite number >= 0 (0 = no mask: the whole image "
+                         "may change)")
 
 
 def check_text_guidance_min_t(v) -> None:
@@ -309,6 +338,7 @@ class BiomedJourneyPipeline:
     output: str = "decoded"  # default of `__call__`'s output (OUTPUTS)
     # default of `__call__`'s text_guidance_min_t: below this share of the noise schedule the text scale is 1
     text_guidance_min_t: float = 0.0
+    edit_mask: float = 0.0  # default of `__call__`'s edit_mask (0: no mask, the whole image may change)
     # the share of the noise schedule the UNet was trained on (TrainConfig.timestep_max): no start from noisier latents
     max_strength: float = 1.0
     # "unscaled": the prior's latent is the posterior mode as is (InstructPix2Pix); "scaled": x scaling_factor
@@ -425,7 +455,8 @@ class BiomedJourneyPipeline:
                  image_scale: float | None = None, steps: int = 20, scheduler: str = "dpm", seed: int = 0, batch_size: int = 16,
                  out_size: int | None = None, progress: bool = False,
                  callback: Callable[[int, int], None] | None = None, strength: float | None = None,
-                 output: str | None = None, text_guidance_min_t: float | None = None) -> np.ndarray:
+                 output: str | None = None, text_guidance_min_t: float | None = None,
+                 edit_mask: float | None = None) -> np.ndarray:
         """Generate counterfactual follow-ups. Returns float32 N,H,W in [0,1] at `out_size` (default the
         model's image_size).
 
@@ -445,6 +476,9 @@ class BiomedJourneyPipeline:
         text-conditioned prediction, unamplified), so the fine detail drawn last is not pushed by text guidance;
         0 = text guidance at every step (InstructPix2Pix, the paper); None = the model's default
         (`self.text_guidance_min_t`, its guidance.json's settings.text_guidance_min_t).
+        `edit_mask`: change only where the sentence makes the model's prediction differ from the text-dropped one
+        (DiffEdit's mask, the module docstring; larger = a smaller region); 0 = the whole image may change (the
+        paper); None = the model's default (`self.edit_mask`, its guidance.json's settings.edit_mask).
         """
         if self.device.type == "cpu":
             use_run_threads()
@@ -467,8 +501,10 @@ class BiomedJourneyPipeline:
         strength = self.strength if strength is None else strength
         output = self.output if output is None else output
         min_t = self.text_guidance_min_t if text_guidance_min_t is None else text_guidance_min_t
+        edit_mask = self.edit_mask if edit_mask is None else edit_mask
         check_sampling(text_scale, image_scale, steps, seed, strength)
         check_text_guidance_min_t(min_t)
+        check_edit_mask(edit_mask)
         self.check_strength(strength)
         if output not in OUTPUTS:
             raise ValueError(f"output {output!r} is not allowed: give one of {', '.join(OUTPUTS)}")
@@ -481,7 +517,7 @@ class BiomedJourneyPipeline:
             step_done = (lambda k, total, b=b: callback(b * total + k, n_batches * total)) if callback else None
             outs.append(self._sample(priors[i:i + batch_size], prompts[i:i + batch_size], text_scale, image_scale,
                                      steps, scheduler, [seed + j for j in range(i, min(i + batch_size, n))],
-                                     step_done, strength, output, min_t))
+                                     step_done, strength, output, min_t, edit_mask))
         x = torch.cat(outs)
         if out_size and out_size != x.shape[-1]:
             x = torch.from_numpy(resize_image(x[:, 0].numpy(), out_size))[:, None].clamp(0, 1)
@@ -498,34 +534,85 @@ class BiomedJourneyPipeline:
         e_ti, e_i, e_u = eps.chunk(3)
         return e_u + text_scale * (e_ti - e_i) + image_scale * (e_i - e_u)
 
+    def _start_latent(self, prior_lat: torch.Tensor) -> torch.Tensor:
+        """The clean latent a sample of this prior would be if nothing changed (zero for a residual model)."""
+        return self.prior_factor * prior_lat if self.target == "image" else torch.zeros_like(prior_lat)
+
+    def _embeddings(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected prompt states, projected null-prompt states), one row per prompt."""
+        dev, proj_dtype = self.device, self.projection.weight.dtype
+        text_emb = self.projection(self.text_states(prompts).to(dev, proj_dtype)).float()
+        null_emb = self.projection(self.text_states([self.null_prompt]).to(dev, proj_dtype)).float()
+        return text_emb, null_emb.expand(len(prompts), -1, -1)
+
+    def _mask(self, prior_lat, text_emb, null_emb, seeds, ratio: float) -> torch.Tensor:
+        """DiffEdit's edit mask on the latent grid (N,1,h,w; 1 = may change), the module docstring's rule."""
+        sched = make_scheduler("ddim", self.scheduler_config)  # only its add_noise (the training schedule's)
+        t = torch.tensor(int(min(EDIT_MASK_T, self.max_strength) * self.scheduler_config["num_train_timesteps"]))
+        start, shape = self._start_latent(prior_lat), prior_lat.shape[1:]
+        diff = torch.zeros(len(prior_lat), *shape[1:], device=prior_lat.device)
+        for k in range(EDIT_MASK_MAPS):  # the mask's noise comes from the sample's seed: independent of the batch
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s) * 7919 + k + 1))
+                                 for s in seeds]).to(prior_lat)
+            x = sched.add_noise(start, noise, t)
+            pred = self.unet(torch.cat([torch.cat([x, x]), torch.cat([prior_lat, prior_lat])], 1).to(self.unet.dtype),
+                             t, encoder_hidden_states=torch.cat([text_emb, null_emb]).to(self.unet.dtype)).sample.float()
+            with_text, without = pred.chunk(2)
+            diff += (with_text - without).abs().mean(1)
+        cut = diff.mean((1, 2), keepdim=True) * ratio / 2
+        return (diff > cut).float()[:, None]
+
+    @torch.no_grad()
+    def edit_region(self, prior, prompt: str | Sequence[str], edit_mask: float | None = None,
+                    seed: int = 0) -> np.ndarray:
+        """Where `__call__` with the same prior, prompt, seed and `edit_mask` may change the image: N,H,W of 0 / 1 at
+        the model's image size (each latent pixel's square). All ones when edit_mask is 0."""
+        edit_mask = self.edit_mask if edit_mask is None else edit_mask
+        check_edit_mask(edit_mask)
+        priors = to_batch(prior, self.image_size)
+        prompts = [prompt] * len(priors) if isinstance(prompt, str) else list(prompt)
+        if len(priors) == 1 and len(prompts) > 1:
+            priors = priors.expand(len(prompts), -1, -1, -1)
+        if len(priors) != len(prompts):
+            raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
+        prior_lat = self.encode_prior(priors).to(self.device)
+        if not edit_mask:
+            m = torch.ones(len(priors), 1, *prior_lat.shape[2:])
+        else:
+            m = self._mask(prior_lat, *self._embeddings(prompts), [seed + i for i in range(len(priors))], edit_mask)
+        f = self.latent_factor
+        return m[:, 0].repeat_interleave(f, 1).repeat_interleave(f, 2).cpu().numpy()
+
     def _sample(self, priors, prompts, text_scale, image_scale, steps, scheduler, seeds, step_done=None,
-                strength: float = 1.0, output: str = "decoded", text_guidance_min_t: float = 0.0):
+                strength: float = 1.0, output: str = "decoded", text_guidance_min_t: float = 0.0,
+                edit_mask: float = 0.0):
         dev = self.device
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps, device=dev)
         prior_lat = self.encode_prior(priors).to(dev)
-        proj_dtype = self.projection.weight.dtype
-        text_emb = self.projection(self.text_states(prompts).to(dev, proj_dtype)).float()
-        null_emb = self.projection(self.text_states([self.null_prompt]).to(dev, proj_dtype)).float()
-        null_emb = null_emb.expand(len(prompts), -1, -1)
+        text_emb, null_emb = self._embeddings(prompts)
         shape = prior_lat.shape[1:]
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(dev)
+        start = self._start_latent(prior_lat)
+        mask = self._mask(prior_lat, text_emb, null_emb, seeds, edit_mask) if edit_mask else None
         timesteps = sched.timesteps
         if strength < 1:
             first = min(len(timesteps) - 1, int(round(len(timesteps) * (1 - strength))))
             timesteps = timesteps[first:]
             if hasattr(sched, "set_begin_index"):  # DDIM has no step index: it steps from any timestep
                 sched.set_begin_index(first)
-            start = self.prior_factor * prior_lat if self.target == "image" else torch.zeros_like(prior_lat)
-            latents = sched.add_noise(start, noise.to(dev), timesteps[:1])
+            latents = sched.add_noise(start, noise, timesteps[:1])
         else:
-            latents = noise.to(dev) * sched.init_noise_sigma
+            latents = noise * sched.init_noise_sigma
         t_min = text_guidance_min_t * self.scheduler_config["num_train_timesteps"]
         for k, t in enumerate(timesteps):
             inp = sched.scale_model_input(latents, t)  # only the noisy latent is scaled, not the prior's
             eps = self.guided_eps(inp, t, prior_lat, text_emb, null_emb,
                                   text_scale if float(t) >= t_min else 1.0, image_scale)
             latents = sched.step(eps, t, latents).prev_sample
+            if mask is not None:  # outside the mask: the prior's latent at the next noise level (clean after the last)
+                kept = sched.add_noise(start, noise, timesteps[k + 1:k + 2]) if k + 1 < len(timesteps) else start
+                latents = mask * latents + (1 - mask) * kept
             if step_done:
                 step_done(k + 1, len(timesteps))
         if self.target == "residual":
@@ -591,6 +678,7 @@ class BiomedJourneyPipeline:
         pipe.max_strength, pipe.strength = read_max_strength(path, meta)
         pipe.output = read_output(path)
         pipe.text_guidance_min_t = read_text_guidance_min_t(path)
+        pipe.edit_mask = read_edit_mask(path)
         for m in (vae, unet, proj):
             m.eval().requires_grad_(False)
         return pipe.to(device)
