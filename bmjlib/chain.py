@@ -72,13 +72,14 @@ def model_names(model_scale: str) -> list[str]:
 
 def sampler_settings(run_dir: str | os.PathLike, scheduler: str, sample_steps: int, text_scale,
                      image_scale, strength: float = 1.0, output: str = "decoded",
-                     text_guidance_min_t: float = 0.0) -> dict:
+                     text_guidance_min_t: float = 0.0, edit_mask: float = 0.0) -> dict:
     """The sampler's settings (steps, scheduler, text and image guidance scales, strength, output: `pipeline.OUTPUTS`,
-    text_guidance_min_t: the `BiomedJourneyPipeline.__call__` argument); a scale "auto" is the one notebook 05 chose on
-    validation pairs (`counterfactuals.resolve_guidance`)."""
+    text_guidance_min_t and edit_mask: the `BiomedJourneyPipeline.__call__` arguments); a scale "auto" is the one
+    notebook 05 chose on validation pairs (`counterfactuals.resolve_guidance`)."""
     text_scale, image_scale = resolve_guidance(run_dir, text_scale, image_scale)
     return dict(steps=sample_steps, scheduler=scheduler, text_scale=text_scale, image_scale=image_scale,
-                strength=float(strength), output=output, text_guidance_min_t=float(text_guidance_min_t))
+                strength=float(strength), output=output, text_guidance_min_t=float(text_guidance_min_t),
+                edit_mask=float(edit_mask))
 
 
 class ChainError(RuntimeError):

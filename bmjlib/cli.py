@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-guidance-min-t", type=float, default=None,
                    help="apply the text guidance only at timesteps >= this share of the schedule, in [0, 1); the "
                         "later steps use text scale 1 (default: the model's guidance.json, else 0 = every step)")
+    g.add_argument("--edit-mask", type=float, default=None,
+                   help="change only where the sentence moves the model's prediction (DiffEdit's mask; a finite "
+                        "number >= 0, larger = a smaller region; default: the model's guidance.json, else 0 = the "
+                        "whole image may change)")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 

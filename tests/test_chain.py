@@ -120,15 +120,18 @@ def test_notebook_helpers_figures_models_and_sampler(tmp_path):
     assert model_names("demo") == DEMO_MODELS
     assert model_names("paper") == ["sd15", "ip2p", *DEMO_MODELS]
     assert sampler_settings(run, "dpm", 4, 7.5, 2) == dict(steps=4, scheduler="dpm", text_scale=7.5, image_scale=2.0,
-                                                           strength=1.0, output="decoded", text_guidance_min_t=0.0)
+                                                           strength=1.0, output="decoded", text_guidance_min_t=0.0,
+                                                           edit_mask=0.0)
     assert sampler_settings(run, "dpm", 4, 7.5, 2, 0.7)["strength"] == 0.7
     assert sampler_settings(run, "dpm", 4, 7.5, 2, 0.7, "prior_plus_change")["output"] == "prior_plus_change"
     assert sampler_settings(run, "dpm", 4, 7.5, 2, 0.7, "decoded", 0.3)["text_guidance_min_t"] == 0.3
+    assert sampler_settings(run, "dpm", 4, 7.5, 2, 0.7, "decoded", 0.0, 3)["edit_mask"] == 3.0
     with pytest.raises(FileNotFoundError, match="notebook 05 chooses them"):
         sampler_settings(run, "dpm", 4, "auto", 1.5)
     (run / "05_stage2" / "guidance").mkdir(parents=True)
     (run / "05_stage2" / "guidance" / "guidance.json").write_text(json.dumps({"text_scale": 3.0, "image_scale": 2.5}))
     assert sampler_settings(run, "ddim", 20, "auto", "auto") == dict(steps=20, scheduler="ddim", text_scale=3.0,
                                                                       image_scale=2.5, strength=1.0,
-                                                                      output="decoded", text_guidance_min_t=0.0)
+                                                                      output="decoded", text_guidance_min_t=0.0,
+                                                                      edit_mask=0.0)
     assert sampler_settings(run, "ddim", 20, 4.5, "auto")["text_scale"] == 4.5

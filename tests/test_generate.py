@@ -161,33 +161,35 @@ def test_strength_option_overrides_the_models_own(tmp_path, model):
     assert not np.array_equal(implicit, run("c.png", "--strength", "1"))
 
 
-def test_text_guidance_interval_option(tmp_path, model, capsys):
-    """`--text-guidance-min-t` gives the pipeline call's text_guidance_min_t (the same image as the Python call),
-    left out the folder's setting applies; a value outside [0, 1) is refused with one line, nothing written."""
+@pytest.mark.parametrize("key,flag,value,bad", [("text_guidance_min_t", "--text-guidance-min-t", 0.5, 1.5),
+                                                ("edit_mask", "--edit-mask", 2.0, -1.0)])
+def test_sampler_options_are_the_python_calls(tmp_path, model, capsys, key, flag, value, bad):
+    """`--text-guidance-min-t` and `--edit-mask` give the pipeline call's argument of that name (the same image as the
+    Python call); left out, the folder's setting applies; a value the pipeline refuses is refused with one line,
+    nothing written."""
     from PIL import Image
 
     from bmjlib.io import resize_image
     from bmjlib.model.pipeline import BiomedJourneyPipeline
 
-    own = _model_with_settings(model, tmp_path, {"text_scale": 6.0, "image_scale": 1.5,
-                                                 "settings": {"text_guidance_min_t": 0.5}})
+    own = _model_with_settings(model, tmp_path, {"text_scale": 6.0, "image_scale": 1.5, "settings": {key: value}})
 
     def run(name, *extra):
         return _generate_cli(own, tmp_path, name, 6, *extra)
 
     _, implicit = run("a.png")
-    _, half = run("b.png", "--text-guidance-min-t", "0.5")
-    _, every = run("c.png", "--text-guidance-min-t", "0")
-    assert np.array_equal(implicit, half) and not np.array_equal(half, every)
+    _, given = run("b.png", flag, str(value))
+    _, off = run("c.png", flag, "0")
+    assert np.array_equal(implicit, given) and not np.array_equal(given, off)
     pipe = BiomedJourneyPipeline.from_pretrained(own)
-    api = pipe(read_image(tmp_path / "prior.png"), "new left effusion", steps=6, text_guidance_min_t=0.0)[0]
+    api = pipe(read_image(tmp_path / "prior.png"), "new left effusion", steps=6, **{key: 0.0})[0]
     png = np.asarray(Image.open(tmp_path / "c.png"), np.float32) / 255  # the file's pixels as written
     assert np.abs(resize_image(api, png.shape) - png).max() <= 1 / 255 + 1e-6  # 8-bit PNG of the same image
     capsys.readouterr()
-    code, out = run("d.png", "--text-guidance-min-t", "1.5")
+    code, out = run("d.png", flag, str(bad))
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and out is None
-    assert len(err) == 1 and "text_guidance_min_t 1.5 is not allowed" in err[0]
+    assert code == 2 and out is None and not (tmp_path / "d.png").exists()
+    assert len(err) == 1 and f"{key} {bad} is not allowed" in err[0]
 
 
 def test_strength_above_what_the_model_was_trained_on_is_refused(tmp_path, model, capsys):

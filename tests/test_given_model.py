@@ -51,7 +51,8 @@ def test_04_trains_nothing_and_05_puts_the_model_where_06_10_read_it(model, tmp_
     # guidance "auto" of notebooks 06-09 is the model's own
     assert sampler_settings(run, "dpm", 4, "auto", "auto", 0.7) == dict(steps=4, scheduler="dpm", text_scale=3.0,
                                                                          image_scale=2.5, strength=0.7,
-                                                                         output="decoded", text_guidance_min_t=0.0)
+                                                                         output="decoded", text_guidance_min_t=0.0,
+                                                                         edit_mask=0.0)
     assert stages.model_run(run)["model"] == str(model)
     specs = C.model_specs(run)
     assert (specs["biomedjourney"]["path"] / "bmj_pipeline.json").is_file()

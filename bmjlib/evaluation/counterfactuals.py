@@ -118,12 +118,12 @@ def load_generator(name: str, spec: dict, device: str = "cpu") -> Callable:
         pipe = BiomedJourneyPipeline.from_pretrained(spec["path"], device=device)
 
         def run(priors, prompts, seed, text_scale=None, image_scale=None, steps=20, scheduler="dpm", strength=None,
-                output=None, text_guidance_min_t=None, **kw):
+                output=None, text_guidance_min_t=None, edit_mask=None, **kw):
             if spec["prior"] == "dummy":  # no prior to start from or to add a change to: from pure noise, decoded
                 priors, strength, output = pipe.dummy_prior(len(prompts)), 1.0, "decoded"
             return pipe(priors, list(prompts), text_scale=text_scale, image_scale=image_scale, steps=steps,
                         scheduler=scheduler, seed=seed, batch_size=len(prompts), strength=strength, output=output,
-                        text_guidance_min_t=text_guidance_min_t)
+                        text_guidance_min_t=text_guidance_min_t, edit_mask=edit_mask)
         run.image_size = pipe.image_size
         return run
     return _load_diffusers(kind, spec["path"], device)

@@ -82,6 +82,7 @@ def export(model_dir: str | os.PathLike, texts: Iterable[str], out: str | os.Pat
         card.append(f"- guidance.json: text scale {guidance['text_scale']:g}, image scale {guidance['image_scale']:g}, "
                     f"strength {float(sampling.get('strength', 1.0)):g}, output {sampling.get('output', 'decoded')}, "
                     f"text guidance at t >= {float(sampling.get('text_guidance_min_t', 0.0)):g} T, "
+                    f"edit mask {float(sampling.get('edit_mask', 0.0)):g} (0: none), "
                     "chosen on validation pairs; the defaults of `bmj generate` and the explorer for this model")
     if "max_abs_diff" in summary:
         card.append(f"- compact vs original, {summary['n_checked']} counterfactuals ({check_steps} DPM-Solver++ steps, same seeds): max |pixel "
@@ -94,7 +95,7 @@ def export(model_dir: str | os.PathLike, texts: Iterable[str], out: str | os.Pat
 
 def fidelity(original: Path, compact: Path, priors: np.ndarray, prompts: list[str], steps: int = 20) -> dict:
     """Generate with the original and the compact model (same seeds, both at the compact model's default guidance,
-    strength, output and text guidance interval, which the original's folder may not hold); max pixel difference and
+    strength, output, text guidance interval and edit mask, which the original's folder may not hold); max pixel difference and
     SSIM."""
     n = len(priors)
     prompts = (prompts * n)[:n]
@@ -104,7 +105,8 @@ def fidelity(original: Path, compact: Path, priors: np.ndarray, prompts: list[st
         b = shipped(priors, prompts, steps=steps, seed=0)
         a = BiomedJourneyPipeline.from_pretrained(original)(priors, prompts, text_scale=ts, image_scale=im, steps=steps,
                                                             seed=0, strength=shipped.strength, output=shipped.output,
-                                                            text_guidance_min_t=shipped.text_guidance_min_t)
+                                                            text_guidance_min_t=shipped.text_guidance_min_t,
+                                                            edit_mask=shipped.edit_mask)
     ssim = float(np.mean([structural_similarity(x, y, data_range=1.0) for x, y in zip(a, b)]))
     return {"n_checked": n, "max_abs_diff": float(np.abs(a - b).max()), "ssim": ssim}
 

@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from bmjlib.io import ImageError, atomic_write_png, read_image, resize_image, to_uint8
 from bmjlib.model.demo_model import DemoModelError
 from bmjlib.model.demo_model import resolve_model as shipped
-from bmjlib.model.pipeline import (IP2P_GUIDANCE, SCHEDULERS, BiomedJourneyPipeline, ModelFolderError, check_sampling,
-                                   check_text_guidance_min_t, read_guidance)
+from bmjlib.model.pipeline import (IP2P_GUIDANCE, SCHEDULERS, BiomedJourneyPipeline, ModelFolderError, check_edit_mask,
+                                   check_sampling, check_text_guidance_min_t, read_guidance)
 from bmjlib.runtime import resolve
 
 # Without a model folder's own guidance.json, InstructPix2Pix's scales (`pipeline.read_guidance`).
@@ -97,13 +97,14 @@ def check_output(out: str | os.PathLike, prior: str | os.PathLike) -> Path:
 def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | None = None,
              image_scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
              seed: int = 0, warn: Callable[[str], None] | None = None, strength: float | None = None,
-             text_guidance_min_t: float | None = None) -> Path:
+             text_guidance_min_t: float | None = None, edit_mask: float | None = None) -> Path:
     """Validate inputs, run the pipeline, write the counterfactual as an 8-bit PNG at the prior's size.
 
     Raises GenerateError (one line) for any bad input, before the model runs; nothing is written then.
     `warn(message)` receives notices, e.g. a prompt cut to the text encoder's length (default:
     warnings.warn). `strength` None = the model's own (its guidance.json's settings.strength, else 1);
-    `text_guidance_min_t` None = the model's own (settings.text_guidance_min_t, else 0: text guidance at every step)."""
+    `text_guidance_min_t` None = the model's own (settings.text_guidance_min_t, else 0: text guidance at every step);
+    `edit_mask` None = the model's own (settings.edit_mask, else 0: no mask)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise GenerateError("prompt is empty: give a progression description, e.g. 'new small left effusion'")
     steps = DEFAULTS["steps"] if steps is None else steps
@@ -116,6 +117,8 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
                        1.0 if strength is None else strength)
         if text_guidance_min_t is not None:
             check_text_guidance_min_t(text_guidance_min_t)
+        if edit_mask is not None:
+            check_edit_mask(edit_mask)
     except ValueError as e:
         raise GenerateError(str(e)) from None
     check_output(out, prior)
@@ -137,7 +140,7 @@ def generate(model: str, prior: str, prompt: str, out: str, text_scale: float | 
     # None = the model's own default scales (the pipeline reads them from its folder)
     result = pipe(image, prompt, text_scale=text_scale, image_scale=image_scale,
                   steps=int(steps), scheduler=scheduler, seed=int(seed), strength=strength,
-                  text_guidance_min_t=text_guidance_min_t)[0]
+                  text_guidance_min_t=text_guidance_min_t, edit_mask=edit_mask)[0]
     if not np.isfinite(result).all():
         raise GenerateError("the model produced non-finite pixel values (NaN or inf), nothing written: "
                             "try smaller guidance scales")
@@ -156,7 +159,8 @@ def generate_cli(args) -> int:
     try:
         path = generate(args.model, args.prior, args.prompt, args.out, args.text_scale, args.image_scale,
                         args.steps, args.scheduler, args.seed, warn=lambda m: say(f"warning: {m}"),
-                        strength=args.strength, text_guidance_min_t=args.text_guidance_min_t)
+                        strength=args.strength, text_guidance_min_t=args.text_guidance_min_t,
+                        edit_mask=args.edit_mask)
     except (GenerateError, FileNotFoundError, DemoModelError) as e:
         say(e)
         return 2

@@ -448,7 +448,8 @@ def stage1_samples(model_dir, prompts: Sequence[str] = STAGE1_PROMPTS, n_seeds: 
 def pair_samples(models: dict[str, str | os.PathLike], pairs: pd.DataFrame, n: int = 4, steps: int = 20,
                  scheduler: str = "dpm", text_scale: float = 7.5, image_scale: float = 1.5, seed: int = 0,
                  text_column: str = "description", fig_dir=None, name: str = "", strength: float | None = None,
-                 output: str | None = None, text_guidance_min_t: float | None = None):
+                 output: str | None = None, text_guidance_min_t: float | None = None,
+                 edit_mask: float | None = None):
     """Held-out pairs: prior | each model's counterfactual | the real (registered) follow-up."""
     rows = pairs[pairs[text_column].fillna("").str.strip() != ""].head(n)
     pipes = {k: BiomedJourneyPipeline.from_pretrained(v) for k, v in models.items()}
@@ -459,7 +460,7 @@ def pair_samples(models: dict[str, str | os.PathLike], pairs: pd.DataFrame, n: i
     for k, p in pipes.items():
         cols.append((k, p(priors, list(rows[text_column]), text_scale=text_scale, image_scale=image_scale,
                           steps=steps, scheduler=scheduler, seed=seed, strength=strength, output=output,
-                          text_guidance_min_t=text_guidance_min_t)))
+                          text_guidance_min_t=text_guidance_min_t, edit_mask=edit_mask)))
     cols.append(("real follow-up", follow))
     return sample_figure(cols, list(rows[text_column]), fig_dir, name, title="Counterfactuals on held-out pairs")
 
@@ -467,13 +468,13 @@ def pair_samples(models: dict[str, str | os.PathLike], pairs: pd.DataFrame, n: i
 def prompt_sweep(model_dir, prior_path: str, prompts: Sequence[str] = STAGE2_PROMPTS, steps: int = 20,
                  scheduler: str = "dpm", text_scale: float = 7.5, image_scale: float = 1.5, seed: int = 0,
                  fig_dir=None, name: str = "", strength: float | None = None, output: str | None = None,
-                 text_guidance_min_t: float | None = None):
+                 text_guidance_min_t: float | None = None, edit_mask: float | None = None):
     """One prior, several progression sentences (same seed): does the image follow the text and keep the patient?"""
     pipe = BiomedJourneyPipeline.from_pretrained(model_dir)
     prior, _ = load_images([prior_path], pipe.image_size)
     outs = pipe(prior, list(prompts), text_scale=text_scale, image_scale=image_scale, steps=steps,
                 scheduler=scheduler, seed=seed, strength=strength, output=output,
-                text_guidance_min_t=text_guidance_min_t)
+                text_guidance_min_t=text_guidance_min_t, edit_mask=edit_mask)
     cols = [("prior", np.repeat(prior, len(prompts), 0)), ("counterfactual", outs),
             ("difference", np.clip(0.5 + (outs - prior), 0, 1))]
     return sample_figure(cols, prompts, fig_dir, name, title="One prior, several progression sentences")
