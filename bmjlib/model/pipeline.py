@@ -25,11 +25,12 @@ decode(sampled) - decode(prior's latent), which keeps the detail a small VAE los
 
 Where a sample may change (`edit_mask`, beyond the paper; 0 = everywhere, the paper): DiffEdit's mask (Couairon et al.
 2023). Before sampling, the text-conditioned and the text-dropped predictions (both given the prior) are compared on
-the prior's latent noised to half the schedule, over EDIT_MASK_MAPS noise draws; a latent pixel is edited where their
-mean absolute difference, averaged over channels, exceeds edit_mask / 2 times its image's mean (diffusers'
-`mask_thresholding_ratio` rule, per image so that a sample does not depend on its batch). After every denoising step the
-latent outside the mask is replaced by the prior's latent noised to the next timestep with the sample's own noise, and
-by the prior's latent itself after the last one, so outside the mask the sample decodes the prior.
+the prior's latent noised to half the schedule (or to the share the UNet was trained on, if less), over EDIT_MASK_MAPS
+noise draws; a latent pixel is edited where their mean absolute difference, averaged over channels, exceeds
+edit_mask / 2 times its image's mean (diffusers' `mask_thresholding_ratio` rule, per image so that a sample does not
+depend on its batch). After every denoising step the latent outside the mask is replaced by the prior's latent noised
+to the next timestep with the sample's own noise, and by the prior's latent itself after the last one, so outside the
+mask the sample decodes the prior.
 
 One class serves both scales: `SD15_UNET_CONFIG` / `SD15_VAE_CONFIG` are Stable Diffusion v1.5's
 configs written as literals (paper scale, 256 px -> 32x32 latents); `DEMO_UNET_CONFIG` is a small UNet
