@@ -59,7 +59,6 @@ def test_a_known_edit_is_found_in_the_right_base_only(tmp_path):
     assert table["patient_id"].iloc[-1] == "mean" and HANNOVER_ATTRIBUTION in (tmp_path / "table_real_priors.md").read_text()
 
 
-
 @needs_images
 @pytest.mark.parametrize("n", [1, 8])
 def test_the_figure_title_and_attribution_clear_every_panel(tmp_path, n):

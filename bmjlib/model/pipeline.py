@@ -486,17 +486,8 @@ class BiomedJourneyPipeline:
         for m in (self.vae, self.unet, self.projection, self.text_encoder):
             if m is not None:
                 m.eval()
-        priors = to_batch(prior, self.image_size)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if any(not isinstance(p, str) for p in prompts):
-            raise TypeError("prompt must be a string or a list of strings")
-        n = max(len(priors), len(prompts))
-        if len(priors) == 1:
-            priors = priors.expand(n, -1, -1, -1)
-        if len(prompts) == 1:
-            prompts = prompts * n
-        if len(priors) != len(prompts):
-            raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
+        priors, prompts = self._pairs(prior, prompt)
+        n = len(priors)
         text_scale = self.guidance[0] if text_scale is None else text_scale
         image_scale = self.guidance[1] if image_scale is None else image_scale
         strength = self.strength if strength is None else strength
@@ -523,6 +514,21 @@ class BiomedJourneyPipeline:
         if out_size and out_size != x.shape[-1]:
             x = torch.from_numpy(resize_image(x[:, 0].numpy(), out_size))[:, None].clamp(0, 1)
         return x[:, 0].numpy().astype(np.float32)
+
+    def _pairs(self, prior, prompt) -> tuple[torch.Tensor, list[str]]:
+        """(priors N,1,H,W at the model's size, N prompts): one prior or one prompt is broadcast to the other's count."""
+        priors = to_batch(prior, self.image_size)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if any(not isinstance(p, str) for p in prompts):
+            raise TypeError("prompt must be a string or a list of strings")
+        n = max(len(priors), len(prompts))
+        if len(priors) == 1:
+            priors = priors.expand(n, -1, -1, -1)
+        if len(prompts) == 1:
+            prompts = prompts * n
+        if len(priors) != len(prompts):
+            raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
+        return priors, prompts
 
     def guided_eps(self, latents, t, prior_latents, text_emb, null_emb, text_scale, image_scale):
         """Dual classifier-free guidance; the three predictions in one batched UNet call."""
@@ -570,12 +576,7 @@ class BiomedJourneyPipeline:
         the model's image size (each latent pixel's square). All ones when edit_mask is 0."""
         edit_mask = self.edit_mask if edit_mask is None else edit_mask
         check_edit_mask(edit_mask)
-        priors = to_batch(prior, self.image_size)
-        prompts = [prompt] * len(priors) if isinstance(prompt, str) else list(prompt)
-        if len(priors) == 1 and len(prompts) > 1:
-            priors = priors.expand(len(prompts), -1, -1, -1)
-        if len(priors) != len(prompts):
-            raise ValueError(f"{len(priors)} priors but {len(prompts)} prompts")
+        priors, prompts = self._pairs(prior, prompt)
         prior_lat = self.encode_prior(priors).to(self.device)
         if not edit_mask:
             m = torch.ones(len(priors), 1, *prior_lat.shape[2:])
