@@ -96,6 +96,8 @@ def test_text_only_ignores_the_prior(run, tmp_path):
     # no prior to add a change to: a profile's prior_plus_change leaves the text-only arm decoded
     c = gen(np.ones((1, 32, 32)), ["effusion"], 0, steps=2, output="prior_plus_change")
     assert np.array_equal(a, c)
+    # nor a prior to keep outside an edit mask: a profile's edit_mask leaves the text-only arm as it is
+    assert np.array_equal(a, gen(np.ones((1, 32, 32)), ["effusion"], 0, steps=2, edit_mask=3.0))
     spec = C.model_specs(run)["biomedjourney"]  # a model with a prior does take it
     gen = C.load_generator("biomedjourney", spec)
     prior = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(1, 32, 32)

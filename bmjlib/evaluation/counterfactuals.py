@@ -119,8 +119,8 @@ def load_generator(name: str, spec: dict, device: str = "cpu") -> Callable:
 
         def run(priors, prompts, seed, text_scale=None, image_scale=None, steps=20, scheduler="dpm", strength=None,
                 output=None, text_guidance_min_t=None, edit_mask=None, **kw):
-            if spec["prior"] == "dummy":  # no prior to start from or to add a change to: from pure noise, decoded
-                priors, strength, output = pipe.dummy_prior(len(prompts)), 1.0, "decoded"
+            if spec["prior"] == "dummy":  # no prior to start from, to add a change to or to keep outside a mask:
+                priors, strength, output, edit_mask = pipe.dummy_prior(len(prompts)), 1.0, "decoded", 0.0  # from noise
             return pipe(priors, list(prompts), text_scale=text_scale, image_scale=image_scale, steps=steps,
                         scheduler=scheduler, seed=seed, batch_size=len(prompts), strength=strength, output=output,
                         text_guidance_min_t=text_guidance_min_t, edit_mask=edit_mask)
