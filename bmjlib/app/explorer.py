@@ -223,7 +223,9 @@ class Explorer:
         self._thread: threading.Thread | None = None
         reals = real_images()
         self.source = W.ToggleButtons(options=["phantom", "real", "file"], value="phantom", description="prior")
-        self.phantom_index = W.BoundedIntText(value=3, min=0, max=100000, description="patient")
+        # patient 7: the first phantom patient whose first study has no finding, so the default sentence (a new
+        # small left effusion) asks for a change the prior does not already show
+        self.phantom_index = W.BoundedIntText(value=7, min=0, max=100000, description="patient")
         self.real = W.Dropdown(options=[(lab, str(p)) for lab, p in reals] or [("(none found)", "")],
                                description="image", layout=W.Layout(width="420px"))
         self.path = W.Text(placeholder="path/to/prior.png (PNG, JPEG or DICOM)", description="file")
