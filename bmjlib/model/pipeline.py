@@ -175,16 +175,21 @@ def read_edit_mask(path: str | os.PathLike) -> float:
     return _checked_setting(path, "edit_mask", check_edit_mask)
 
 
+def _finite_number(v) -> bool:
+    """A real number, not a bool, neither NaN nor infinite: what every numeric sampler setting must be first."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+
+
 def check_edit_mask(v) -> None:
     """Refuse an `edit_mask` that is not a finite number >= 0 with a ValueError naming it."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+    if not _finite_number(v) or v < 0:
         raise ValueError(f"edit_mask {v!r} is not allowed: give a finite number >= 0 (0 = no mask: the whole image "
                          "may change)")
 
 
 def check_text_guidance_min_t(v) -> None:
     """Refuse a `text_guidance_min_t` that is not a number in [0, 1) with a ValueError naming it."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not 0 <= v < 1:
+    if not _finite_number(v) or not 0 <= v < 1:
         raise ValueError(f"text_guidance_min_t {v!r} is not allowed: give a number in [0, 1) (0 = text guidance at "
                          "every step)")
 
@@ -219,11 +224,10 @@ def check_sampling(text_scale: float = 7.5, image_scale: float = 1.5, steps: int
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} {float(v)} is not allowed: guidance scales must be finite numbers >= 0")
     for name, v, lo, hi in (("steps", steps, 1, MAX_STEPS), ("seed", seed, 0, MAX_SEED)):
-        whole = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer()
+        whole = _finite_number(v) and float(v).is_integer()
         if not whole or not lo <= int(v) <= hi:
             raise ValueError(f"{name} {v} is not allowed: give a whole number from {lo} to {hi}")
-    if (isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength)
-            or not 0 < strength <= 1):
+    if not _finite_number(strength) or not 0 < strength <= 1:
         raise ValueError(f"strength {strength!r} is not allowed: give a number in (0, 1] (1 = from pure noise)")
 
 
