@@ -44,7 +44,8 @@ import papermill as pm
 from papermill.exceptions import PapermillExecutionError
 
 from bmjlib.evaluation.counterfactuals import DEMO_MODELS, PAPER_MODELS, resolve_guidance
-from bmjlib.io import CREDIT_ENV, atomic_write_json, files_fingerprint, fingerprint, sha256_file
+from bmjlib.io import (CREDIT_ENV, PACKAGE_DIR, atomic_write_json, code_fingerprint_of, fingerprint, imports_of,
+                       sha256_file)
 from bmjlib.runtime import (PROFILE_DIR, STAMP_FORMAT, THREADS_ENV, TIMINGS_ENV, figures_dir_for, load_profile,
                             repo_root, resolve, run_threads)
 from bmjlib.text.llm import secret_problem
@@ -286,32 +287,6 @@ def outputs_digest(run_dir: Path, step: Step) -> str:
     return fingerprint(rows)
 
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def _imports_of(tree: ast.AST, package: str = "bmjlib") -> set[str]:
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names if a.name.split(".")[0] == package}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                and node.module.split(".")[0] == package:
-            names.add(node.module)
-            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import module`
-    return names
-
-
-def _module_file(name: str, root: Path) -> Path | None:
-    parts = name.split(".")[1:]
-    if not parts:
-        return root / "__init__.py" if (root / "__init__.py").is_file() else None
-    rel = Path(*parts)
-    for f in (root / rel.with_suffix(".py"), root / rel / "__init__.py"):
-        if f.is_file():
-            return f
-    return None
-
-
 def notebook_imports(notebook: Path, package: str = "bmjlib") -> set[str]:
     """The `package` modules a notebook's code cells import (IPython magics and shell lines skipped)."""
     names = set()
@@ -320,36 +295,16 @@ def notebook_imports(notebook: Path, package: str = "bmjlib") -> set[str]:
             continue
         src = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
         try:
-            names |= _imports_of(ast.parse(src), package)
+            names |= imports_of(ast.parse(src), package)
         except SyntaxError:
             continue
     return names
 
 
-def code_files(modules: set[str], root: Path = PACKAGE_DIR) -> list[Path]:
-    """The source files of `modules` and of everything they import from the same package, transitively,
-    with the packages' __init__ files (importing a module runs them)."""
-    package = root.name
-    seen: dict[str, Path] = {}
-    todo = list(modules) + [package]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        f = _module_file(name, root)
-        if f is None:
-            continue
-        seen[name] = f
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
-        todo += sorted(_imports_of(ast.parse(f.read_text()), package))
-    return sorted(set(seen.values()))
-
-
 def code_fingerprint(notebook: Path, root: Path = PACKAGE_DIR) -> str:
     """sha256 over the package code a notebook runs (`code_files` of its imports): a fix in a metric reruns
     the evaluation, not the phantom."""
-    return files_fingerprint(code_files(notebook_imports(notebook, root.name), root), root)
+    return code_fingerprint_of(*notebook_imports(notebook, root.name), root=root)
 
 
 # --------------------------------------------------------------------------- checks before a run

@@ -7,6 +7,7 @@ that a rerun with the same inputs has nothing to do.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -397,3 +398,58 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --------------------------------------------------------------------------- the package's own code as an input
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # the bmjlib package
+
+
+def imports_of(tree: ast.AST, package: str = "bmjlib") -> set[str]:
+    """The `package` modules a parsed source imports at its top level or inside functions."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.split(".")[0] == package}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] == package:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import module`
+    return names
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    parts = name.split(".")[1:]
+    if not parts:
+        return root / "__init__.py" if (root / "__init__.py").is_file() else None
+    rel = Path(*parts)
+    for f in (root / rel.with_suffix(".py"), root / rel / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def code_files(modules: set[str], root: Path = PACKAGE_DIR) -> list[Path]:
+    """The source files of `modules` and of everything they import from the same package, transitively,
+    with the packages' __init__ files (importing a module runs them)."""
+    package = root.name
+    seen: dict[str, Path] = {}
+    todo = list(modules) + [package]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        f = _module_file(name, root)
+        if f is None:
+            continue
+        seen[name] = f
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += sorted(imports_of(ast.parse(f.read_text()), package))
+    return sorted(set(seen.values()))
+
+
+def code_fingerprint_of(*modules: str, root: Path = PACKAGE_DIR) -> str:
+    """sha256 over the source of `modules` and everything they import from the package, transitively: an
+    output cached under a key that includes it is redone when the code that makes it changes."""
+    return files_fingerprint(code_files(set(modules), root), root)

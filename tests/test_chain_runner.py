@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bmjlib.chain import (ChainError, code_files, code_fingerprint, notebook_imports, remove_temporaries,
-                          run_chain)
+from bmjlib.chain import ChainError, code_fingerprint, notebook_imports, remove_temporaries, run_chain
+from bmjlib.io import code_files
 from bmjlib.runtime import THREADS_ENV, ProfileError, load_profile, repo_root
 from nbutil import make_notebook
 

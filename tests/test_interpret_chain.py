@@ -93,7 +93,7 @@ def test_true_counterfactual_masks_follow_the_affine(run):
         assert inter > 0.8   # the spine does not change with disease: it must land on itself
 
 
-def test_pipeline_on_a_phantom_run(run, tmp_path):
+def test_pipeline_on_a_phantom_run(run, tmp_path, monkeypatch):
     out = run / "10_icg"
     tables = run_interpretation(run, out, size=64, n_calibration=300)
     s = tables["summary"].set_index("model")
@@ -111,6 +111,12 @@ def test_pipeline_on_a_phantom_run(run, tmp_path):
     again = run_interpretation(run, out, size=64, n_calibration=300)
     assert (out / "summary.csv").stat().st_mtime_ns == mtime
     assert len(again["sentences"]) == len(tables["sentences"])
+    # a change in the interpretation's code (its fingerprint) redoes it
+    import bmjlib.icg.interpret_run as R
+    real = R.code_fingerprint_of
+    monkeypatch.setattr(R, "code_fingerprint_of", lambda *m: real(*m) + "-edited")
+    run_interpretation(run, out, size=64, n_calibration=300)
+    assert (out / "summary.csv").stat().st_mtime_ns != mtime
     # every registered triple exported with an interpretation, and read back unchanged
     written, check = export_icg(run, tmp_path / "icg", tables)
     assert check["read_back"] == check["written"] == len(written) > 0

@@ -130,12 +130,17 @@ def test_judges_save_load_roundtrip_and_shapes(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_judges_rerun_is_reuse(trained):
+def test_judges_rerun_is_reuse(trained, monkeypatch):
     run, judges = trained
     w = run / "07_evaluate" / "judges" / "finding" / J.WEIGHTS_FILE
     before = w.stat().st_mtime_ns
     J.train_demo_judges(run, run / "07_evaluate" / "judges", size=32, epochs=40, width=8, seed=0)
     assert w.stat().st_mtime_ns == before
+    # the same data and settings but other judge code: trained again
+    real = J.code_fingerprint_of
+    monkeypatch.setattr(J, "code_fingerprint_of", lambda *m: real(*m) + "-edited")
+    J.train_demo_judges(run, run / "07_evaluate" / "judges", size=32, epochs=40, width=8, seed=0)
+    assert w.stat().st_mtime_ns != before
 
 
 @pytest.mark.slow

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from bmjlib.evaluation import metrics as M
 from bmjlib.evaluation.judges_xrv import load_paper_judges
-from bmjlib.io import (atomic_torch_save, atomic_write_csv, atomic_write_json, fingerprint, read_image, resize_image,
-                       sha256_file)
+from bmjlib.io import (atomic_torch_save, atomic_write_csv, atomic_write_json, code_fingerprint_of, fingerprint,
+                       read_image, resize_image, sha256_file)
 from bmjlib.phantom.cohort import write_cohort as write_phantom
 from bmjlib.runtime import record_timing, resolve, side_by_side
 from bmjlib.schema import FINDING_KEYS, FINDINGS, ORGANS
@@ -483,12 +483,13 @@ def _train_judge(kind: str, x: np.ndarray, y: np.ndarray, heldout: dict, out: Pa
 def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, epochs: int = 12,
                       width: int = 16, seed: int = 0, max_images: int | None = None,
                       kinds: tuple[str, ...] = tuple(DEMO_JUDGES)) -> dict:
-    """Train (or reuse, when `out_dir` holds judges trained from the same data and settings) the demo judges
-    `kinds` (default all four); write `out_dir/<kind>/` and `out_dir/heldout.csv` (one row per judge and metric)."""
+    """Train (or reuse, when `out_dir` holds judges trained by the same code from the same data and settings)
+    the demo judges `kinds` (default all four); write `out_dir/<kind>/` and `out_dir/heldout.csv` (one row per
+    judge and metric)."""
     out_dir = Path(out_dir)
     truth = judge_phantom(run_dir) / "truth"
     everyone = tuple(kinds) == tuple(DEMO_JUDGES)
-    key = fingerprint("judges-v3", size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
+    key = fingerprint(code_fingerprint_of(__name__), size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
                       sha256_file(resolve(run_dir) / "01_cohort" / "pairs.csv"), *(() if everyone else (kinds,)))
     stamp = out_dir / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:

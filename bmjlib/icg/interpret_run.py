@@ -33,8 +33,8 @@ from bmjlib.data.icg import read_icg, row_origins, rows_credentialed, write_icg
 from bmjlib.data.registration import parse_affine
 from bmjlib.evaluation.judges import load_judges
 from bmjlib.icg import interpret as I
-from bmjlib.io import (ImageError, atomic_dir, atomic_write_csv, atomic_write_json, fingerprint, read_image,
-                       resize_image, save_figure, sha256_file, write_table)
+from bmjlib.io import (ImageError, atomic_dir, atomic_write_csv, atomic_write_json, code_fingerprint_of, fingerprint,
+                       read_image, resize_image, save_figure, sha256_file, write_table)
 from bmjlib.runtime import resolve
 from bmjlib.schema import FINDINGS, label_col
 from bmjlib.text.progression import changes, compose_report
@@ -364,9 +364,9 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _inputs_key(run: Path, judges_dir, size, n_calibration, max_pairs, seed, models) -> str:
-    """Fingerprint of everything an interpretation run reads: parameters, pair tables, judges, and the
-    names and sizes of the counterfactual images (a regenerated image changes the key)."""
-    parts = ["interpret-v2", size, n_calibration, max_pairs, seed, list(models)]
+    """Fingerprint of everything an interpretation run reads: its code, parameters, pair tables, judges, and
+    the names and sizes of the counterfactual images (a regenerated image changes the key)."""
+    parts = [code_fingerprint_of(__name__), size, n_calibration, max_pairs, seed, list(models)]
     for p in (run / "03_descriptions" / "pairs.csv", run / "02_registration" / "pairs.csv",
               run / "00_phantom" / "truth" / "images.csv", Path(judges_dir or "/nonexistent") / "fingerprint.json"):
         parts.append(sha256_file(p) if p.exists() else "")
