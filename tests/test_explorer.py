@@ -53,6 +53,19 @@ def test_priors_phantom_with_true_masks_and_real_with_attribution():
     assert p.image.shape == (128, 128) and p.image.dtype == np.float32 and p.image.std() > 0.05
     assert set(p.masks) >= {"left_lung", "right_lung", "heart"} and p.masks["left_lung"].any()
     assert E.phantom_prior(3, size=128).image.tobytes() == p.image.tobytes()  # deterministic
+    # the prior's findings, as its caption says them, go to the interpretation with it
+    assert "effusion 1" in p.label and p.labels["Pleural Effusion"] == 1.0
+    clean = E.phantom_prior(7, size=128)
+    assert "no findings" in clean.label and set(clean.labels.values()) == {0.0}
+
+    class Spy:
+        def interpret(self, ev, labels):
+            self.labels = labels
+            return [{"finding": "Pleural Effusion", "direction": "unchanged", "side": "", "measure": ""}]
+    spy = Spy()
+    assert E.describe_change(clean.image, clean.image, clean.masks, spy, clean.labels) == \
+        "No visible change in pleural effusion."
+    assert spy.labels is clean.labels
     reals = E.real_images()
     if not reals:
         pytest.skip("../shared/real_cxr/hannover is not beside the repository")

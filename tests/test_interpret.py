@@ -135,6 +135,29 @@ def test_copy_prior_reads_unchanged_everywhere(calibrated):
         assert I.sentence(rows).startswith("No visible change in atelectasis, cardiomegaly")
 
 
+def test_a_finding_absent_before_is_never_read_as_lessening(calibrated):
+    """A clean prior whose counterfactual is lighter at the left base (the mirror image of a new left
+    effusion): without knowing the prior the interpreter reads a decrease; told that the prior had no
+    effusion it reads no change of effusion, and an effusion that was there is read as lessening."""
+    im0, m0 = _render(A.State())
+    im1, m1 = _render(_state(effusion=(3, "left")))
+    lighter = np.clip(2 * im0 / 255 - im1 / 255, 0, 1)
+    ev = I.evidence(im0 / 255, lighter, m0, m0)
+    eff = lambda rows: next(r for r in rows if r["finding"] == "Pleural Effusion")
+    unknown = eff(calibrated.interpret(ev, None))
+    assert unknown["direction"] in ("better", "resolved") and unknown["side"] == "left"
+    assert unknown["present_before"] is None
+    absent = eff(calibrated.interpret(ev, {f: 0.0 for f in FINDINGS}))
+    assert absent["direction"] == "unchanged" and absent["side"] == "" and absent["present_before"] is False
+    assert 0 <= absent["confidence"] <= 1
+    present = eff(calibrated.interpret(ev, {**{f: 0.0 for f in FINDINGS}, "Pleural Effusion": 1.0}))
+    assert present["direction"] in ("better", "resolved") and present["present_before"] is True
+    # an increase is still read as one whatever the prior: new when absent, worse when present
+    ev_up = I.evidence(im0 / 255, im1 / 255, m0, m1)
+    assert eff(calibrated.interpret(ev_up, {f: 0.0 for f in FINDINGS}))["direction"] == "new"
+    assert eff(calibrated.interpret(ev_up, {"Pleural Effusion": 1.0}))["direction"] == "worse"
+
+
 def test_uncalibrated_interpreter_refuses():
     im, m = _render(A.State())
     with pytest.raises(RuntimeError, match="not calibrated"):

@@ -43,7 +43,7 @@ from bmjlib.model.pipeline import check_sampling
 from bmjlib.phantom.anatomy import render
 from bmjlib.phantom.cohort import state_from_record, plan_patient
 from bmjlib.runtime import resolve
-from bmjlib.schema import HANNOVER_ATTRIBUTION, SEVERITY_WORDS
+from bmjlib.schema import FINDING_KEYS, FINDINGS, HANNOVER_ATTRIBUTION, SEVERITY_WORDS
 from bmjlib.text.progression import SUGGESTIONS
 
 HANNOVER_DIR = "../shared/real_cxr/hannover"
@@ -72,6 +72,7 @@ class Prior:
     label: str
     attribution: str = ""
     masks: dict | None = None          # organ -> bool H,W (phantom truth), else None
+    labels: dict | None = None         # finding -> 1.0 / 0.0 on the prior (phantom truth), else None
 
 
 def real_images(folder: str | Path = HANNOVER_DIR) -> list[tuple[str, Path]]:
@@ -100,7 +101,8 @@ def phantom_prior(index: int = 0, size: int = 256, seed: int = 0) -> Prior:
                 state = ", ".join(f"{k} {v[0]}{' ' + v[1] if v[1] else ''}" for k, v in st["state"].items() if v[0])
                 return Prior(img.astype(np.float32) / 255.0,
                              f"phantom patient {index} (seed {seed}), study 1: {state or 'no findings'}",
-                             "synthetic (bmjlib.phantom.cohort)", masks)
+                             "synthetic (bmjlib.phantom.cohort)", masks,
+                             {f: float(st["state"][FINDING_KEYS[f]][0] > 0) for f in FINDINGS})
     raise ValueError(f"phantom patient {index} has no PA image; try another index")
 
 
@@ -140,8 +142,10 @@ def heatmap_rgb(prior: np.ndarray, cf: np.ndarray, masks: dict | None = None) ->
     return (rgb * 255).astype(np.uint8)
 
 
-def describe_change(prior: np.ndarray, cf: np.ndarray, masks: dict | None, interpreter=None) -> str:
-    """The interpretation text: the calibrated interpreter's sentence when one is given, else the
+def describe_change(prior: np.ndarray, cf: np.ndarray, masks: dict | None, interpreter=None,
+                    labels: dict | None = None) -> str:
+    """The interpretation text: the calibrated interpreter's sentence when one is given (`labels`, the
+    prior's findings where known, decide new / worse and rule out lessening what was not there), else the
     measured regional changes; without organ masks only the heat map can be shown (said so)."""
     if masks is None:
         return ("No organ masks for this prior (only phantom priors carry their true masks), so the change "
@@ -151,7 +155,7 @@ def describe_change(prior: np.ndarray, cf: np.ndarray, masks: dict | None, inter
         p, c = resize_image(p, 64), resize_image(c, 64)
     ev = I.evidence(p, c, masks)
     if interpreter is not None:
-        return I.sentence(interpreter.interpret(ev))
+        return I.sentence(interpreter.interpret(ev, labels))
     regional = {k: ev[k] for k in ("opac_lower_left", "opac_lower_right", "opac_middle_left", "opac_middle_right",
                                    "lucent_upper_left", "lucent_upper_right", "opac_perihilar", "heart_rim")}
     top = sorted(regional.items(), key=lambda kv: -abs(kv[1]))[:3]
@@ -352,7 +356,7 @@ class Explorer:
             self.img_diff.value = png_bytes(heatmap_rgb(prior.image, out[0], prior.masks))
             interp = self.load_interpreter() if prior.masks is not None else None
             self.interpretation.value = ("<b>What changed:</b> "
-                                         + describe_change(prior.image, out[0], prior.masks, interp))
+                                         + describe_change(prior.image, out[0], prior.masks, interp, prior.labels))
             if sweep:
                 self.sweep_box.children = [W.VBox([W.Image(value=png_bytes(prior.image), format="png",
                                                            layout=W.Layout(width="160px", height="160px")),

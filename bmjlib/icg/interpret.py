@@ -14,9 +14,10 @@ interpretation of a counterfactual C of a prior P is derived from measurable evi
 
 Per finding these features are mapped to a direction (increase / unchanged / decrease) by a small
 classifier (shallow boosted trees) fitted on *calibration* pairs whose true change is known (the
-phantom's truth), never on the pairs being scored. Prior presence (judge, else the prior report) splits
-an increase into new / worse; after-presence (judge, else CTR, else a second calibrated classifier)
-splits a decrease into better / resolved. Lateral findings are decided per lung, which gives the side. `sentence` writes the result
+phantom's truth), never on the pairs being scored. Prior presence (judge, else the prior report, else for
+cardiomegaly the CTR) splits an increase into new / worse and rules out a decrease of a finding that was
+not there; after-presence (judge, else CTR, else a second calibrated classifier) splits a decrease into
+better / resolved. Lateral findings are decided per lung, which gives the side. `sentence` writes the result
 as a short changes-of-findings text, with the measurement behind each statement.
 
 Scoring: `truth_directions` (phantom severities of prior vs follow-up) and `direction_scores`
@@ -379,9 +380,13 @@ class Interpreter:
             X = {s: np.asarray([features(ev, f, s) for ev in evs]) for s in sides}
             pred = {s: self._predict(f, X[s]) for s in sides}
             for i, ev in enumerate(evs):
+                before = _present_before(ev, f, prior_labels[i])
                 moving = {s: (int(pred[s][0][i]), float(pred[s][1][i])) for s in sides if pred[s][0][i] != 0}
-                if not moving:
-                    coarse, conf, side, x = 0, float(min(pred[s][1][i] for s in sides)), "", None
+                if before is False:  # absent before: a lighter region there is not that finding lessening
+                    moving = {s: v for s, v in moving.items() if v[0] > 0}
+                if not moving:  # confidence: the least certain side's probability of not lessening
+                    coarse, side, x = 0, "", None
+                    conf = float(min(pred[s][1][i] if pred[s][0][i] == 0 else 1 - pred[s][1][i] for s in sides))
                 else:
                     best = max(moving, key=lambda s: moving[s][1])
                     coarse, conf = moving[best]
@@ -389,7 +394,6 @@ class Interpreter:
                     same = [s for s, v in moving.items() if v[0] == coarse]
                     side = ("bilateral" if f == "Edema" else "") if best is None else \
                         ("bilateral" if len(same) == 2 else best)
-                before = _present_before(ev, f, prior_labels[i])
                 after = _present_after(ev, f)
                 if after is None and coarse < 0 and f in self.resolved_models:
                     after = not bool(self.resolved_models[f].predict(x[None])[0])
@@ -404,7 +408,9 @@ class Interpreter:
         return out
 
 
-def _present_before(ev: dict, f: str, prior_labels: dict | None) -> bool:
+def _present_before(ev: dict, f: str, prior_labels: dict | None) -> bool | None:
+    """Was `f` there on the prior: the judge's reading, else the prior report's label, else (cardiomegaly)
+    the cardiothoracic ratio; None when nothing says (an increase is then reported as new)."""
     key = FINDING_KEYS[f]
     if f"p_{key}_0" in ev:
         return ev[f"p_{key}_0"] >= 0.5
@@ -414,7 +420,7 @@ def _present_before(ev: dict, f: str, prior_labels: dict | None) -> bool:
             return v in (1, -1)
     if f == "Cardiomegaly":
         return ev["ctr_0"] > CTR_NORMAL_MAX
-    return False
+    return None
 
 
 def _present_after(ev: dict, f: str) -> bool | None:
@@ -565,7 +571,7 @@ def consistency(interp: pd.DataFrame, descriptions: pd.Series) -> pd.DataFrame:
         for r in g.itertuples(index=False):
             if r.finding in asked:
                 a = asked[r.finding]
-                ok = consistent(a["expect"], r.direction, bool(r.present_before))
+                ok = consistent(a["expect"], r.direction, r.present_before == 1)  # unknown (None, NaN): not present
                 side_ok = np.nan
                 if r.finding in LATERAL and a["side"] and COARSE[r.direction] != 0:
                     side_ok = float(a["side"] == r.side)
