@@ -198,6 +198,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def contents_fingerprint(paths) -> str:
+    """sha256 over the sha256 of each file of `paths` (unique, sorted; an empty path or a missing file counts
+    as such): the identity of a set of images, which their paths alone do not give (a rerun rewrites them)."""
+    return fingerprint([(p, sha256_file(p) if p and os.path.isfile(p) else "missing")
+                        for p in sorted({str(p) for p in paths})])
+
+
 def fingerprint(*parts: Any) -> str:
     """sha256 of a JSON rendering of `parts` (parameters, input hashes): the identity of a piece of work."""
     return sha256_bytes(json.dumps(parts, sort_keys=True, default=str).encode("utf-8"))

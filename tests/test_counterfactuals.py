@@ -65,6 +65,18 @@ def test_pipeline_generation_is_seeded_per_pair_and_resumable(run, tmp_path):
     assert (d / f"{mid}.png").read_bytes() != first[mid]
 
 
+def test_a_change_to_the_samplers_code_regenerates(run, tmp_path, monkeypatch):
+    pairs = C.test_pairs(run)
+    spec = C.model_specs(run)["biomedjourney"]
+    d = tmp_path / "biomedjourney"
+    C.generate_model("biomedjourney", spec, pairs, tmp_path, size=32, seed=3, batch_size=2, settings={"steps": 2})
+    mtimes = {p: (d / f"{p}.png").stat().st_mtime_ns for p in pairs["pair_id"]}
+    real = C.code_fingerprint_of
+    monkeypatch.setattr(C, "code_fingerprint_of", lambda *m: real(*m) + "-edited")
+    C.generate_model("biomedjourney", spec, pairs, tmp_path, size=32, seed=3, batch_size=2, settings={"steps": 2})
+    assert all((d / f"{p}.png").stat().st_mtime_ns != mtimes[p] for p in pairs["pair_id"])
+
+
 def test_a_new_decoder_under_the_same_unet_regenerates(tmp_path):
     # the outputs are keyed on the whole model folder, not the UNet alone: a fine-tuned VAE decoder (same UNet, same
     # latents) must make every output again; a documentation edit must not

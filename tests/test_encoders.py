@@ -222,6 +222,13 @@ def test_components_redo_only_the_part_whose_inputs_changed(tmp_path, monkeypatc
     assert done["vae_metrics"] == again["vae_metrics"]
     assert set(done["keys"]) == set(stages.COMPONENT_PARTS) and files("text_encoder") != before["text_encoder"]
 
+    # new pixels under the same image names (a rerun of the phantom or the cohort): every part is redone
+    kept = {part: files(part) for part in stages.COMPONENT_PARTS}
+    atomic_write_png(table["image_path"][0], np.full((36, 36), 90, np.uint8))
+    redone = stages.prepare_components(table, out, clip_epochs=2, vae_decoder_steps=4, **kw)
+    assert all(redone["keys"][part] != done["keys"][part] for part in stages.COMPONENT_PARTS)
+    assert all(files(part) != kept[part] for part in stages.COMPONENT_PARTS)
+
 
 def test_load_images_skips_and_names_bad_files(tmp_path):
     atomic_write_png(tmp_path / "ok.png", np.tile(np.arange(40, dtype=np.uint8) * 5, (40, 1)))

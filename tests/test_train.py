@@ -131,6 +131,29 @@ def test_stage1_then_stage2_and_rerun_is_noop(tmp_path, parts, capsys):
         T.train_stage(dict(CFG, learning_rate=1), tab, tmp_path / "s3", init_from=m1)
 
 
+def test_new_pixels_under_the_same_paths_or_new_training_code_train_again(tmp_path, parts, capsys, monkeypatch):
+    # a rerun of registration rewrites the images under the same names: the model is keyed on their contents
+    tab = make_table(tmp_path / "img")
+    cfg = dict(CFG, max_steps=1)
+    T.train_stage(cfg, tab, tmp_path / "s1", vae=parts["vae"], text_encoder=parts["text_encoder"], progress=False)
+    capsys.readouterr()
+    T.train_stage(cfg, tab, tmp_path / "s1", vae=parts["vae"], text_encoder=parts["text_encoder"], progress=False)
+    assert "up to date" in capsys.readouterr().out
+    first = json.loads((tmp_path / "s1" / "train.json").read_text())["key"]
+    img = np.full((36, 36), 90, np.uint8)
+    atomic_write_png(tab["image_path"][3], img)
+    T.train_stage(cfg, tab, tmp_path / "s1", vae=parts["vae"], text_encoder=parts["text_encoder"], progress=False)
+    assert "up to date" not in capsys.readouterr().out
+    second = json.loads((tmp_path / "s1" / "train.json").read_text())["key"]
+    assert second != first
+    # the same data and settings, other training code
+    real = T.code_fingerprint_of
+    monkeypatch.setattr(T, "code_fingerprint_of", lambda *m: real(*m) + "-edited")
+    T.train_stage(cfg, tab, tmp_path / "s1", vae=parts["vae"], text_encoder=parts["text_encoder"], progress=False)
+    assert "up to date" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "s1" / "train.json").read_text())["key"] not in (first, second)
+
+
 def test_a_new_decoder_keeps_the_trained_unets(tmp_path, parts, capsys):
     # the UNets learn in the encoder's latent space: a VAE whose decoder alone changed leaves both stages trained,
     # and each model takes the new decoder; a changed encoder trains them again

@@ -29,8 +29,8 @@ from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPip
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_png, fingerprint, folder_fingerprint, read_image,
-                       resize_image, sha256_file, to_uint8)
+from bmjlib.io import (Manifest, atomic_write_csv, atomic_write_png, code_fingerprint_of, fingerprint,
+                       folder_fingerprint, read_image, resize_image, sha256_file, to_uint8)
 from bmjlib.model.pipeline import GUIDANCE_FILE, BiomedJourneyPipeline
 from bmjlib.model.stages import model_run
 from bmjlib.runtime import record_timing, resolve
@@ -160,8 +160,9 @@ def generate_model(name: str, spec: dict, pairs: pd.DataFrame, out_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     man = Manifest(out / "manifest.json", root=out)
     wkey = _weights_key(spec)
+    code = code_fingerprint_of(__name__)  # the sampler's code: a fix to it regenerates
     prompts = pairs[spec["text"]].fillna("").astype(str).tolist()
-    keys = [fingerprint(name, wkey, pid, pp, pr, seed + i, size, settings)
+    keys = [fingerprint(name, wkey, code, pid, pp, pr, seed + i, size, settings)
             for i, (pid, pp, pr) in enumerate(zip(pairs["pair_id"], pairs["prior_path"], prompts))]
     todo = [i for i, pid in enumerate(pairs["pair_id"]) if not man.is_current(f"{pid}.png", keys[i])]
     skipped = []

@@ -2,7 +2,7 @@
 
 Notebooks 04-05 train in the notebook's own process: one GPU (or the CPU). For many GPUs, run the same
 training under `accelerate launch`, then let the chain continue; the notebooks find the finished
-models (same data, config and initialisation) and do not train again:
+models (same data, config, initialisation and code) and do not train again:
 
     bmj reproduce --profile paper --to 03
     accelerate launch --multi_gpu --num_processes 8 -m bmjlib.model.launch --profile paper --run runs/paper --stage 1

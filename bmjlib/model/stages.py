@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bmjlib.io import atomic_dir, atomic_write_json, fingerprint, folder_fingerprint, save_figure
+from bmjlib.io import (atomic_dir, atomic_write_json, code_fingerprint_of, contents_fingerprint, fingerprint,
+                       folder_fingerprint, save_figure)
 from bmjlib.model.configs import BIOMEDCLIP, DEMO_UNET_CONFIG, SD15_UNET_CONFIG, vae_downsampling
 from bmjlib.model.demo_model import resolve_model
 from bmjlib.model.encoders import finetune_demo_decoder, load_images, load_vae, train_demo_clip, train_demo_vae
@@ -78,7 +79,8 @@ def prepare_components(stage1: pd.DataFrame, out: str | os.PathLike, model_scale
         held = set(subjects[-max(1, len(subjects) // 10):])
         val, train = rows[rows["subject_id"].astype(str).isin(held)], rows[~rows["subject_id"].astype(str).isin(held)]
     val = val.iloc[:max_val]
-    data = (list(train["image_path"]), list(train["impression"]), list(val["image_path"]), image_size, seed)
+    data = (list(train["image_path"]), list(train["impression"]), list(val["image_path"]), image_size, seed,
+            contents_fingerprint([*train["image_path"], *val["image_path"]]), code_fingerprint_of(__name__))
     keys = {"vae_base": fingerprint(*data, vae_steps, vae_batch, "vae-crop-half",
                                     *([vae_ssim_weight] if vae_ssim_weight else [])),
             "text_encoder": fingerprint(*data, clip_epochs, clip_batch, "clip")}

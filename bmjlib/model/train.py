@@ -57,7 +57,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from bmjlib.io import atomic_dir, atomic_torch_save, atomic_write_csv, atomic_write_json, fingerprint, sha256_file
+from bmjlib.io import (atomic_dir, atomic_torch_save, atomic_write_csv, atomic_write_json, code_fingerprint_of,
+                       contents_fingerprint, fingerprint, sha256_file)
 from bmjlib.model.configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from bmjlib.model.encoders import TextEncoder, load_vae
 from bmjlib.model.latents import build_cache, encoder_fingerprint, module_fingerprint
@@ -620,18 +621,20 @@ def train_stage(config: TrainConfig | dict, table: pd.DataFrame, out_dir: str | 
     pipe.scheduler_config = dict(pipe.scheduler_config, prediction_type=cfg.prediction_type)
     init_fp = (sha256_file(Path(init_from) / "unet" / "diffusion_pytorch_model.safetensors") if init_from
                else module_fingerprint(pipe.unet) if unet_init else None)
-    data_fp = fingerprint(rows.to_dict("list"), prior)
+    data_fp = fingerprint(rows.to_dict("list"), prior,
+                          contents_fingerprint([p for p in (*rows["prior_path"], *rows["target_path"]) if p]))
     what = {k: v for k, v in asdict(cfg).items()
             if k not in EXECUTION_OPTIONS and KEY_OMITTED_AT_DEFAULT.get(k, object()) != v}
     # the UNet reads the encoder's latents only: a decoder fine-tuned alone leaves the key, and the model, as they are
-    key = fingerprint(what, data_fp, init_fp, encoder_fingerprint(pipe.vae), module_fingerprint(pipe.text_encoder.model))
+    key = fingerprint(what, data_fp, init_fp, encoder_fingerprint(pipe.vae), module_fingerprint(pipe.text_encoder.model),
+                      code_fingerprint_of(__name__))
     cache = Path(cache_dir or out / "latents")
     done_file = out / "train.json"
     if (out / "model" / "bmj_pipeline.json").is_file() and done_file.is_file():
         if json.loads(done_file.read_text()).get("key") == key:
             if not cache_only:
                 _refresh_decoder(out / "model", pipe.vae)
-                print(f"{out / 'model'} is up to date (same data, config and initialisation): nothing to do")
+                print(f"{out / 'model'} is up to date (same data, config, initialisation and code): nothing to do")
             return cache if cache_only else out / "model"
     if cache_only:
         build_cache(pipe, rows, cache, cfg.image_size, cfg.crop_margin, dummy_prior=(prior == "dummy"),
