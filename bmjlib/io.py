@@ -8,6 +8,7 @@ that a rerun with the same inputs has nothing to do.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import io
 import json
@@ -452,8 +453,15 @@ def code_files(modules: set[str], root: Path = PACKAGE_DIR) -> list[Path]:
         seen[name] = f
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]
-        todo += sorted(imports_of(ast.parse(f.read_text()), package))
+        st = f.stat()
+        todo += _file_imports(str(f), st.st_mtime_ns, st.st_size, package)
     return sorted(set(seen.values()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_imports(path: str, mtime_ns: int, size: int, package: str) -> list[str]:
+    """imports_of one source file, parsed once per version of it (every cached step asks for its code's key)."""
+    return sorted(imports_of(ast.parse(Path(path).read_text()), package))
 
 
 def code_fingerprint_of(*modules: str, root: Path = PACKAGE_DIR) -> str:
