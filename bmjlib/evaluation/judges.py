@@ -489,8 +489,9 @@ def train_demo_judges(run_dir: str | Path, out_dir: str | Path, size: int = 64, 
     out_dir = Path(out_dir)
     truth = judge_phantom(run_dir) / "truth"
     everyone = tuple(kinds) == tuple(DEMO_JUDGES)
-    key = fingerprint(code_fingerprint_of(__name__), size, epochs, width, seed, max_images, sha256_file(truth / "images.csv"),
-                      sha256_file(resolve(run_dir) / "01_cohort" / "pairs.csv"), *(() if everyone else (kinds,)))
+    key = fingerprint(code_fingerprint_of(__name__), size, epochs, width, seed, max_images,
+                      sha256_file(truth / "images.csv"), sha256_file(resolve(run_dir) / "01_cohort" / "pairs.csv"),
+                      *(() if everyone else (kinds,)))
     stamp = out_dir / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         try:
