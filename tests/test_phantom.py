@@ -242,7 +242,7 @@ def test_counterfactual_is_the_prior_when_nothing_changes(cohort):
     assert same and changed
 
 
-def test_deterministic_for_any_worker_count_and_rerun_is_noop(cohort, tmp_path):
+def test_deterministic_for_any_worker_count_and_rerun_is_noop(cohort, tmp_path, monkeypatch):
     out, _ = cohort
     other = tmp_path / "b"
     phantom.write_cohort(other, n_patients=8, size=128, seed=11, workers=2)
@@ -255,6 +255,17 @@ def test_deterministic_for_any_worker_count_and_rerun_is_noop(cohort, tmp_path):
     assert [k for k in fa if fa[k] != fb[k]] == []
     again = phantom.write_cohort(other, n_patients=8, size=128, seed=11, workers=2)
     assert again["skipped"] is True
+    # a changed simulator (its code, transitively) remakes every patient: the same code writes the same bytes
+    built = []
+    real_build, code = phantom.build_patient, phantom.code_fingerprint_of
+    monkeypatch.setattr(phantom, "build_patient", lambda *a: built.append(a[2]) or real_build(*a))
+    monkeypatch.setattr(phantom, "code_fingerprint_of", lambda *m: code(*m) + "-edited")
+    edited = phantom.write_cohort(other, n_patients=8, size=128, seed=11, workers=1)
+    assert edited["skipped"] is False and sorted(built) == list(range(8)) and edited["key"] != again["key"]
+    keyed = {Path("summary.json"), Path("manifest.json")}  # and the shards: each records the key it was made under
+    fe = files(other)
+    assert fe.keys() == fb.keys()
+    assert [k for k in fe if fe[k] != fb[k] and k not in keyed and ".shards" not in k.parts] == []
     third = phantom.write_cohort(tmp_path / "c", n_patients=8, size=128, seed=12, workers=1)
     assert third["key"] != again["key"]
     summary = json.loads((other / "summary.json").read_text())

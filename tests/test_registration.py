@@ -132,6 +132,14 @@ def test_many_pairs_bad_input_threshold_resume(tmp_path, monkeypatch):
     R.register_pairs(pairs, tmp_path / "out", cfg, workers=1, threshold=0.5, progress=False)
     assert calls == [pairs.set_index("pair_id").loc["good2", "prior_path"]]
 
+    # a change to the registration code (this module or what it imports from the package) redoes every pair
+    calls.clear()
+    code = R.code_fingerprint_of
+    monkeypatch.setattr(R, "code_fingerprint_of", lambda *m: code(*m) + "-edited")
+    edited = R.register_pairs(pairs, tmp_path / "out", cfg, workers=1, threshold=0.5, progress=False)
+    assert sorted(calls) == sorted(pairs["prior_path"])
+    assert edited.set_index("pair_id")["status"].equals(reg["status"])
+
 
 def test_parallel_workers_give_the_serial_result(tmp_path):
     pairs = _cohort(tmp_path).iloc[:5]

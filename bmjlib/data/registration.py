@@ -42,7 +42,7 @@ prior better turned upside down (or by 180 degrees) than as it is (`score_flippe
 similarity transform cannot turn an image over, so such a pair is upside down or not the same view).
 Only ``ok`` pairs go on. Pairs run in parallel processes, one ITK thread each; every result is a small
 JSON plus the registered PNG, written atomically and recorded in a sha256 manifest, so an interrupted
-run resumes and a rerun with the same inputs redoes nothing.
+run resumes and a rerun with the same inputs, settings and code redoes nothing.
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ from scipy import ndimage
 import SimpleITK as sitk
 from tqdm.auto import tqdm
 
-from bmjlib.io import (ImageError, Manifest, atomic_write_json, atomic_write_png, atomic_write_text, fingerprint,
-                       read_image, resize_image, sha256_file, to_uint8)
+from bmjlib.io import (ImageError, Manifest, atomic_write_json, atomic_write_png, atomic_write_text,
+                       code_fingerprint_of, fingerprint, read_image, resize_image, sha256_file, to_uint8)
 
 FLOAT_FMT = "{:.6g}"
 
@@ -90,8 +90,6 @@ PROGEMU = RegConfig(size=512, transform="affine", metric="meansquares", shrink=(
                     metric_rows=1.0, sampling=0.25, optimizer="gradient_descent", learning_rate=1.0, iterations=200,
                     intensity=255.0)
 
-# Part of every pair's fingerprint: bump when the per-pair result (divergence rules, score) changes meaning.
-RESULT_VERSION = 3
 # Per-pair results on disk carry no wall-clock time (register_pair returns it; it goes to the run's timings log).
 RESULT_COLUMNS = ["pair_id", "status", "reason", "score_before", "score_after", "score_flipped", "affine", "overlap",
                   "iterations"]
@@ -396,7 +394,8 @@ def register_pairs(pairs: pd.DataFrame, out_dir: str | Path, cfg: RegConfig = Re
     """Register every pair (columns pair_id, prior_path, followup_path) into `out_dir`; resumable.
 
     Writes registered/<pair_id>.png and results/<pair_id>.json, recorded in out_dir/manifest.json with a
-    fingerprint of the configuration and the two inputs' sha256; pairs already current are not redone.
+    fingerprint of the configuration, the two inputs' sha256 and this module's code (with all it imports from
+    the package); pairs already current are not redone.
     Returns the registration table (module docstring), with the score threshold (`score_threshold`, computed
     on every registered pair as before), the absolute `floor` and the orientation rule applied (status
     'rejected', the reason says which), the first two stored in `.attrs["threshold"]` and `.attrs["floor"]`.
@@ -404,13 +403,14 @@ def register_pairs(pairs: pd.DataFrame, out_dir: str | Path, cfg: RegConfig = Re
     out_dir = Path(out_dir)
     man = Manifest(out_dir / "manifest.json")
     cfgd = asdict(cfg)
+    code = code_fingerprint_of(__name__)
     todo, keys = [], {}
     for r in pairs.itertuples(index=False):
         png, js = f"registered/{r.pair_id}.png", f"results/{r.pair_id}.json"
         try:
-            key = fingerprint(RESULT_VERSION, cfgd, sha256_file(r.prior_path), sha256_file(r.followup_path))
+            key = fingerprint(code, cfgd, sha256_file(r.prior_path), sha256_file(r.followup_path))
         except OSError:
-            key = fingerprint(RESULT_VERSION, cfgd, "missing", r.prior_path, r.followup_path)
+            key = fingerprint(code, cfgd, "missing", r.prior_path, r.followup_path)
         keys[r.pair_id] = key
         if man.is_current(js, key):
             st = json.loads((out_dir / js).read_text())["status"]

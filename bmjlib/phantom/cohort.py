@@ -46,7 +46,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bmjlib.io import Manifest, atomic_write_csv, atomic_write_json, fingerprint
+from bmjlib.io import Manifest, atomic_write_csv, atomic_write_json, code_fingerprint_of, fingerprint
 from bmjlib.phantom.anatomy import render
 from bmjlib.phantom.body import DEVICES, Exposure, Patient, Pose, State, image_ctr, pair_affine
 from bmjlib.phantom.reports import compose_report
@@ -369,13 +369,6 @@ def build_patient(out: Path, seed: int, index: int, size: int) -> dict:
     return rows
 
 
-def _code_hash() -> str:
-    """sha256 of the simulator's source: a changed simulator makes old outputs stale."""
-    here = Path(__file__).parent
-    return hashlib.sha256(b"".join((here / f).read_bytes() for f in
-                                   ("cohort.py", "body.py", "anatomy.py", "lateral.py", "reports.py"))).hexdigest()
-
-
 def _shard_job(args):
     out, seed, index, size, key = args
     shard = Path(out) / "truth" / ".shards" / f"{index:06d}.json"
@@ -398,14 +391,15 @@ def write_cohort(out, n_patients: int, size: int = 256, seed: int = 0, workers: 
 
     Deterministic: the same (n_patients, size, seed) give byte-identical files for any `workers`.
     Resumable: finished patients are kept (truth/.shards), and a rerun whose manifest is current does
-    nothing. Returns a summary dict (counts, seconds, images_per_s).
+    nothing; both are keyed on the simulator's code (this module and all it imports from the package), so a
+    changed simulator remakes every patient. Returns a summary dict (counts, seconds, images_per_s).
     """
     if not 128 <= size <= 512:
         raise ValueError(f"phantom size {size} px: must be within 128-512")
     if n_patients < 1:
         raise ValueError(f"phantom n_patients={n_patients}: need at least one patient")
     out = Path(out)
-    key = fingerprint(VERSION, int(n_patients), int(size), int(seed), _code_hash())
+    key = fingerprint(VERSION, int(n_patients), int(size), int(seed), code_fingerprint_of(__name__))
     manifest = Manifest(out / "manifest.json", root=out)
     summary_path = out / "summary.json"
     tables = ["mimic/mimic-cxr-2.0.0-metadata.csv", "mimic/mimic-cxr-2.0.0-chexpert.csv",
