@@ -162,6 +162,27 @@ def test_run_step_writes_outputs_and_rerun_is_a_no_op(tmp_path):
     assert list(again.pairs.description) == list(written.description)
 
 
+
+def test_a_change_to_the_code_rewrites_the_table_and_repeats_no_call(tmp_path, monkeypatch):
+    """The offline synthesiser's table is keyed on its code; a network backend's answers stay in their cache."""
+    run = _run_folder(tmp_path, PAIRS.iloc[:3])
+    out = run / "03_descriptions"
+    with ChatServer(progression.loopback_model) as srv:
+        kw = dict(backend="compatible", model="m", base_url=srv.base_url, progress=False)
+        first = progression.run_step(run, **kw)
+        assert first.calls == 3
+        mtime = (out / "pairs.csv").stat().st_mtime_ns
+        assert progression.run_step(run, **kw).seconds == 0.0 and (out / "pairs.csv").stat().st_mtime_ns == mtime
+        code = progression.code_fingerprint_of
+        monkeypatch.setattr(progression, "code_fingerprint_of", lambda *m: code(*m) + "-edited")
+        edited = progression.run_step(run, **kw)
+        assert srv.calls == 3 and edited.calls == 0 and edited.cached == 3
+    assert (out / "pairs.csv").stat().st_mtime_ns != mtime
+    assert list(edited.pairs.description) == list(first.pairs.description)
+    offline = progression.run_step(run, progress=False)  # another backend: the synthesiser writes the table
+    assert offline.seconds > 0 and list(offline.pairs.description) == list(first.pairs.description)
+
+
 def test_run_step_needs_step_02(tmp_path):
     with pytest.raises(FileNotFoundError, match="02_registration/pairs.csv does not exist"):
         progression.run_step(tmp_path / "empty", progress=False)

@@ -27,15 +27,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bmjlib.io import (ImageError, Manifest, atomic_write_csv, atomic_write_json, fingerprint,
-                       read_image, save_figure, sha256_file)
+from bmjlib.io import (ImageError, Manifest, atomic_write_csv, atomic_write_json, code_fingerprint_of,
+                       fingerprint, read_image, save_figure, sha256_file)
 from bmjlib.runtime import resolve, step_dir
 from bmjlib.testing import ChatServer, ok
 from bmjlib.text import llm
 from bmjlib.text.reports import clear_memo, extract_findings
 
 PROMPT_VERSION = "bmj-progression-v1"
-SYNTH_VERSION = "bmj-synth-v1"
 TARGET_CHARS = 150
 PAPER_LENGTHS = {"GPT-4 description (paper)": 146, "impression (paper)": 179}
 TEXT_COLUMNS = ["prior_findings", "prior_impression", "followup_findings", "followup_impression"]
@@ -385,8 +384,10 @@ def run_step(run_dir, backend: str = "offline", model: str = "", base_url: str =
     out = step_dir(run_dir, "03_descriptions")
     cache_path = resolve(cache_file) if cache_file else out / "llm_cache.jsonl"
     host = llm.Endpoint.from_profile(backend, model, base_url, azure_endpoint, api_version, key_env).url
-    key = fingerprint(sha256_file(src), backend, model, host, PROMPT_VERSION, SYNTH_VERSION, source, credentialed,
-                      llm.parse_hosts(allow_hosts), data_use_override)
+    # The table is keyed on this module's code (the synthesiser, the report reader): a change to it rewrites the
+    # table; network answers come back from their cache, keyed on PROMPT_VERSION, so no paid call is repeated.
+    key = fingerprint(sha256_file(src), backend, model, host, PROMPT_VERSION, code_fingerprint_of(__name__), source,
+                      credentialed, llm.parse_hosts(allow_hosts), data_use_override)
     manifest = Manifest(out / "manifest.json", root=out)
     if all(manifest.is_current(f, key) for f in ("pairs.csv", "failures.csv")):
         done = pd.read_csv(out / "failures.csv", dtype=str, keep_default_na=False)
@@ -412,8 +413,7 @@ def run_step(run_dir, backend: str = "offline", model: str = "", base_url: str =
     atomic_write_json(out / "run.json", {
         "backend": backend, "model": model, "host": llm.host_of(host) if host else "", "source": source,
         "data_credentialed": credentialed, "decision": res.decision, "data_use_override": data_use_override,
-        "prompt_version": PROMPT_VERSION,
-        "synth_version": SYNTH_VERSION, "pairs_in": len(pairs), "described": len(res.pairs),
+        "prompt_version": PROMPT_VERSION, "pairs_in": len(pairs), "described": len(res.pairs),
         "failed": len(res.failures), "calls": res.calls, "cached": res.cached})
     if res.pairs.empty:
         first = res.failures.iloc[0]
