@@ -10,7 +10,7 @@ import torch
 
 import bmjlib.model.latents as L
 import bmjlib.model.train as T
-from bmjlib.io import read_image, sha256_file
+from bmjlib.io import fingerprint, read_image, sha256_file
 from bmjlib.model.latents import CacheError, build_cache, cache_path, open_cache, swap_laterality, write_cache
 from bmjlib.model.pipeline import DUMMY_PRIOR_VALUE, BiomedJourneyPipeline, to_batch
 
@@ -235,6 +235,21 @@ def test_fingerprint_keys_rebuild_what_changed(tmp_path, rows, table, encoded):
     other.vae.register_to_config(scaling_factor=2 * other.vae.config.scaling_factor)
     build_cache(other, rows, tmp_path, SIZE, MARGIN, dummy_prior=False, progress=False)
     assert encoded() == 81  # another latent scale: another store
+
+
+def test_a_change_to_the_code_that_reads_or_encodes_encodes_again(tmp_path, rows, encoded, monkeypatch):
+    pipe = tiny_pipeline()
+    build_cache(pipe, rows, tmp_path, SIZE, MARGIN, dummy_prior=False, progress=False)
+    build_cache(pipe, rows, tmp_path, SIZE, MARGIN, dummy_prior=False, progress=False)
+    assert encoded() == 20
+    texts = []
+    real_states = BiomedJourneyPipeline.text_states
+    monkeypatch.setattr(BiomedJourneyPipeline, "text_states", lambda self, p: texts.extend(p) or real_states(self, p))
+    code = L.code_fingerprint_of
+    monkeypatch.setattr(L, "code_fingerprint_of", lambda *m: fingerprint(code(*m), "edited"))
+    build_cache(pipe, rows, tmp_path, SIZE, MARGIN, dummy_prior=False, progress=False)
+    assert encoded() == 40 and len(list(tmp_path.glob("latents-*"))) == 2 and len(list(tmp_path.glob("text-*"))) == 2
+    assert pipe.null_prompt in texts and set(rows["text"]) <= set(texts)
 
 
 def test_one_writer_then_every_process_opens_read_only(tmp_path, rows, encoded):

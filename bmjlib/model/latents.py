@@ -8,9 +8,11 @@ image's the posterior mode as is (scaled too for a model saved before that conve
 `BiomedJourneyPipeline.prior_latents`).
 
 On disk, in the cache folder:
-- `latents-<VAE encoder fingerprint>-<px>/`: a `ShardStore` of fp16 latents 2,C,h,w (as is, mirrored), keyed by
-  kind ("scaled" / "mode"), path and the file's mtime, so a changed image is encoded again;
-- `text-<text encoder fingerprint>/`: a `ShardStore` of fp16 token states L,D keyed by sentence;
+- `latents-<VAE encoder fingerprint>-<code>-<px>/`: a `ShardStore` of fp16 latents 2,C,h,w (as is, mirrored),
+  keyed by kind ("scaled" / "mode"), path and the file's mtime, so a changed image is encoded again;
+- `text-<text encoder fingerprint>-<code>/`: a `ShardStore` of fp16 token states L,D keyed by sentence;
+  `<code>` is this module's code with all it imports from the package (reading, exposure matching, encoding),
+  so a change to how images are read or encoded encodes them again;
 - `dataset-<key>.safetensors`: one training set (key: rows, both fingerprints, size, margin, prior kind):
   where each row's target, prior and two sentences are in the stores, the rows skipped, the dummy prior.
 A store is append-only: .npy shards of up to SHARD_ENTRIES entries (their keys in a JSON file beside
@@ -37,7 +39,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from bmjlib.io import (ImageError, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                       fingerprint, read_image, sha256_bytes, sha256_file)
+                       code_fingerprint_of, fingerprint, read_image, sha256_bytes, sha256_file)
 from bmjlib.data.registration import read_matched
 from bmjlib.model.pipeline import DUMMY_PRIOR_VALUE, to_batch
 
@@ -366,8 +368,9 @@ def _layout(pipe, rows: pd.DataFrame, cache_dir: Path, image_size: int, margin: 
             match_targets: bool = False) -> dict:
     """Where a training set lives: its stores (named by encoder fingerprints and px) and its dataset file."""
     size = image_size + 2 * margin * pipe.latent_factor
-    lat = Path(cache_dir) / f"latents-{encoder_fingerprint(pipe.vae)[:16]}-{size}"
-    txt = Path(cache_dir) / f"text-{module_fingerprint(pipe.text_encoder.model)[:16]}"
+    code = code_fingerprint_of(__name__)[:8]  # how images are read, matched and encoded, sentences embedded
+    lat = Path(cache_dir) / f"latents-{encoder_fingerprint(pipe.vae)[:16]}-{code}-{size}"
+    txt = Path(cache_dir) / f"text-{module_fingerprint(pipe.text_encoder.model)[:16]}-{code}"
     prior_kind = "scaled" if pipe.prior_latents == "scaled" else "mode"
     key = fingerprint(DATASET_FORMAT, lat.name, txt.name, int(margin), bool(dummy_prior), prior_kind,
                       pipe.null_prompt, {c: [str(v) for v in rows[c]] for c in ("prior_path", "target_path", "text")},
