@@ -179,3 +179,27 @@ def test_a_damaged_model_folder_is_named_in_the_app(model_dir, tmp_path):
     app = E.Explorer(model=str(bad), phantom_size=64, interpreter=None)
     app.start([app.prompt.value]).join(120)
     assert "unet/config.json is not valid JSON" in app.status.value and app.result is None
+
+
+def test_the_interpreter_is_calibrated_once_per_phantom_truth_and_code(tmp_path, monkeypatch):
+    from bmjlib.icg.interpret import Interpreter
+    from bmjlib.phantom import cohort as phantom
+
+    monkeypatch.setenv("BMJ_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "phantom"
+    phantom.write_cohort(root, n_patients=8, size=128, seed=11, workers=1)
+    calls = []
+    real = E.calibrate_interpreter
+    monkeypatch.setattr(E, "calibrate_interpreter", lambda r: calls.append(r) or real(r))
+    first = E.cached_interpreter(root)
+    assert isinstance(first, Interpreter) and len(calls) == 1
+    again = E.cached_interpreter(root)
+    assert len(calls) == 1 and type(again) is Interpreter  # read back from the cache
+    code = E.code_fingerprint_of
+    monkeypatch.setattr(E, "code_fingerprint_of", lambda *m: code(*m) + "-edited")
+    E.cached_interpreter(root)
+    assert len(calls) == 2  # the calibrating code changed: calibrated again, under a new entry
+    assert len(list((tmp_path / "cache").glob("interpreter-*.pkl"))) == 2
+    for f in (tmp_path / "cache").glob("interpreter-*.pkl"):
+        f.write_bytes(b"not a pickle")
+    assert isinstance(E.cached_interpreter(root), Interpreter) and len(calls) == 3  # a damaged entry: again

@@ -36,7 +36,8 @@ from bmjlib.data.registration_eval import phantom_pairs
 from bmjlib.icg import interpret as I
 from bmjlib.icg.interpret import difference_map, resize_masks, to_common_size
 from bmjlib.icg.interpret_run import TruthMasks, collect_evidence
-from bmjlib.io import atomic_write_bytes, read_image, resize_image, sha256_file, to_uint8
+from bmjlib.io import (atomic_write_bytes, code_fingerprint_of, fingerprint, read_image, resize_image, sha256_file,
+                       to_uint8)
 from bmjlib.model.demo_model import cache_root, resolve_model
 from bmjlib.model.generate import default_guidance, load_pipeline
 from bmjlib.model.pipeline import check_sampling
@@ -190,10 +191,12 @@ def calibrate_interpreter(phantom_dir: str | Path, n: int = 300, size: int = 64,
 
 
 def cached_interpreter(phantom_dir: str | Path):
-    """calibrate_interpreter, kept (pickled) in the bmjlib cache, keyed by the phantom truth's sha256."""
+    """calibrate_interpreter, kept (pickled) in the bmjlib cache, keyed by the phantom truth's sha256 and the
+    code that calibrates (this module and all it imports from the package)."""
     root = Path(phantom_dir)
-    key = sha256_file(root / "truth" / "images.csv")[:16] + sha256_file(root / "truth" / "pairs.csv")[:16]
-    f = cache_root() / f"interpreter-{key}.pkl"
+    key = fingerprint(sha256_file(root / "truth" / "images.csv"), sha256_file(root / "truth" / "pairs.csv"),
+                      code_fingerprint_of(__name__))
+    f = cache_root() / f"interpreter-{key[:32]}.pkl"
     if f.is_file():
         try:
             return pickle.loads(f.read_bytes())
