@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -168,6 +170,15 @@ class JobFailed(RuntimeError):
 def _start_worker(threads: int) -> None:
     os.environ[THREADS_ENV] = str(threads)
     torch.set_num_threads(threads)
+    threading.Thread(target=_end_with_parent, args=(multiprocessing.parent_process(),), daemon=True).start()
+
+
+def _end_with_parent(parent) -> None:
+    """A worker whose parent is gone (killed, not interrupted: its kernel shut down, `kill` on the runner) ends at
+    once instead of finishing its job: nobody reads the result, and a new run may already write the same folder."""
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
 
 
 def side_by_side(jobs: Mapping[str, tuple], threads: int | None = None) -> dict[str, Any]:
@@ -184,7 +195,7 @@ def side_by_side(jobs: Mapping[str, tuple], threads: int | None = None) -> dict[
     (a fresh interpreter, safe beside torch's threads and Jupyter's), which imports the main script: a script
     calling this needs the usual `if __name__ == "__main__":` guard. A failing job does not stop the others: once
     they have ended, JobFailed names it (and any other); an interrupt stops every worker (each job resumes from
-    its own checkpoints on the next run).
+    its own checkpoints on the next run), and so does the death of this process: each worker watches it and ends.
     """
     n = run_threads(threads)
     workers = min(n, len(jobs))

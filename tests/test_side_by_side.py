@@ -4,6 +4,8 @@ trainings side by side give the models trained one after the other."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +83,54 @@ def test_a_failing_job_is_named_and_the_others_finish(tmp_path):
 def test_a_job_whose_process_dies_is_named():
     with pytest.raises(JobFailed, match=r"^job 'dies': BrokenProcessPool"):
         side_by_side({"dies": (die,), "fits": (fit, 0)}, threads=2)
+
+
+HOLDING = """
+import os, sys, time
+from pathlib import Path
+from bmjlib.runtime import side_by_side
+
+def hold(path):
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(300)
+
+if __name__ == "__main__":
+    side_by_side({"a": (hold, sys.argv[1] + "/a.pid"), "b": (hold, sys.argv[1] + "/b.pid")}, threads=2)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """A killed runner (SIGKILL: no interrupt reaches it) leaves no worker training on for nobody."""
+    script = tmp_path / "hold.py"
+    script.write_text(HOLDING)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env)
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"{n}.pid").is_file() and (tmp_path / f"{n}.pid").read_text() for n in "ab"):
+            assert parent.poll() is None and time.time() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        pids = [int((tmp_path / f"{n}.pid").read_text()) for n in "ab"]
+        assert all(_alive(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.time() + 20
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    survivors = [p for p in pids if _alive(p)]
+    for p in survivors:
+        os.kill(p, 9)
+    assert not survivors, "a worker outlived its killed parent"
 
 
 def test_stage2_and_one_stage_side_by_side_equal_the_models_trained_one_after_the_other(smoke_run, tmp_path,
