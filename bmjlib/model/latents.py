@@ -366,7 +366,7 @@ def open_cache(path: str | os.PathLike) -> CachedData:
 
 def _layout(pipe, rows: pd.DataFrame, cache_dir: Path, image_size: int, margin: int, dummy_prior: bool,
             match_targets: bool = False) -> dict:
-    """Where a training set lives: its stores (named by encoder fingerprints and px) and its dataset file."""
+    """Where a training set lives: its stores (named by encoder fingerprints, code and px) and its dataset file."""
     size = image_size + 2 * margin * pipe.latent_factor
     code = code_fingerprint_of(__name__)[:8]  # how images are read, matched and encoded, sentences embedded
     lat = Path(cache_dir) / f"latents-{encoder_fingerprint(pipe.vae)[:16]}-{code}-{size}"
@@ -414,9 +414,9 @@ def write_cache(pipe, rows: pd.DataFrame, cache_dir: str | os.PathLike, image_si
                 match_targets: bool = False) -> Path:
     """Encode what the cache lacks for `rows` (prior_path, target_path, text) and write the training set's
     dataset file; returns its path (= `cache_path(...)`). `match_targets`: each target is read with its
-    exposure fitted to its row's prior (`registration.read_matched`), cached under that pair. For ONE process (the main one); the others open
-    the path once it returns. Rows with an unreadable image are skipped and counted (printed), never
-    filled with zeros."""
+    exposure fitted to its row's prior (`registration.read_matched`), cached under that pair. For ONE process
+    (the main one); the others open the path once it returns. Rows with an unreadable image are skipped and
+    counted (printed), never filled with zeros."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     match_targets = match_targets and not dummy_prior
